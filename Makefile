@@ -1,0 +1,34 @@
+# cohortlens — two commands for a newcomer: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROFILE ?= profiles/local
+
+.PHONY: demo test install lint bench clean
+
+$(BIN)/snakemake: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 resolves to the local CPU wheel where pip's config names one (find-links)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/snakemake
+
+demo: install
+	$(BIN)/snakemake --profile $(PROFILE)
+	@echo "report: $(CURDIR)/results/report/index.html"
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+bench: install
+	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/dag.py
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,30 @@
+# cohortlens: imaging cohort -> embeddings -> bias and data-quality report.
+# Stages are one .smk each under workflow/rules/, in DAG order; logic lives in src/cohortlens/.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# The demo config is the default; a cohort's own --configfile replaces it instead of being merged into
+# it, so demo attributes and regions never leak into a real cohort's config.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/cohort.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "results/report/index.html",
+    default_target: True

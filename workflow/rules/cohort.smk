@@ -1,0 +1,26 @@
+# Stage 1: manifest + attribute config -> subjects, images (with shard), splits, quarantine.
+# A checkpoint: the shard list it writes decides the preprocess jobs.
+checkpoint cohort:
+    input:
+        manifest=config["cohort"]["manifest"],
+    output:
+        subjects="results/cohort/subjects.parquet",
+        images="results/cohort/images.parquet",
+        splits="results/cohort/splits.parquet",
+        quarantine="results/cohort/quarantine.parquet",
+    params:
+        attributes=config["attributes"],
+        regions=sorted(config["regions"]),
+        split=config["cohort"].get("split", {}),
+        image_root=config["cohort"].get("image_root"),
+        subjects_per_shard=config["preprocess"].get("subjects_per_shard", 64),
+        schema=workflow.source_path("../schemas/manifest.schema.yaml"),
+    log:
+        "results/logs/cohort.log",
+    resources:
+        mem_mb=res("cohort", "mem_mb", 4000),
+        runtime=res("cohort", "runtime", 30),
+    conda:
+        ENV
+    script:
+        "../scripts/cohort.py"

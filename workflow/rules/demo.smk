@@ -1,0 +1,19 @@
+# The embedded demo cohort: only defined when the config has a `demo` section.
+if "demo" in config:
+
+    rule demo_cohort:
+        output:
+            manifest=os.path.join(config["demo"]["out_dir"], "manifest.csv"),
+            ground_truth=os.path.join(config["demo"]["out_dir"], "ground_truth.json"),
+        params:
+            demo=config["demo"],
+        log:
+            "results/logs/demo_cohort.log",
+        threads: config["demo"].get("workers", 2)
+        resources:
+            mem_mb=res("demo_cohort", "mem_mb", 4000),
+            runtime=res("demo_cohort", "runtime", 60),
+        conda:
+            ENV
+        script:
+            "../scripts/demo_cohort.py"
