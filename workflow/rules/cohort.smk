@@ -3,6 +3,7 @@
 checkpoint cohort:
     input:
         manifest=config["cohort"]["manifest"],
+        schema=os.path.join(workflow.basedir, "workflow/schemas/manifest.schema.yaml"),
     output:
         subjects="results/cohort/subjects.parquet",
         images="results/cohort/images.parquet",
@@ -14,7 +15,6 @@ checkpoint cohort:
         split=config["cohort"].get("split", {}),
         image_root=config["cohort"].get("image_root"),
         subjects_per_shard=config["preprocess"].get("subjects_per_shard", 64),
-        schema=workflow.source_path("../schemas/manifest.schema.yaml"),
     log:
         "results/logs/cohort.log",
     resources:

@@ -11,7 +11,7 @@ tables = build_cohort(
     split=p.split,
     subjects_per_shard=p.subjects_per_shard,
     image_root=p.image_root,
-    manifest_schema=p.schema,
+    manifest_schema=snakemake.input.schema,
 )
 meta = {"manifest_rows": tables.n_manifest_rows, "attributes": p.attributes}
 write_parquet(tables.subjects, snakemake.output.subjects, meta)

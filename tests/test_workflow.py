@@ -1,0 +1,121 @@
+"""The real Snakemake workflow end to end on tiny cohorts, and what reruns after which change."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from conftest import REPO, demo_config, small_manifest, write_volume
+
+pytestmark = pytest.mark.workflow
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def snakemake(workdir: Path, *args: str, config: Path | None = None, check=True) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
+    if config is not None:
+        cmd += ["--configfile", str(config)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(workdir: Path, config: Path) -> dict[str, int]:
+    """Job counts per rule of a dry run (empty when there is nothing to do)."""
+    out = snakemake(workdir, "-n", config=config)
+    text = out.stdout + out.stderr
+    if "Nothing to be done" in text:
+        return {}
+    block = text.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", block, re.M)}
+
+
+def tiny_config(root: Path, manifest: Path) -> dict:
+    c = demo_config()
+    c.pop("demo")
+    c["cohort"]["manifest"] = str(manifest)
+    c["preprocess"].update(canvas=[32, 32], subjects_per_shard=2, threads=1)
+    c["models"]["pca"].update(crop=32, n_components=8)
+    return c
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def completed_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wf")
+    manifest = small_manifest(root, 8)
+    cfg = tiny_config(root, manifest)
+    config = write_config(root / "config.yaml", cfg)
+    snakemake(root, config=config)
+    return root, cfg, config
+
+
+def test_complete_run_outputs_and_nothing_left_to_do(completed_run):
+    root, cfg, config = completed_run
+    res = root / "results"
+    for rel in ["cohort/subjects.parquet", "cohort/images.parquet", "cohort/splits.parquet", "cohort/quarantine.parquet",
+                "preprocessed/index.parquet", "embeddings/pca/slices.parquet", "embeddings/pca/volumes.parquet",
+                "models/pca/model.pt", "models/pca/train_log.csv", "models/pca/reconstructions.png", "report/index.html"]:
+        assert (res / rel).stat().st_size > 0, rel
+    vols = pl.read_parquet(res / "embeddings/pca/volumes.parquet")
+    assert vols.height == 24 and vols.schema["embedding"] == pl.Array(pl.Float32, 12 * 8)
+    assert planned_jobs(root, config) == {}
+
+
+def test_changing_a_pca_setting_reruns_only_pca_and_what_follows(completed_run, tmp_path):
+    root, cfg, _ = completed_run
+    changed = copy.deepcopy(cfg)
+    changed["models"]["pca"]["n_components"] = 6
+    jobs = planned_jobs(root, write_config(tmp_path / "c.yaml", changed))
+    assert jobs == {"train_pca": 1, "embed_pca": 1, "report": 1, "all": 1}
+
+
+def test_changing_only_the_report_config_reruns_only_the_report(completed_run, tmp_path):
+    root, cfg, _ = completed_run
+    changed = copy.deepcopy(cfg)
+    changed["report"]["title"] = "another title"
+    assert planned_jobs(root, write_config(tmp_path / "c.yaml", changed)) == {"report": 1, "all": 1}
+
+
+def test_adding_one_subject_reruns_only_its_shard(tmp_path):
+    manifest = small_manifest(tmp_path, 8)
+    cfg = tiny_config(tmp_path, manifest)
+    cfg["preprocess"]["subjects_per_shard"] = 3  # 8 and 9 subjects both give 4 shards
+    config = write_config(tmp_path / "config.yaml", cfg)
+    snakemake(tmp_path, config=config)
+    pre = tmp_path / "results" / "preprocessed"
+    before = {p.name: p.stat().st_mtime_ns for p in pre.glob("shard-*.npy")}
+    assert len(before) >= 2
+
+    df = pl.read_csv(manifest, infer_schema=False)
+    new = df.filter(pl.col("subject_id") == "T0001").with_columns(
+        pl.lit("T0100").alias("subject_id"), pl.col("image").str.replace("T0001", "T0100")
+    )
+    for rel in new["image"]:
+        write_volume(tmp_path / rel, seed=99)
+    pl.concat([df, new]).write_csv(manifest)
+    run = snakemake(tmp_path, config=config)
+    ran = re.findall(r"rule preprocess_shard:.*?wildcards: shard=(\d+)", run.stdout + run.stderr, re.S)
+
+    images = pl.read_parquet(tmp_path / "results" / "cohort" / "images.parquet")
+    new_shard = images.filter(pl.col("subject_id") == "T0100")["shard"].unique().to_list()
+    assert len(new_shard) == 1
+    assert [int(s) for s in ran] == new_shard
+    after = {p.name: p.stat().st_mtime_ns for p in pre.glob("shard-*.npy")}
+    changed = sorted(n for n in after if after[n] != before.get(n))
+    assert changed == [f"shard-{new_shard[0]}.npy"]
+    assert pl.read_parquet(pre / "index.parquet").filter(pl.col("subject_id") == "T0100").height == 3 * 16
