@@ -248,8 +248,21 @@ def build_cohort(
     ).sort("subject_id")
     n_shards = shard_count(subjects.height, subjects_per_shard)
     subjects = subjects.with_columns(pl.Series("shard", assign_shards(subjects["subject_id"].to_list(), n_shards)))
+    stratify = list(split.get("stratify", []))
+    unknown = [a for a in stratify if a not in attributes]
+    if unknown:
+        raise ManifestError(f"config cohort.split.stratify names undeclared attribute(s) {unknown}")
+    strata = subjects
+    per_image = [a for a in stratify if a not in subject_attrs]
+    if per_image:
+        # an image-level attribute (e.g. CheXpert age per study) stratifies by its per-subject summary
+        summary = good.group_by("subject_id").agg(
+            pl.col(a).mean() if attributes[a]["type"] == "continuous" else pl.col(a).drop_nulls().min()
+            for a in per_image
+        )
+        strata = subjects.join(summary, on="subject_id", how="left")
     splits = assign_splits(
-        subjects, list(split.get("stratify", [])), attributes, split.get("fractions", {"train": 0.8, "val": 0.05, "test": 0.15}), int(split.get("seed", 0))
+        strata, stratify, attributes, split.get("fractions", {"train": 0.8, "val": 0.05, "test": 0.15}), int(split.get("seed", 0))
     )
     image_attrs = [a for a in attributes if a not in subject_attrs]
     images = good.join(subjects.select("subject_id", "shard"), on="subject_id").select(
