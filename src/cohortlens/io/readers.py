@@ -1,0 +1,173 @@
+"""Image readers: NIfTI, DICOM (single file, multi-frame, series folder) and PNG/JPEG.
+
+Only pixel data and geometry leave this module. DICOM header values (names, IDs,
+dates, UIDs, institutions ...) are never copied into a returned object or into
+an error message, because error messages end up in a quarantine table that is
+shared more widely than the images themselves.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ImageReadError", "LoadedImage", "read_image"]
+
+_RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# ITU-R BT.601 luma weights: the same ones Pillow uses for mode "L", so a colour
+# DICOM and the same picture saved as PNG come out (nearly) identical.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+class ImageReadError(Exception):
+    """A per-image problem; ``str(exc)`` is a short human reason for a quarantine table.
+
+    Reasons start with a stable category ('missing file', 'truncated gzip',
+    'unreadable NIfTI', 'unreadable DICOM', 'DICOM series has a gap', ...) so
+    they can be grouped, followed by details that never contain header values.
+    """
+
+
+@dataclass
+class LoadedImage:
+    """Pixels and geometry of one image.
+
+    array:  float32. Volumes are (i, j, k) voxel arrays as stored (nibabel
+            convention, not reoriented); projection images are 2-D (rows, cols)
+            in display orientation; other dimensionalities are returned as-is.
+    affine: 4x4 float64 voxel -> RAS+ mm for volumes, None for 2-D images.
+    kind:   'nifti' | 'dicom-series' | 'dicom-multiframe' | 'dicom-single' | 'raster'
+    """
+
+    array: np.ndarray
+    affine: np.ndarray | None
+    kind: str
+
+
+def read_image(path: str | os.PathLike, *, spacing_tolerance: float = 0.05) -> LoadedImage:
+    """Read one image (file or DICOM series folder) into a :class:`LoadedImage`.
+
+    Dispatch: a directory -> DICOM series; ``.nii``/``.nii.gz`` -> nibabel
+    (the affine is kept whatever the dimensionality); ``.png``/``.jpg``/``.jpeg``
+    -> Pillow, grayscale; anything else -> DICOM if it parses as DICOM.
+
+    ``spacing_tolerance`` is the relative deviation from the regular slice
+    spacing that a DICOM series / multi-frame stack may show before it is
+    rejected as having a gap or uneven spacing.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError("missing file")
+    if p.is_dir():
+        from cohortlens.io import dicom
+
+        return dicom.read_series(p, spacing_tolerance=spacing_tolerance)
+
+    name = p.name.lower()
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        return _read_nifti(p)
+    if p.suffix.lower() in _RASTER_SUFFIXES:
+        return _read_raster(p)
+
+    from cohortlens.io import dicom
+
+    return dicom.read_file(p, spacing_tolerance=spacing_tolerance)
+
+
+def _squeeze_trailing(arr: np.ndarray) -> np.ndarray:
+    """Drop singleton axes after the third, e.g. (x, y, z, 1) -> (x, y, z).
+
+    NIfTI writers often pad 3-D data with a unit time axis; indexing (rather
+    than np.squeeze) keeps genuine singleton spatial axes and is always a view.
+    """
+    n = arr.ndim
+    while n > 3 and arr.shape[n - 1] == 1:
+        n -= 1
+    if n == arr.ndim:
+        return arr
+    return arr[(slice(None),) * n + (0,) * (arr.ndim - n)]
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    # One line for a table cell; decoder errors put the useful part on later lines.
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_nifti(p: Path) -> LoadedImage:
+    import nibabel as nib
+
+    try:
+        img = nib.load(p)
+        # get_fdata(dtype=float32) scales straight into float32 in one pass;
+        # asarray only unwraps a possible memmap, it does not copy.
+        arr = np.asarray(img.get_fdata(dtype=np.float32))
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except FileNotFoundError:
+        raise ImageReadError("missing file") from None
+    except Exception as exc:  # nibabel raises a zoo of types for bad files
+        gz_problem = _gzip_problem(p) if p.name.lower().endswith(".gz") else None
+        raise ImageReadError(gz_problem or f"unreadable NIfTI: {_short(exc)}") from exc
+    return LoadedImage(array=_squeeze_trailing(arr), affine=affine, kind="nifti")
+
+
+def _gzip_problem(p: Path) -> str | None:
+    """Name what is wrong with a .gz file's compression layer, if anything.
+
+    nibabel reports a gzip stream cut inside the header as "Cannot work out
+    file type", so after a failure the stream is checked on its own (only on
+    the error path, which keeps good files at bare-nibabel speed).
+    """
+    try:
+        with open(p, "rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                return "unreadable NIfTI: not gzip-compressed despite the .gz name"
+        with gzip.open(p, "rb") as gz:
+            while gz.read(1 << 22):
+                pass
+    except EOFError as exc:
+        return f"truncated gzip: {_short(exc)}"
+    except (zlib.error, gzip.BadGzipFile) as exc:
+        return f"corrupt gzip: {_short(exc)}"
+    except OSError:
+        return None
+    return None
+
+
+def _read_raster(p: Path) -> LoadedImage:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(p) as im:
+            # Phones and some scanners store rotated pixels plus an EXIF flag;
+            # the contract is display orientation.
+            im = ImageOps.exif_transpose(im)
+            arr = _pil_to_gray(im)
+    except Exception as exc:  # truncated files, decompression bombs, unknown formats
+        raise ImageReadError(f"unreadable image: {_short(exc)}") from exc
+    return LoadedImage(array=arr, affine=None, kind="raster")
+
+
+def _pil_to_gray(im) -> np.ndarray:
+    mode = im.mode
+    if mode in ("L", "I", "F") or mode.startswith("I;16"):
+        # 16-bit and float modes would be clipped to 8 bits by convert("L").
+        return np.asarray(im).astype(np.float32)
+    if mode in ("1", "LA", "La"):
+        return np.asarray(im.convert("L")).astype(np.float32)
+    rgb = np.asarray(im.convert("RGB"))
+    return rgb_to_gray(rgb)
+
+
+def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """Luminance of an (..., 3) RGB array as float32, without 8-bit rounding."""
+    r, g, b = LUMA_WEIGHTS
+    out = rgb[..., 0].astype(np.float32) * np.float32(r)
+    out += rgb[..., 1].astype(np.float32) * np.float32(g)
+    out += rgb[..., 2].astype(np.float32) * np.float32(b)
+    return out
