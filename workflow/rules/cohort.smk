@@ -9,18 +9,18 @@ checkpoint cohort:
         images="results/cohort/images.parquet",
         splits="results/cohort/splits.parquet",
         quarantine="results/cohort/quarantine.parquet",
+    log:
+        "results/logs/cohort.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=res("cohort", "mem_mb", 4000),
+        runtime=res("cohort", "runtime", 30),
     params:
         attributes=config["attributes"],
         regions=sorted(config["regions"]),
         split=config["cohort"].get("split", {}),
         image_root=config["cohort"].get("image_root"),
         subjects_per_shard=config["preprocess"].get("subjects_per_shard", 64),
-    log:
-        "results/logs/cohort.log",
-    resources:
-        mem_mb=res("cohort", "mem_mb", 4000),
-        runtime=res("cohort", "runtime", 30),
-    conda:
-        ENV
     script:
         "../scripts/cohort.py"

@@ -38,7 +38,11 @@ def shard_images(wildcards):
 
 def shard_digest(wildcards):
     """Digest of the shard's rows, so a changed region or id (same files) also reruns the shard."""
-    rows = cohort_images().filter(pl.col("shard") == int(wildcards.shard)).sort("image_uid")
+    rows = (
+        cohort_images()
+        .filter(pl.col("shard") == int(wildcards.shard))
+        .sort("image_uid")
+    )
     text = json.dumps(rows.select("image_uid", "region", "path").rows())
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -5,15 +5,15 @@ if "demo" in config:
         output:
             manifest=os.path.join(config["demo"]["out_dir"], "manifest.csv"),
             ground_truth=os.path.join(config["demo"]["out_dir"], "ground_truth.json"),
-        params:
-            demo=config["demo"],
         log:
             "results/logs/demo_cohort.log",
+        conda:
+            ENV
         threads: config["demo"].get("workers", 2)
         resources:
             mem_mb=res("demo_cohort", "mem_mb", 4000),
             runtime=res("demo_cohort", "runtime", 60),
-        conda:
-            ENV
+        params:
+            demo=config["demo"],
         script:
             "../scripts/demo_cohort.py"

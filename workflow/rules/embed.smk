@@ -7,14 +7,14 @@ rule embed_pca:
     output:
         slices="results/embeddings/pca/slices.parquet",
         volumes="results/embeddings/pca/volumes.parquet",
-    params:
-        pca=config["models"]["pca"],
     log:
         "results/logs/embed/pca.log",
+    conda:
+        ENV
     resources:
         mem_mb=res("embed_pca", "mem_mb", 4000),
         runtime=res("embed_pca", "runtime", 60),
-    conda:
-        ENV
+    params:
+        pca=config["models"]["pca"],
     script:
         "../scripts/embed_pca.py"

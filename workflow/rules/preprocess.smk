@@ -7,18 +7,22 @@ rule preprocess_shard:
         slices="results/preprocessed/shard-{shard}.npy",
         index="results/preprocessed/index-{shard}.parquet",
         quarantine="results/preprocessed/quarantine-{shard}.parquet",
-    params:
-        regions=config["regions"],
-        preprocess={k: v for k, v in config["preprocess"].items() if k not in ("subjects_per_shard", "threads")},
-        rows=shard_digest,
     log:
         "results/logs/preprocess/shard-{shard}.log",
+    conda:
+        ENV
     threads: config["preprocess"].get("threads", 2)
     resources:
         mem_mb=res("preprocess_shard", "mem_mb", 4000),
         runtime=res("preprocess_shard", "runtime", 60),
-    conda:
-        ENV
+    params:
+        regions=config["regions"],
+        preprocess={
+            k: v
+            for k, v in config["preprocess"].items()
+            if k not in ("subjects_per_shard", "threads")
+        },
+        rows=shard_digest,
     script:
         "../scripts/preprocess_shard.py"
 
@@ -32,10 +36,10 @@ rule preprocess_index:
         quarantine="results/preprocessed/quarantine.parquet",
     log:
         "results/logs/preprocess/index.log",
+    conda:
+        ENV
     resources:
         mem_mb=res("preprocess_index", "mem_mb", 2000),
         runtime=res("preprocess_index", "runtime", 10),
-    conda:
-        ENV
     script:
         "../scripts/preprocess_index.py"

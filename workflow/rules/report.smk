@@ -7,18 +7,24 @@ rule report:
         quarantine="results/cohort/quarantine.parquet",
         index="results/preprocessed/index.parquet",
         preprocess_quarantine="results/preprocessed/quarantine.parquet",
-        embeddings=expand("results/embeddings/{model}/{level}.parquet", model=MODELS, level=["slices", "volumes"]),
-        reconstructions=expand("results/models/{model}/reconstructions.png", model=MODELS),
+        embeddings=expand(
+            "results/embeddings/{model}/{level}.parquet",
+            model=MODELS,
+            level=["slices", "volumes"],
+        ),
+        reconstructions=expand(
+            "results/models/{model}/reconstructions.png", model=MODELS
+        ),
     output:
         html="results/report/index.html",
-    params:
-        report=config.get("report", {}),
     log:
         "results/logs/report.log",
+    conda:
+        ENV
     resources:
         mem_mb=res("report", "mem_mb", 2000),
         runtime=res("report", "runtime", 10),
-    conda:
-        ENV
+    params:
+        report=config.get("report", {}),
     script:
         "../scripts/report.py"

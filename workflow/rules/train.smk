@@ -8,14 +8,14 @@ rule train_pca:
         model="results/models/pca/model.pt",
         log_csv="results/models/pca/train_log.csv",
         reconstructions="results/models/pca/reconstructions.png",
-    params:
-        pca=config["models"]["pca"],
     log:
         "results/logs/train/pca.log",
+    conda:
+        ENV
     resources:
         mem_mb=res("train_pca", "mem_mb", 4000),
         runtime=res("train_pca", "runtime", 60),
-    conda:
-        ENV
+    params:
+        pca=config["models"]["pca"],
     script:
         "../scripts/train_pca.py"
