@@ -1,0 +1,465 @@
+"""Synthetic demo cohort: subjects, planted biases, NIfTI/DICOM files, ground truth.
+
+Every random quantity comes from a SeedSequence keyed by (seed, subject index,
+stream) -- the same keys ``SeedSequence(seed).spawn(n)[i].spawn(...)`` would
+give -- so a subject's attributes and images depend only on the seed and its
+index: not on the worker count, the chunking, or ``n_subjects`` (a smaller
+cohort's subjects and voxels are a prefix of a larger one's with the same seed;
+only the choice of DICOM subjects depends on the cohort size).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import datetime as dt
+import functools
+import gzip
+import json
+import math
+import multiprocessing
+import struct
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .phantom import (
+    EFFECTS,
+    FOV_MM,
+    REGIONS,
+    affine,
+    effects_for_size,
+    phantom_volume,
+    spacing,
+)
+
+SITES = ("Berlin", "Essen", "Hamburg", "Mannheim", "Neubrandenburg")
+STUDY_START = dt.date(2014, 6, 1)
+STUDY_END = dt.date(2017, 5, 31)
+AGE_RANGE = (20.0, 72.0)
+HEIGHT_RANGE = (1.45, 2.05)
+WEIGHT_RANGE = (40.0, 150.0)
+HEIGHT_MEAN_SD = {"F": (1.655, 0.065), "M": (1.79, 0.07)}
+BMI_LOG_MEAN_SD = (math.log(26.0), 0.17)
+DISCORDANT_SUBGROUP_P = 0.04
+DISCORDANT_REGION_P = 0.75
+MANIFEST_COLUMNS = ("subject_id", "image", "region", "sex", "age", "height", "weight", "site", "date")
+
+# SeedSequence stream numbers below the subject index.
+_ATTR_STREAM, _IDENT_STREAM = 0, 4  # region r renders from stream 1 + r
+_DICOM_PICK_ENTROPY = 0x44434D  # separate entropy word: never collides with a subject key
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+_BODY_PART = {"neck": "CSPINE", "chest": "TSPINE", "lumbar": "LSPINE"}
+
+
+def subject_id(index: int) -> str:
+    return f"S{index + 1:05d}"
+
+
+def study_year(date: str | dt.date) -> int:
+    """Study year 1, 2 or 3 counted from 2014-06-01."""
+    d = dt.date.fromisoformat(str(date)[:10])
+    return 1 + sum(d >= dt.date(STUDY_START.year + k, 6, 1) for k in (1, 2))
+
+
+def _seq(seed: int, *key: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence(seed, spawn_key=tuple(key))
+
+
+def region_rng(seed: int, index: int, region: str) -> np.random.Generator:
+    """The generator a subject's region image is rendered from."""
+    return np.random.default_rng(_seq(seed, index, 1 + REGIONS.index(region)))
+
+
+def sample_subject(seed: int, index: int) -> dict:
+    """Attributes of subject ``index`` (0-based), rounded as written to the manifest.
+
+    Rendering uses these rounded values so the manifest is exactly what drove the image.
+    """
+    rng = np.random.default_rng(_seq(seed, index, _ATTR_STREAM))
+    sex = "M" if rng.random() < 0.5 else "F"
+    age = round(float(rng.uniform(*AGE_RANGE)), 1)
+    mu, sd = HEIGHT_MEAN_SD[sex]
+    height = round(float(np.clip(rng.normal(mu, sd), *HEIGHT_RANGE)), 2)
+    bmi = math.exp(rng.normal(*BMI_LOG_MEAN_SD))
+    weight = round(float(np.clip(bmi * height ** 2, *WEIGHT_RANGE)), 1)
+    site = SITES[int(rng.integers(len(SITES)))]
+    n_days = (STUDY_END - STUDY_START).days + 1
+    date = (STUDY_START + dt.timedelta(days=int(rng.integers(n_days)))).isoformat()
+    # Drawn for everyone so that membership never shifts the stream.
+    in_subgroup = bool(rng.random() < DISCORDANT_SUBGROUP_P)
+    flips = rng.random(len(REGIONS)) < DISCORDANT_REGION_P
+    other = "F" if sex == "M" else "M"
+    feature_sex = {r: (other if in_subgroup and f else sex) for r, f in zip(REGIONS, flips)}
+    return dict(index=index, subject_id=subject_id(index), sex=sex, age=age, height=height,
+                weight=weight, site=site, date=date, discordant_subgroup=in_subgroup,
+                feature_sex=feature_sex)
+
+
+def sample_subjects(n_subjects: int, seed: int = 0) -> list[dict]:
+    return [sample_subject(seed, i) for i in range(n_subjects)]
+
+
+def dicom_subject_indices(n_subjects: int, dicom_fraction: float, seed: int) -> list[int]:
+    """Deterministic choice of round(fraction * n) subjects to write as DICOM."""
+    k = int(round(min(max(dicom_fraction, 0.0), 1.0) * n_subjects))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _DICOM_PICK_ENTROPY]))
+    return sorted(int(i) for i in rng.choice(n_subjects, size=k, replace=False)) if k else []
+
+
+def render_subject(subject: Mapping, region: str, size: int, n_slices: int, seed: int) -> np.ndarray:
+    """Exactly the array the generator writes for this subject and region."""
+    return phantom_volume(subject, region, size, n_slices, region_rng(seed, subject["index"], region))
+
+
+# ---------------------------------------------------------------------------
+# writers
+
+
+@functools.lru_cache(maxsize=8)
+def _nifti_header(size: int, n_slices: int) -> bytes:
+    img = nib.Nifti1Image(np.zeros((n_slices, size, size), "<i2"), affine(size, n_slices))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(img.affine, code=1)
+    img.header.set_sform(img.affine, code=1)
+    raw = img.to_bytes()
+    return raw[: len(raw) - n_slices * size * size * 2]
+
+
+def write_nifti(path: Path, vol: np.ndarray, size: int, n_slices: int) -> None:
+    """Single-file NIfTI-1 (.nii.gz): the header is shared by every volume of a cohort."""
+    if vol.shape != (n_slices, size, size):
+        raise ValueError(f"volume shape {vol.shape} does not match ({n_slices}, {size}, {size})")
+    data = np.asarray(vol, "<i2").tobytes(order="F")  # NIfTI stores x fastest
+    # mtime=0 makes the gzip stream byte-identical across runs.
+    path.write_bytes(gzip.compress(_nifti_header(size, n_slices) + data, compresslevel=1, mtime=0))
+
+
+def _identifiers(seed: int, subject: Mapping) -> dict:
+    """Synthetic identifying header values (they must never reach the manifest)."""
+    rng = np.random.default_rng(_seq(seed, subject["index"], _IDENT_STREAM))
+
+    def digits(n: int) -> str:
+        return "".join(str(d) for d in rng.integers(0, 10, n))
+
+    acq = dt.date.fromisoformat(subject["date"])
+    birth = acq - dt.timedelta(days=int(round(float(subject["age"]) * 365.25)))
+    minutes = int(rng.integers(7 * 60, 19 * 60))
+    return dict(
+        PatientName=f"DEMO^PATIENT{digits(6)}",
+        PatientID=f"PID{digits(8)}",
+        AccessionNumber=f"ACC{digits(9)}",
+        StudyID=f"ST{digits(6)}",
+        PatientBirthDate=birth.strftime("%Y%m%d"),
+        InstitutionName=f"{subject['site']} Imaging Centre",
+        StudyDate=acq.strftime("%Y%m%d"),
+        StudyTime=f"{minutes // 60:02d}{minutes % 60:02d}00",
+    )
+
+
+_PER_SLICE_TAGS = (0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)
+
+
+def _encode(ds) -> bytes:
+    """Explicit VR little endian encoding of a (partial) dataset, no preamble or meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds, parent_encoding="ISO_IR 100")
+    return fp.getvalue()
+
+
+def _ds(value: float) -> str:
+    """Decimal string within the 16-character DS limit."""
+    return f"{value:.10g}"
+
+
+def _element(tag: int, vr: str, value: bytes) -> bytes:
+    """One explicit-VR little-endian data element (the handful of VRs used per slice)."""
+    if len(value) % 2:
+        value += b"\0" if vr in ("UI", "OB", "OW") else b" "
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+    if vr in ("OB", "OW"):
+        return head + struct.pack("<HI", 0, len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def _file_meta(sop_uid: str) -> bytes:
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+
+    body = b"".join((
+        _element(0x00020001, "OB", b"\0\1"),
+        _element(0x00020002, "UI", MR_IMAGE_STORAGE.encode()),
+        _element(0x00020003, "UI", sop_uid.encode()),
+        _element(0x00020010, "UI", str(ExplicitVRLittleEndian).encode()),
+        _element(0x00020012, "UI", str(PYDICOM_IMPLEMENTATION_UID).encode()),
+        _element(0x00020013, "SH", b"COHORTLENS_DEMO"),
+    ))
+    return _element(0x00020000, "UL", struct.pack("<I", len(body))) + body
+
+
+def write_dicom_series(folder: Path, vol: np.ndarray, subject: Mapping, region: str,
+                       size: int, n_slices: int, seed: int) -> None:
+    """One MR series, one file per sagittal slice, files in shuffled order.
+
+    Geometry matches the NIfTI affine: RAS voxel (i, j, k) maps to pixel
+    (row = size-1-k, col = size-1-j) of slice i, with row cosine +P and column
+    cosine -S in LPS. InstanceNumber follows an interleaved acquisition
+    (even slices first), so only ImagePositionPatient gives the spatial order.
+
+    pydicom spends ~5 ms encoding a 70-element dataset, which would dominate
+    generation time, so the series-constant elements are encoded once by
+    pydicom and the file meta and five per-slice elements are encoded here and
+    spliced in at their tag-sorted positions (tests check the result is
+    byte-identical to pydicom's own ``save_as``).
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.dcm"):
+        stale.unlink()
+    ident = _identifiers(seed, subject)
+    sx, sy, sz = spacing(size, n_slices)
+    origin = affine(size, n_slices)[:3, 3]
+    sid, rix = subject["subject_id"], REGIONS.index(region)
+    ent = [str(seed), sid]
+    acquisition = list(range(0, n_slices, 2)) + list(range(1, n_slices, 2))
+    instance_number = {sl: k + 1 for k, sl in enumerate(acquisition)}
+    rng = np.random.default_rng(_seq(seed, subject["index"], _IDENT_STREAM, 1 + rix))
+    file_order = rng.permutation(n_slices)
+    pix = np.ascontiguousarray(vol[:, ::-1, ::-1].transpose(0, 2, 1)).astype("<u2")
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ident["StudyDate"]
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = ident["StudyTime"]
+    ds.AccessionNumber = ident["AccessionNumber"]
+    ds.Modality = "MR"
+    ds.Manufacturer = "cohortlens phantom"
+    ds.InstitutionName = ident["InstitutionName"]
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "DEMO spine"
+    ds.SeriesDescription = f"t2_tse_sag_{region}"
+    ds.PatientName = ident["PatientName"]
+    ds.PatientID = ident["PatientID"]
+    ds.PatientBirthDate = ident["PatientBirthDate"]
+    ds.PatientSex = subject["sex"]
+    ds.PatientAge = f"{int(float(subject['age'])):03d}Y"
+    ds.PatientSize = f"{float(subject['height']):.2f}"
+    ds.PatientWeight = f"{float(subject['weight']):.1f}"
+    ds.BodyPartExamined = _BODY_PART[region]
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = ["SK", "SP"]
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "2D"
+    ds.SliceThickness = _ds(sx)
+    ds.SpacingBetweenSlices = _ds(sx)
+    ds.RepetitionTime = "3500"
+    ds.EchoTime = "100"
+    ds.EchoTrainLength = "16"
+    ds.MagneticFieldStrength = "3"
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=ent + ["study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=ent + [region, "series"])
+    ds.StudyID = ident["StudyID"]
+    ds.SeriesNumber = 1 + rix
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
+    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=ent + [region, "frame"])
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pix.shape[1], pix.shape[2]
+    ds.PixelSpacing = [_ds(sz), _ds(sy)]  # row spacing (S), column spacing (P)
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = "500"
+    ds.WindowWidth = "1000"
+
+    # Constant elements grouped by the gaps between the per-slice tags.
+    cuts = [Tag(t) for t in _PER_SLICE_TAGS]
+    groups = [Dataset() for _ in range(len(cuts) + 1)]
+    for tag in ds.keys():
+        groups[sum(tag > c for c in cuts)].add(ds[tag])
+    const = [_encode(g) for g in groups]
+
+    for name_no, i in enumerate(file_order):
+        i = int(i)
+        sop_uid = generate_uid(entropy_srcs=ent + [region, "instance", str(i)])
+        x_ras = origin[0] + i * sx
+        position = (-x_ras, -(origin[1] + (size - 1) * sy), origin[2] + (size - 1) * sz)
+        per_slice = (
+            _element(_PER_SLICE_TAGS[0], "UI", sop_uid.encode()),
+            _element(_PER_SLICE_TAGS[1], "IS", str(instance_number[i]).encode()),
+            _element(_PER_SLICE_TAGS[2], "DS", "\\".join(_ds(v) for v in position).encode()),
+            _element(_PER_SLICE_TAGS[3], "DS", _ds(x_ras).encode()),
+            _element(_PER_SLICE_TAGS[4], "OW", pix[i].tobytes()),
+        )
+        body = b"".join(c + v for c, v in zip(const, per_slice)) + const[-1]
+        (folder / f"{name_no:04d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + _file_meta(sop_uid) + body)
+
+
+def _render_chunk(task: tuple) -> int:
+    out_dir, seed, size, n_slices, subjects = task
+    out = Path(out_dir)
+    for subject in subjects:
+        for region in REGIONS:
+            vol = render_subject(subject, region, size, n_slices, seed)
+            rel = image_path(subject, region)
+            if subject["dicom"]:
+                write_dicom_series(out / rel, vol, subject, region, size, n_slices, seed)
+            else:
+                write_nifti(out / rel, vol, size, n_slices)
+    return len(subjects)
+
+
+def image_path(subject: Mapping, region: str) -> str:
+    """Manifest path of an image, relative to the manifest's folder."""
+    stem = f"{subject['subject_id']}_{region}"
+    return f"dicom/{stem}/" if subject.get("dicom") else f"images/{stem}.nii.gz"
+
+
+def _chunks(items: Sequence, n: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), n):
+        yield items[start:start + n]
+
+
+def _pool_context():
+    # fork on Linux: spawn and forkserver re-run the caller's __main__ in every
+    # worker, which breaks unguarded scripts such as Snakemake's `script:`
+    # wrappers. The workers only run numpy/nibabel/pydicom code of their own,
+    # so locks held by the parent's other threads at fork time cannot bite.
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def ground_truth(subjects: Sequence[Mapping], *, seed: int, size: int, n_slices: int,
+                 dicom_fraction: float) -> dict:
+    eff = effects_for_size(size)
+    flipped = {r: [s["subject_id"] for s in subjects if s["feature_sex"][r] != s["sex"]] for r in REGIONS}
+    subgroup = [s["subject_id"] for s in subjects if s["discordant_subgroup"]]
+    n_flips = [sum(s["feature_sex"][r] != s["sex"] for r in REGIONS) for s in subjects]
+    sexes = eff["sex_shape_texture"]
+    return {
+        "seed": seed,
+        "n_subjects": len(subjects),
+        "size": size,
+        "n_slices": n_slices,
+        "geometry": {
+            "axes": ["x: left->right (sagittal slice axis)", "y: posterior->anterior",
+                     "z: inferior->superior"],
+            "orientation": "RAS+",
+            "spacing_mm": list(spacing(size, n_slices)),
+            "fov_mm": FOV_MM,
+            "affine": affine(size, n_slices).tolist(),
+        },
+        "effects": [
+            {"name": "sex_shape_texture", "attribute": "sex", "regions": list(REGIONS),
+             "description": "male vertebral bodies deeper and wider, coarser/stronger marrow texture, "
+                            "darker (leaner) muscle", **sexes},
+            {"name": "age_anatomy", "attribute": "age", "regions": list(REGIONS),
+             "description": "discs thinner and darker, marrow brighter with age (linear)",
+             **eff["age_anatomy"]},
+            {"name": "weight_fat", "attribute": "weight", "regions": list(REGIONS),
+             "description": "subcutaneous fat thickness grows linearly with BMI = weight/height^2",
+             **eff["weight_fat"]},
+            {"name": "height_vertebrae", "attribute": "height", "regions": list(REGIONS),
+             "description": "vertebral body height scales with body height",
+             **eff["height_vertebrae"]},
+            {"name": "site_fov_shift", "attribute": "site", "value": eff["site_fov_shift"]["site"],
+             "description": "whole neck image content shifted superiorly (field-of-view placement)",
+             **{k: v for k, v in eff["site_fov_shift"].items() if k != "site"}},
+            {"name": "site_flat_neck", "attribute": "site", "value": eff["site_flat_neck"]["site"],
+             "description": "flatter cervical lordosis (neck support) from study year 2 on",
+             "interaction": "date", **{k: v for k, v in eff["site_flat_neck"].items() if k != "site"}},
+            {"name": "discordant_sex", "attribute": "sex", "regions": list(REGIONS),
+             "description": "subgroup whose images carry the opposite sex's features, correlated "
+                            "across regions",
+             "subgroup_probability": DISCORDANT_SUBGROUP_P,
+             "region_flip_probability": DISCORDANT_REGION_P,
+             "subjects": flipped, "subgroup": subgroup,
+             "subjects_by_n_flipped_regions": {str(k): n_flips.count(k) for k in range(1, 4)}},
+        ],
+        "negative_controls": [
+            {"attribute": "date",
+             "description": "no image effect except through the Neubrandenburg site x year interaction"},
+        ],
+        "dicom": {
+            "fraction": dicom_fraction,
+            "subjects": [s["subject_id"] for s in subjects if s["dicom"]],
+            "sort_by": "ImagePositionPatient along the slice normal "
+                       "(InstanceNumber is interleaved acquisition order)",
+        },
+    }
+
+
+def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_slices: int = 16,
+                         dicom_fraction: float = 0.1, seed: int = 0, workers: int = 2) -> dict:
+    """Write the demo cohort (images, manifest.csv, ground_truth.json) into ``out_dir``.
+
+    Returns ``{n_subjects, n_images, n_dicom_series, manifest, ground_truth, out_dir}``.
+    When ``workers > 1`` images are rendered in a process pool (forked on
+    Linux; elsewhere the calling script needs an ``if __name__ == "__main__":``
+    guard).
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    subjects = sample_subjects(n_subjects, seed)
+    on_dicom = set(dicom_subject_indices(n_subjects, dicom_fraction, seed))
+    for s in subjects:
+        s["dicom"] = s["index"] in on_dicom
+    if on_dicom:
+        (out / "dicom").mkdir(exist_ok=True)
+
+    workers = max(1, int(workers or 1))
+    chunk = max(1, min(100, math.ceil(n_subjects / (4 * workers))))
+    tasks = [(str(out), seed, size, n_slices, list(c)) for c in _chunks(subjects, chunk)]
+    if workers == 1 or len(tasks) == 1:
+        for t in tasks:
+            _render_chunk(t)
+    else:
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(tasks)),
+                                    mp_context=_pool_context()) as pool:
+            for _ in pool.map(_render_chunk, tasks):
+                pass
+
+    manifest = out / "manifest.csv"
+    with open(manifest, "w", newline="") as fh:
+        wr = csv.writer(fh)
+        wr.writerow(MANIFEST_COLUMNS)
+        for s in subjects:
+            for region in REGIONS:
+                wr.writerow([s["subject_id"], image_path(s, region), region, s["sex"],
+                             f"{s['age']:.1f}", f"{s['height']:.2f}", f"{s['weight']:.1f}",
+                             s["site"], s["date"]])
+    gt_path = out / "ground_truth.json"
+    gt = ground_truth(subjects, seed=seed, size=size, n_slices=n_slices, dicom_fraction=dicom_fraction)
+    gt_path.write_text(json.dumps(gt, indent=1))
+    return {
+        "n_subjects": n_subjects,
+        "n_images": n_subjects * len(REGIONS),
+        "n_dicom_series": len(on_dicom) * len(REGIONS),
+        "manifest": str(manifest),
+        "ground_truth": str(gt_path),
+        "out_dir": str(out),
+    }
+
+
+__all__ = [
+    "EFFECTS", "MANIFEST_COLUMNS", "REGIONS", "SITES", "dicom_subject_indices",
+    "generate_demo_cohort", "ground_truth", "image_path", "region_rng", "render_subject",
+    "sample_subject", "sample_subjects", "study_year", "subject_id", "write_dicom_series",
+    "write_nifti",
+]
