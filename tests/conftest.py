@@ -52,3 +52,24 @@ def small_manifest(root: Path, n_subjects=6, regions=("neck", "chest", "lumbar")
     manifest = root / "manifest.csv"
     pl.DataFrame(rows).write_csv(manifest)
     return manifest
+
+
+@pytest.fixture(scope="session")
+def demo_results(tmp_path_factory) -> Path:
+    """The full default demo (300 subjects, 64 px, pca embeddings) run once per test session through the real
+    workflow; returns the run directory (results/ and data/demo/ inside). Analysis tests read from it."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("demo_full")
+    cfg = demo_config()
+    cfg["demo"]["out_dir"] = "data/demo"
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    proc = subprocess.run(
+        [snakemake, "--snakefile", str(REPO / "Snakefile"), "--directory", str(root), "--configfile",
+         str(root / "config.yaml"), "--cores", "2"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return root

@@ -13,7 +13,7 @@ from cohortlens.cohort.build import QUARANTINE_SCHEMA
 from cohortlens.io.npyshard import NpyShardWriter
 from cohortlens.io.readers import ImageReadError, read_image
 from cohortlens.io.tables import write_parquet
-from cohortlens.preprocess.slices import SliceError, center_indices, fit_canvas, rescale, slice_stack
+from cohortlens.preprocess.slices import SliceError, center_indices, intensity_max, slice_stack, to_canvas
 
 INDEX_SCHEMA = {
     "slice_uid": pl.Utf8,
@@ -35,14 +35,14 @@ class ShardResult:
 
 
 def prepare_image(path: str, region_cfg: dict, preprocess_cfg: dict) -> np.ndarray:
-    """Read one image and return its normalised slices on the canvas (float32, [-1, 1])."""
+    """Read one image and return its normalised slices on the canvas (float16, [-1, 1])."""
     loaded = read_image(path, spacing_tolerance=float(preprocess_cfg.get("spacing_tolerance", 0.05)))
     stack = slice_stack(loaded.array, loaded.affine, region_cfg.get("slice_axis", "auto"))
     n_center = int(region_cfg.get("center_slices", 12))
     if stack.shape[0] < n_center:
         raise SliceError(f"too few slices: {stack.shape[0]} < center_slices {n_center}")
-    stack = rescale(stack, preprocess_cfg.get("intensity_max", "max"))
-    return fit_canvas(stack, tuple(preprocess_cfg["canvas"]))
+    vmax = intensity_max(loaded.array, preprocess_cfg.get("intensity_max", "max"))
+    return to_canvas(stack, vmax, tuple(preprocess_cfg["canvas"]))
 
 
 def _safe_prepare(args):

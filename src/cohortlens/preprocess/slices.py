@@ -54,31 +54,42 @@ def slice_stack(array: np.ndarray, affine: np.ndarray | None, slice_axis: str | 
     return np.moveaxis(data, axis, 0).transpose(0, 2, 1)[:, ::-1, ::-1]
 
 
-def rescale(stack: np.ndarray, intensity_max: str | float = "max") -> np.ndarray:
-    """Linear [0, max] -> [-1, 1] as in the papers; max is the volume maximum or a configured percentile."""
-    finite = np.isfinite(stack)
-    if not finite.all():
-        n_bad = int(stack.size - np.count_nonzero(finite))
+def intensity_max(array: np.ndarray, how: str | float = "max") -> float:
+    """The value mapped to +1: the volume maximum or a percentile; rejects NaN/Inf and empty volumes.
+
+    Computed on the array as read (contiguous), before any reorientation view.
+    """
+    lo, hi = float(array.min()), float(array.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         raise SliceError(f"{n_bad} NaN/Inf voxels")
-    vmax = float(stack.max()) if intensity_max == "max" else float(np.percentile(stack, float(intensity_max)))
+    vmax = hi if how == "max" else float(np.percentile(array, float(how)))
     if vmax <= 0:
         raise SliceError(f"empty image: intensity maximum is {vmax:g} (all-zero or non-positive volume)")
-    out = np.clip(stack, 0.0, vmax, dtype=np.float32)
-    out *= 2.0 / vmax
-    out -= 1.0
-    return out
+    return vmax
 
 
-def fit_canvas(stack: np.ndarray, canvas: tuple[int, int], fill: float = -1.0) -> np.ndarray:
-    """Center pad (with background -1) or center crop every slice to the cohort's canvas."""
+def to_canvas(stack: np.ndarray, vmax: float, canvas: tuple[int, int], dtype=np.float16) -> np.ndarray:
+    """Linear [0, vmax] -> [-1, 1] (the papers' normalisation) onto a center padded/cropped canvas.
+
+    One fused pass per step over only the pixels that stay on the canvas; background padding is -1.
+    """
     n, h, w = stack.shape
     H, W = canvas
-    out = np.full((n, H, W), fill, dtype=np.float32)
     sy, sx = max(0, (h - H) // 2), max(0, (w - W) // 2)
     dy, dx = max(0, (H - h) // 2), max(0, (W - w) // 2)
     ch, cw = min(h, H), min(w, W)
-    out[:, dy : dy + ch, dx : dx + cw] = stack[:, sy : sy + ch, sx : sx + cw]
+    out = np.full((n, H, W), -1.0, dtype=dtype)
+    tmp = np.multiply(stack[:, sy : sy + ch, sx : sx + cw], np.float32(2.0 / vmax), dtype=np.float32)
+    tmp -= np.float32(1.0)
+    np.clip(tmp, -1.0, 1.0, out=tmp)
+    out[:, dy : dy + ch, dx : dx + cw] = tmp
     return out
+
+
+def rescale(stack: np.ndarray, how: str | float = "max") -> np.ndarray:
+    """[0, max] -> [-1, 1] of a whole stack, float32 (values below 0 clip to -1)."""
+    return to_canvas(stack, intensity_max(stack, how), stack.shape[1:], np.float32)
 
 
 def center_indices(n_slices: int, n_center: int) -> range:
