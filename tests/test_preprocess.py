@@ -79,12 +79,13 @@ def test_rescale_rejects_all_zero():
 
 
 def test_to_canvas_pads_and_crops_centered_in_float16():
-    x = np.zeros((1, 4, 10), np.float32)
-    x[0, :, 2:8] = 50.0
-    out = to_canvas(x, 100.0, (8, 6))
+    x = np.full((1, 4, 10), -1.0, np.float32)
+    x[0, :, 2:8] = 0.0
+    out = to_canvas(x, (8, 6))
     assert out.shape == (1, 8, 6) and out.dtype == np.float16
     assert (out[0, 2:6] == 0.0).all() and out[0, :2].max() == -1.0 and out[0, 6:].max() == -1.0
-    assert intensity_max(np.arange(101, dtype=np.float32), 90.0) == pytest.approx(90.0)
+    assert intensity_max(np.arange(101, dtype=np.float32), 90.0) == (pytest.approx(90.0), True)
+    assert intensity_max(np.arange(101, dtype=np.float32)) == (100.0, False)
     assert list(center_indices(16, 12)) == list(range(2, 14))
     assert list(center_indices(13, 12)) == list(range(0, 12))
 
@@ -131,7 +132,7 @@ def test_shards_hold_every_slice_with_index_and_center_flags(tmp_path, config):
     row = index.filter((pl.col("subject_id") == "T0003") & (pl.col("region") == "chest") & (pl.col("slice_position") == 7))
     img = nib.load(tmp_path / "images" / "T0003_chest.nii.gz")
     vol = np.asarray(img.dataobj, np.float32)
-    direct = to_canvas(slice_stack(vol, img.affine), float(vol.max()), (32, 32), np.float32)[7]
+    direct = to_canvas(rescale(slice_stack(vol, img.affine)), (32, 32), np.float32)[7]
     np.testing.assert_allclose(store.read(row)[0], direct, atol=1e-3)
 
 

@@ -481,3 +481,18 @@ def test_truncated_png(tmp_path):
     (tmp_path / "x.png").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ImageReadError, match=r"^unreadable image: "):
         read_image(tmp_path / "x.png")
+
+
+def test_nifti2_and_nifti1_gz_read_identically_to_nibabel(tmp_path):
+    import nibabel as nib
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    for cls, name in ((nib.Nifti1Image, "a.nii.gz"), (nib.Nifti2Image, "b.nii.gz")):
+        img = cls(data, affine)
+        img.header.set_slope_inter(0.5, 10)
+        nib.save(img, tmp_path / name)
+        got = read_image(tmp_path / name)
+        ref = nib.load(tmp_path / name)
+        assert np.array_equal(got.array, ref.get_fdata(dtype=np.float32)), name
+        assert np.allclose(got.affine, ref.affine)

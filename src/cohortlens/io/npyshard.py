@@ -35,7 +35,7 @@ class NpyShardWriter:
         if frames.shape[1:] != self.frame_shape:
             raise ValueError(f"frame shape {frames.shape[1:]} != shard canvas {self.frame_shape}")
         first = self.n
-        self._fh.write(frames.tobytes())
+        self._fh.write(memoryview(frames).cast("B"))  # no intermediate bytes copy
         self.n += frames.shape[0]
         return first
 

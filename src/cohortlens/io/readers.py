@@ -99,21 +99,37 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+try:  # Intel ISA-L inflates gzip ~2x faster than zlib; decompression dominates reading .nii.gz
+    from isal.igzip import decompress as _gunzip
+except ImportError:  # pragma: no cover - optional accelerator
+    from gzip import decompress as _gunzip
+
+
 def _read_nifti(p: Path) -> LoadedImage:
     import nibabel as nib
 
     try:
-        img = nib.load(p)
+        if p.name.lower().endswith(".gz"):
+            # One-shot inflate of the whole file instead of nibabel's streamed gzip reads.
+            raw = _gunzip(p.read_bytes())
+            kind = nib.Nifti2Image if _is_nifti2(raw) else nib.Nifti1Image
+            img = kind.from_bytes(raw)
+        else:
+            img = nib.load(p)
         # get_fdata(dtype=float32) scales straight into float32 in one pass;
         # asarray only unwraps a possible memmap, it does not copy.
         arr = np.asarray(img.get_fdata(dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)
     except FileNotFoundError:
         raise ImageReadError("missing file") from None
-    except Exception as exc:  # nibabel raises a zoo of types for bad files
+    except Exception as exc:  # nibabel, zlib and isal raise a zoo of types for bad files
         gz_problem = _gzip_problem(p) if p.name.lower().endswith(".gz") else None
         raise ImageReadError(gz_problem or f"unreadable NIfTI: {_short(exc)}") from exc
     return LoadedImage(array=_squeeze_trailing(arr), affine=affine, kind="nifti")
+
+
+def _is_nifti2(raw: bytes) -> bool:
+    return raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # sizeof_hdr 540, either byte order
 
 
 def _gzip_problem(p: Path) -> str | None:

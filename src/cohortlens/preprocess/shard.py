@@ -13,7 +13,7 @@ from cohortlens.cohort.build import QUARANTINE_SCHEMA
 from cohortlens.io.npyshard import NpyShardWriter
 from cohortlens.io.readers import ImageReadError, read_image
 from cohortlens.io.tables import write_parquet
-from cohortlens.preprocess.slices import SliceError, center_indices, intensity_max, slice_stack, to_canvas
+from cohortlens.preprocess.slices import SliceError, center_indices, intensity_max, normalise_, slice_stack, to_canvas
 
 INDEX_SCHEMA = {
     "slice_uid": pl.Utf8,
@@ -41,8 +41,12 @@ def prepare_image(path: str, region_cfg: dict, preprocess_cfg: dict) -> np.ndarr
     n_center = int(region_cfg.get("center_slices", 12))
     if stack.shape[0] < n_center:
         raise SliceError(f"too few slices: {stack.shape[0]} < center_slices {n_center}")
-    vmax = intensity_max(loaded.array, preprocess_cfg.get("intensity_max", "max"))
-    return to_canvas(stack, vmax, tuple(preprocess_cfg["canvas"]))
+    # the reader's array is ours: normalise it in place, then the view shares the new values
+    array = loaded.array if loaded.array.dtype == np.float32 else loaded.array.astype(np.float32)
+    normalise_(array, *intensity_max(array, preprocess_cfg.get("intensity_max", "max")))
+    if array is not loaded.array:
+        stack = slice_stack(array, loaded.affine, region_cfg.get("slice_axis", "auto"))
+    return to_canvas(stack, tuple(preprocess_cfg["canvas"]))
 
 
 def _safe_prepare(args):
@@ -57,14 +61,20 @@ def _safe_prepare(args):
         return None, f"unexpected error reading image: {type(exc).__name__}: {exc}"
 
 
-def _ordered(pool, jobs, lookahead):
-    pending = []
-    for job in jobs:
-        pending.append(pool.submit(_safe_prepare, job))
-        if len(pending) > lookahead:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
+def _prepared(jobs: list, threads: int):
+    """Results in job order. With threads > 1 a bounded look-ahead of reads runs in a pool (gzip and
+    numpy release the GIL); with one thread it runs inline, without a pool's hand-off per image."""
+    if threads <= 1:
+        yield from map(_safe_prepare, jobs)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending = []
+        for job in jobs:
+            pending.append(pool.submit(_safe_prepare, job))
+            if len(pending) > 2 * threads:
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
 
 
 def preprocess_shard(
@@ -78,53 +88,49 @@ def preprocess_shard(
     out_quarantine: str | os.PathLike,
     threads: int = 1,
 ) -> ShardResult:
-    """Preprocess every image of one shard. Counts reconcile: images = images with slices + quarantined."""
+    """Preprocess every image of one shard. Counts reconcile: images = images with slices + quarantined.
+
+    Row numbers are deterministic whatever the thread count, and only a few decoded volumes are held
+    in memory at once.
+    """
     rows = images.filter(pl.col("shard") == shard).sort("subject_id", "region", "image_uid")
     canvas = tuple(int(c) for c in preprocess["canvas"])
-    index_parts: list[dict] = []
+    kept: list[tuple[dict, int, int]] = []  # (row, first shard row, n slices)
     quarantine: list[dict] = []
     jobs = [(p, regions[r], preprocess) for p, r in zip(rows["path"], rows["region"])]
-    with NpyShardWriter(out_slices, canvas) as writer, ThreadPoolExecutor(max(1, threads)) as pool:
-        # Ordered, bounded look-ahead: row numbers are deterministic whatever the thread count and at most
-        # a few decoded volumes are held in memory at once.
-        for rec, (stack, reason) in zip(rows.iter_rows(named=True), _ordered(pool, jobs, 2 * max(1, threads))):
+    with NpyShardWriter(out_slices, canvas) as writer:
+        for rec, (stack, reason) in zip(rows.iter_rows(named=True), _prepared(jobs, max(1, threads))):
             if stack is None:
-                quarantine.append(
-                    {
-                        "stage": "preprocess",
-                        "manifest_line": rec["manifest_line"],
-                        "image_uid": rec["image_uid"],
-                        "subject_id": rec["subject_id"],
-                        "region": rec["region"],
-                        "image": rec["image"],
-                        "reason": reason,
-                    }
-                )
-                continue
-            first = writer.append(stack)
-            n = stack.shape[0]
-            centre = center_indices(n, int(regions[rec["region"]].get("center_slices", 12)))
-            positions = np.arange(n)
-            index_parts.append(
-                {
-                    "slice_uid": [f"{rec['image_uid']}/{p}" for p in positions],
-                    "image_uid": [rec["image_uid"]] * n,
-                    "subject_id": [rec["subject_id"]] * n,
-                    "region": [rec["region"]] * n,
-                    "shard": [shard] * n,
-                    "row": list(range(first, first + n)),
-                    "slice_position": positions.tolist(),
-                    "is_center": [centre.start <= p < centre.stop for p in positions],
-                }
-            )
-    index = (
-        pl.concat([pl.DataFrame(p, schema=INDEX_SCHEMA) for p in index_parts])
-        if index_parts
-        else pl.DataFrame(schema=INDEX_SCHEMA)
-    )
+                quarantine.append({"stage": "preprocess", **{k: rec[k] for k in QUARANTINE_SCHEMA if k in rec}, "reason": reason})
+            else:
+                kept.append((rec, writer.append(stack), stack.shape[0]))
+    index = _index_frame(kept, shard, regions)
     write_parquet(index, out_index)
     write_parquet(pl.DataFrame(quarantine, schema=QUARANTINE_SCHEMA), out_quarantine)
     return ShardResult(n_images=rows.height, n_slices=index.height, n_quarantined=len(quarantine))
+
+
+def _index_frame(kept: list[tuple[dict, int, int]], shard: int, regions: dict) -> pl.DataFrame:
+    if not kept:
+        return pl.DataFrame(schema=INDEX_SCHEMA)
+    counts = [n for _, _, n in kept]
+    positions = np.concatenate([np.arange(n) for n in counts])
+    starts = [center_indices(n, int(regions[rec["region"]].get("center_slices", 12))).start for rec, _, n in kept]
+    n_center = [int(regions[rec["region"]].get("center_slices", 12)) for rec, _, _ in kept]
+    start_rep = np.repeat(starts, counts)
+    frame = pl.DataFrame(
+        {
+            "image_uid": np.repeat([r["image_uid"] for r, _, _ in kept], counts),
+            "subject_id": np.repeat([r["subject_id"] for r, _, _ in kept], counts),
+            "region": np.repeat([r["region"] for r, _, _ in kept], counts),
+            "shard": np.full(positions.size, shard, dtype=np.int64),
+            "row": np.concatenate([np.arange(first, first + n) for _, first, n in kept]),
+            "slice_position": positions,
+            "is_center": (positions >= start_rep) & (positions < start_rep + np.repeat(n_center, counts)),
+        }
+    )
+    frame = frame.with_columns(pl.format("{}/{}", "image_uid", "slice_position").alias("slice_uid"))
+    return frame.select(list(INDEX_SCHEMA)).cast(INDEX_SCHEMA)
 
 
 def merge_shard_tables(paths: list[str], schema: dict) -> pl.DataFrame:

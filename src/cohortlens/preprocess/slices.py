@@ -11,10 +11,16 @@ class SliceError(ValueError):
 
 
 def canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorder/flip voxel axes to the closest RAS+ orientation; returns (array, voxel spacing in mm)."""
-    ornt = io_orientation(affine)
-    data = apply_orientation(array, ornt)
+    """Reorder/flip voxel axes to the closest RAS+ orientation; returns (array view, voxel spacing in mm)."""
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    rot = affine[:3, :3]
+    if np.count_nonzero(rot) == 3 and (np.count_nonzero(rot, axis=0) == 1).all():
+        # axis-aligned affine (nearly every scanner export): the orientation is read off the signs,
+        # without io_orientation's SVD
+        ornt = np.column_stack([np.argmax(np.abs(rot), axis=0), np.sign(rot.sum(axis=0))]).astype(float)
+    else:
+        ornt = io_orientation(affine)
+    data = apply_orientation(array, ornt)
     spacing = np.empty(3)
     spacing[ornt[:, 0].astype(int)] = zooms
     return data, spacing
@@ -54,10 +60,10 @@ def slice_stack(array: np.ndarray, affine: np.ndarray | None, slice_axis: str | 
     return np.moveaxis(data, axis, 0).transpose(0, 2, 1)[:, ::-1, ::-1]
 
 
-def intensity_max(array: np.ndarray, how: str | float = "max") -> float:
-    """The value mapped to +1: the volume maximum or a percentile; rejects NaN/Inf and empty volumes.
+def intensity_max(array: np.ndarray, how: str | float = "max") -> tuple[float, bool]:
+    """The value mapped to +1 (volume maximum or a percentile) and whether values fall outside [0, it].
 
-    Computed on the array as read (contiguous), before any reorientation view.
+    Rejects NaN/Inf and empty volumes. Computed on the array as read (contiguous), before any view.
     """
     lo, hi = float(array.min()), float(array.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -66,30 +72,38 @@ def intensity_max(array: np.ndarray, how: str | float = "max") -> float:
     vmax = hi if how == "max" else float(np.percentile(array, float(how)))
     if vmax <= 0:
         raise SliceError(f"empty image: intensity maximum is {vmax:g} (all-zero or non-positive volume)")
-    return vmax
+    return vmax, (lo < 0 or hi > vmax)
 
 
-def to_canvas(stack: np.ndarray, vmax: float, canvas: tuple[int, int], dtype=np.float16) -> np.ndarray:
-    """Linear [0, vmax] -> [-1, 1] (the papers' normalisation) onto a center padded/cropped canvas.
+def normalise_(array: np.ndarray, vmax: float, clip: bool = True) -> np.ndarray:
+    """In place: linear [0, vmax] -> [-1, 1] (the papers' normalisation), values outside clipped.
 
-    One fused pass per step over only the pixels that stay on the canvas; background padding is -1.
+    Runs on the array as read (contiguous), before any reorientation view, so every pass is sequential.
+    MR volumes with vmax = max need no clipping (`clip=False` from intensity_max) and skip that pass.
     """
+    np.multiply(array, np.float32(2.0 / vmax), out=array)
+    array -= np.float32(1.0)
+    if clip:
+        np.clip(array, -1.0, 1.0, out=array)
+    return array
+
+
+def to_canvas(stack: np.ndarray, canvas: tuple[int, int], dtype=np.float16) -> np.ndarray:
+    """Center pad (background -1) or center crop every slice to the cohort canvas, casting on the way:
+    the one strided pass over a reoriented view is also the float16 conversion."""
     n, h, w = stack.shape
     H, W = canvas
     sy, sx = max(0, (h - H) // 2), max(0, (w - W) // 2)
     dy, dx = max(0, (H - h) // 2), max(0, (W - w) // 2)
     ch, cw = min(h, H), min(w, W)
     out = np.full((n, H, W), -1.0, dtype=dtype)
-    tmp = np.multiply(stack[:, sy : sy + ch, sx : sx + cw], np.float32(2.0 / vmax), dtype=np.float32)
-    tmp -= np.float32(1.0)
-    np.clip(tmp, -1.0, 1.0, out=tmp)
-    out[:, dy : dy + ch, dx : dx + cw] = tmp
+    out[:, dy : dy + ch, dx : dx + cw] = stack[:, sy : sy + ch, sx : sx + cw]
     return out
 
 
 def rescale(stack: np.ndarray, how: str | float = "max") -> np.ndarray:
-    """[0, max] -> [-1, 1] of a whole stack, float32 (values below 0 clip to -1)."""
-    return to_canvas(stack, intensity_max(stack, how), stack.shape[1:], np.float32)
+    """[0, max] -> [-1, 1] of a whole stack into a new float32 array (values below 0 clip to -1)."""
+    return normalise_(np.array(stack, dtype=np.float32, copy=True), *intensity_max(stack, how))
 
 
 def center_indices(n_slices: int, n_center: int) -> range:
