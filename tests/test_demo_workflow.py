@@ -3,6 +3,7 @@ the report lists it, counts reconcile, and no DICOM patient identifier reaches r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.workflow
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     cfg = demo_config()
-    cfg["demo"].update(out_dir="data/demo", n_subjects=24, size=32, n_slices=14, dicom_fraction=0.25)
+    cfg["demo"].update(out_dir="data/demo", n_subjects=24, size=32, n_slices=14, dicom_fraction=0.25, bad_inputs=True)
     cfg["preprocess"].update(canvas=[32, 32], subjects_per_shard=8)
     cfg["models"]["pca"].update(crop=32, n_components=8)
     config = root / "config.yaml"
@@ -33,7 +34,7 @@ def demo_run(tmp_path_factory):
 def identifiers(demo_dir: Path) -> set[str]:
     found = set()
     for f in demo_dir.rglob("*"):
-        if f.is_file() and f.suffix not in (".csv", ".json", ".gz"):
+        if f.is_file() and f.suffix not in (".csv", ".json", ".gz") and "garbage" not in f.name:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             for tag in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
                         "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
@@ -63,7 +64,7 @@ def test_demo_runs_every_stage_and_counts_reconcile(demo_run):
     root, config = demo_run
     res = root / "results"
     manifest = pl.read_csv(root / "data/demo/manifest.csv")
-    assert manifest.height == 72
+    assert manifest.height == 72 + 10  # 24 subjects x 3 regions + the planted bad inputs
     index = pl.read_parquet(res / "preprocessed/index.parquet")
     q = pl.concat([pl.read_parquet(res / "cohort/quarantine.parquet"), pl.read_parquet(res / "preprocessed/quarantine.parquet")])
     assert manifest.height == index["image_uid"].n_unique() + q.height
@@ -72,13 +73,19 @@ def test_demo_runs_every_stage_and_counts_reconcile(demo_run):
     assert dicom_images.height >= 6  # a quarter of the subjects, three regions each
     assert index.join(dicom_images.select("image_uid"), on="image_uid").height == dicom_images.height * 14
     html = (res / "report/index.html").read_text()
-    assert "images in = images with slices + quarantined: 72 = " in html
+    assert "images in = images with slices + quarantined: 82 = 72 + 10" in html
+    # every planted bad input is quarantined for its own reason, and nothing else is
+    expected = json.loads((root / "data/demo/ground_truth.json").read_text())["expected_quarantine"]
+    got = sorted(zip(q["image"], q["reason"]))
+    assert len(got) == len(expected) == 10
+    for (image, reason), want in zip(got, sorted((e["image"], e["reason"]) for e in expected)):
+        assert image == want[0] and reason.startswith(want[1]), (image, reason, want)
     assert planned_jobs(root, config) == {}
 
 
 def test_no_dicom_identifier_reaches_results(demo_run):
     root, _ = demo_run
-    secrets = identifiers(root / "data/demo/dicom")
+    secrets = identifiers(root / "data/demo")
     assert len(secrets) >= 6 * 5  # names, ids, accession, institution and UIDs of every DICOM series
     text = "\n".join(all_text(root / "results"))
     leaked = sorted(s for s in secrets if s in text)

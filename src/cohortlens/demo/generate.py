@@ -405,8 +405,66 @@ def ground_truth(subjects: Sequence[Mapping], *, seed: int, size: int, n_slices:
     }
 
 
+def plant_bad_inputs(out: Path, *, size: int, n_slices: int, seed: int) -> tuple[list[list[str]], list[dict]]:
+    """Extra manifest rows whose images or values are broken in the ways real cohorts break.
+
+    They belong to extra subjects (Q0001...) with no other image, so the clean cohort, its effects and
+    its ground truth are untouched; each is expected in quarantine with the reason given.
+    """
+    import nibabel as nib
+    import pydicom
+
+    from cohortlens.demo.phantom import affine as phantom_affine
+
+    (out / "bad").mkdir(exist_ok=True)
+    rows, expected = [], []
+
+    def row(i: int, image: str, reason: str, **attrs) -> None:
+        base = sample_subject(seed, 10_000_000 + i)
+        values = {**{k: base[k] for k in ("sex", "age", "height", "weight", "site", "date")}, **attrs}
+        sid = f"Q{i:04d}"
+        rows.append([sid, image, "neck", values["sex"], f"{values['age']:.1f}", f"{values['height']:.2f}",
+                     f"{values['weight']:.1f}", values["site"], values["date"]])
+        expected.append({"subject_id": sid, "image": image, "reason": reason})
+        return base
+
+    def volume(i: int) -> np.ndarray:
+        return render_subject(sample_subject(seed, 10_000_000 + i), "neck", size, n_slices, seed)
+
+    p = out / "bad" / "Q0001_truncated.nii.gz"
+    write_nifti(p, volume(1), size, n_slices)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    row(1, "bad/Q0001_truncated.nii.gz", "truncated gzip")
+    write_nifti(out / "bad" / "Q0002_zero.nii.gz", np.zeros((n_slices, size, size), np.int16), size, n_slices)
+    row(2, "bad/Q0002_zero.nii.gz", "empty image")
+
+    nan_vol = volume(3).astype(np.float32)
+    nan_vol[n_slices // 2, size // 2, size // 2] = np.nan
+    nib.save(nib.Nifti1Image(nan_vol, phantom_affine(size, n_slices)), out / "bad" / "Q0003_nan.nii.gz")
+    row(3, "bad/Q0003_nan.nii.gz", "NaN/Inf voxels")
+    few = volume(4)[: max(1, n_slices // 2)]
+    nib.save(nib.Nifti1Image(few.astype(np.int16), phantom_affine(size, n_slices)), out / "bad" / "Q0004_few.nii.gz")
+    row(4, "bad/Q0004_few.nii.gz", "too few slices")
+    row(5, "bad/Q0005_missing.nii.gz", "missing file")
+    write_nifti(out / "bad" / "Q0006_age.nii.gz", volume(6), size, n_slices)
+    row(6, "bad/Q0006_age.nii.gz", "attribute 'age'", age=140.0)
+    write_nifti(out / "bad" / "Q0007_dup.nii.gz", volume(7), size, n_slices)
+    row(7, "bad/Q0007_dup.nii.gz", "duplicate image key")
+    row(7, "bad/Q0007_dup.nii.gz", "duplicate image key")
+    folder = out / "bad" / "Q0008_gap"
+    subject8 = sample_subject(seed, 10_000_008)
+    write_dicom_series(folder, volume(8), subject8, "neck", size, n_slices, seed)
+    positions = sorted((float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[0]), f) for f in folder.iterdir())
+    positions[len(positions) // 2][1].unlink()  # a slice lost in transfer: a gap in the middle of the series
+    row(8, "bad/Q0008_gap/", "DICOM series has a gap")
+    (out / "bad" / "Q0009_garbage.dcm").write_bytes(b"not a dicom file" * 64)
+    row(9, "bad/Q0009_garbage.dcm", "unreadable DICOM")
+    return rows, expected
+
+
 def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_slices: int = 16,
-                         dicom_fraction: float = 0.1, seed: int = 0, workers: int = 2) -> dict:
+                         dicom_fraction: float = 0.1, seed: int = 0, workers: int = 2,
+                         bad_inputs: bool = False) -> dict:
     """Write the demo cohort (images, manifest.csv, ground_truth.json) into ``out_dir``.
 
     Returns ``{n_subjects, n_images, n_dicom_series, manifest, ground_truth, out_dir}``.
@@ -435,6 +493,7 @@ def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_sl
             for _ in pool.map(_render_chunk, tasks):
                 pass
 
+    bad_rows, expected_quarantine = plant_bad_inputs(out, size=size, n_slices=n_slices, seed=seed) if bad_inputs else ([], [])
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as fh:
         wr = csv.writer(fh)
@@ -444,12 +503,14 @@ def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_sl
                 wr.writerow([s["subject_id"], image_path(s, region), region, s["sex"],
                              f"{s['age']:.1f}", f"{s['height']:.2f}", f"{s['weight']:.1f}",
                              s["site"], s["date"]])
+        wr.writerows(bad_rows)
     gt_path = out / "ground_truth.json"
     gt = ground_truth(subjects, seed=seed, size=size, n_slices=n_slices, dicom_fraction=dicom_fraction)
+    gt["expected_quarantine"] = expected_quarantine
     gt_path.write_text(json.dumps(gt, indent=1))
     return {
         "n_subjects": n_subjects,
-        "n_images": n_subjects * len(REGIONS),
+        "n_images": n_subjects * len(REGIONS) + len(bad_rows),
         "n_dicom_series": len(on_dicom) * len(REGIONS),
         "manifest": str(manifest),
         "ground_truth": str(gt_path),

@@ -68,7 +68,7 @@ def intensity_max(array: np.ndarray, how: str | float = "max") -> tuple[float, b
     lo, hi = float(array.min()), float(array.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        raise SliceError(f"{n_bad} NaN/Inf voxels")
+        raise SliceError(f"NaN/Inf voxels: {n_bad} of {array.size}")
     vmax = hi if how == "max" else float(np.percentile(array, float(how)))
     if vmax <= 0:
         raise SliceError(f"empty image: intensity maximum is {vmax:g} (all-zero or non-positive volume)")
