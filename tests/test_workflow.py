@@ -119,3 +119,32 @@ def test_adding_one_subject_reruns_only_its_shard(tmp_path):
     changed = sorted(n for n in after if after[n] != before.get(n))
     assert changed == [f"shard-{new_shard[0]}.npy"]
     assert pl.read_parquet(pre / "index.parquet").filter(pl.col("subject_id") == "T0100").height == 3 * 16
+
+
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (lambda c: c["preprocess"].update(canvas=[64]), r"canvas"),
+        (lambda c: c["attributes"]["sex"].update(type="boolean"), r"boolean"),
+        (lambda c: c["regions"]["neck"].update(slice_axis="oblique"), r"slice_axis"),
+    ],
+)
+def test_invalid_config_stops_naming_the_field(tmp_path, edit, expected):
+    cfg = demo_config()
+    edit(cfg)
+    proc = snakemake(tmp_path, "-n", config=write_config(tmp_path / "bad.yaml", cfg), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "validating config file" in out.lower() or "ValidationError" in out, out[-3000:]
+    assert re.search(expected, out), out[-3000:]
+
+
+def test_invalid_manifest_row_stops_naming_file_line_and_field(tmp_path):
+    manifest = small_manifest(tmp_path, 3)
+    df = pl.read_csv(manifest, infer_schema=False)
+    df.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("a b")).otherwise(pl.col("subject_id")).alias("subject_id")).write_csv(manifest)
+    config = write_config(tmp_path / "config.yaml", tiny_config(tmp_path, manifest))
+    proc = snakemake(tmp_path, config=config, check=False)
+    log = (tmp_path / "results" / "logs" / "cohort.log").read_text()
+    assert proc.returncode != 0
+    assert f"manifest {manifest}: line 4 (data row 3) breaks the manifest schema: field 'subject_id'" in log, log[-2000:]
