@@ -1,0 +1,176 @@
+"""Embedding with a trained autoencoder (any registered model) into the contract's Parquet files.
+
+- The EMA weights are used when model.pt has them; the input is the fixed center crop of the training crop size.
+- Slices stream through `write_embeddings` a few images at a time (peak memory bounded by the batch, not the
+  cohort), the encoder sees minibatches of `batch_size` slices.
+- `normalise="train_zscore"` (the DAE's semantic latents need it): every embedding dimension is standardised
+  with the mean / std over the train split's slices. The encoder runs once: the raw vectors go to temporary
+  files in the output folder while the train statistics accumulate (Chan's parallel mean/variance update in
+  float64), then both files are rewritten standardised, streamed by record batch. Volume vectors are the
+  concatenated standardised slice vectors. The statistics are stored in the metadata (`normalisation`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cohortlens.embed.parquet import SLICE_KEYS, VOLUME_KEYS, EmbeddingWriter, config_hash, write_embeddings
+from cohortlens.io.tables import read_parquet_metadata
+from cohortlens.models.registry import load_model
+from cohortlens.models.training import select_device
+from cohortlens.preprocess.store import SliceStore, center_crop
+
+NORMALISATIONS = (None, "none", "train_zscore")
+# slices read per write_embeddings batch are capped by this many bytes of float32 canvas
+READ_BUDGET_BYTES = 256 * 2**20
+
+
+class RunningMoments:
+    """Per-dimension mean and variance over batches of vectors (Chan et al.'s pairwise update, float64)."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.mean = np.zeros(dim, np.float64)
+        self.m2 = np.zeros(dim, np.float64)
+
+    def update(self, x: np.ndarray) -> None:
+        if len(x) == 0:
+            return
+        x = np.asarray(x, np.float64)
+        n_b, mean_b = len(x), x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * n_b / n
+        self.m2 = self.m2 + m2_b + delta**2 * self.n * n_b / n
+        self.n = n
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.n - 1, 1))
+
+
+def make_encoder(model, crop: int, device: torch.device, batch_size: int, amp: bool = True
+                 ) -> Callable[[np.ndarray], np.ndarray]:
+    """(n, H, W) float32 slices -> (n, dim) float32 embeddings of their center crops, in minibatches."""
+    use_amp = amp and device.type == "cuda"
+    channels_last = device.type == "cuda"
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        crops = center_crop(batch, crop)
+        out = np.empty((len(crops), model.embedding_dim), np.float32)
+        for lo in range(0, len(crops), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(crops[lo : lo + batch_size])).unsqueeze(1)
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out[lo : lo + len(x)] = model.embed(x).float().cpu().numpy()
+        return out
+
+    return encode
+
+
+def _images_per_batch(index: pl.DataFrame, canvas: tuple[int, int]) -> int:
+    per_image = int(index.group_by("image_uid").len()["len"].max() or 1)
+    return int(max(1, min(64, READ_BUDGET_BYTES // (per_image * canvas[0] * canvas[1] * 4))))
+
+
+def _standardise_file(raw: Path, out: Path, keys: dict, mean: np.ndarray, std: np.ndarray, normalisation: dict) -> int:
+    meta = read_parquet_metadata(raw)
+    meta["normalisation"] = normalisation
+    dim = int(meta["dim"])
+    reps = dim // len(mean)
+    mean_t, std_t = np.tile(mean, reps).astype(np.float32), np.tile(std, reps).astype(np.float32)
+    reader = pq.ParquetFile(raw)
+    with EmbeddingWriter(out, keys, dim, meta) as writer:
+        for batch in reader.iter_batches(batch_size=8192):
+            emb = batch.column("embedding")
+            vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            frame = pl.from_arrow(pa.Table.from_batches([batch.drop_columns(["embedding"])]))
+            writer.write(frame, (vectors - mean_t) / std_t)
+    return writer.n
+
+
+def embed_autoencoder(
+    model_path: str | os.PathLike,
+    index_path: str | os.PathLike,
+    *,
+    slices_path: str | os.PathLike,
+    volumes_path: str | os.PathLike,
+    splits_path: str | os.PathLike | None = None,
+    normalise: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    threads: int = 1,
+    amp: bool = True,
+) -> dict[str, Any]:
+    """Embed every slice of the index (and every image's center slices as one volume vector)."""
+    if normalise not in NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+    normalise = None if normalise == "none" else normalise
+    dev = select_device(device)
+    threads_before = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _embed(model_path, index_path, slices_path, volumes_path, splits_path, normalise, batch_size, dev, amp)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _embed(model_path, index_path, slices_path, volumes_path, splits_path, normalise, batch_size, dev, amp) -> dict:
+    model, info = load_model(model_path, dev)
+    cfg = info["config"]
+    crop = int(cfg["crop"])
+    store = SliceStore(index_path)
+    encode = make_encoder(model, crop, dev, int(batch_size), amp)
+    metadata = {"model": info["model"], "config_hash": config_hash(cfg), "normalisation": None, "crop": crop,
+                "weights": info["weights"], "steps": info["steps"], "fingerprint": info["fingerprint"]}
+    per_batch = _images_per_batch(store.index, store.canvas)
+    if normalise is None:
+        summary = write_embeddings(store.index, store.read, encode, model.embedding_dim, slices_path, volumes_path,
+                                   metadata, batch_images=per_batch)
+        return {**summary, "weights": info["weights"], "normalisation": None}
+
+    if splits_path is None:
+        raise ValueError("normalise='train_zscore' needs splits_path (the train split's subjects)")
+    train_subjects = set(pl.read_parquet(splits_path).filter(pl.col("split") == "train")["subject_id"].to_list())
+    moments = RunningMoments(model.embedding_dim)
+    current: dict[str, np.ndarray] = {}
+
+    def read(part: pl.DataFrame) -> np.ndarray:
+        # write_embeddings encodes each batch right after reading it: remember which of its rows are train
+        current["train"] = part["subject_id"].is_in(list(train_subjects)).to_numpy()
+        return store.read(part)
+
+    def encode_and_count(batch: np.ndarray) -> np.ndarray:
+        vectors = encode(batch)
+        moments.update(vectors[current["train"]])
+        return vectors
+
+    slices_path, volumes_path = Path(slices_path), Path(volumes_path)
+    slices_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=slices_path.parent, prefix=".raw-embeddings-") as tmp:
+        raw_s, raw_v = Path(tmp) / "slices.parquet", Path(tmp) / "volumes.parquet"
+        summary = write_embeddings(store.index, read, encode_and_count, model.embedding_dim, raw_s, raw_v, metadata,
+                                   batch_images=per_batch)
+        if moments.n < 2:
+            raise ValueError(f"train_zscore: {moments.n} train slices in the index; need at least 2")
+        std = moments.std
+        constant = std < 1e-12
+        std = np.where(constant, 1.0, std)  # a dimension constant on train (collapsed latent) is only centred
+        normalisation = {"method": "zscore", "fit_on": "train split, all embedded slices", "n": int(moments.n),
+                         "mean": moments.mean.tolist(), "std": std.tolist(), "constant_dims": int(constant.sum())}
+        _standardise_file(raw_s, slices_path, SLICE_KEYS, moments.mean, std, normalisation)
+        _standardise_file(raw_v, volumes_path, VOLUME_KEYS, moments.mean, std, normalisation)
+    return {**summary, "weights": info["weights"], "normalisation": "train_zscore", "n_train_slices": moments.n}

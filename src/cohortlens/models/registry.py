@@ -1,0 +1,153 @@
+"""Autoencoder models by name: presets, config resolution, construction and loading of model.pt.
+
+Model modules are imported lazily, so a missing or broken optional model (the DAE while it is being written)
+does not break the others.
+
+Config entries (`models.<name>` in the workflow config) are flat dicts: trainer keys (see
+`training.TrainSettings`) next to model keys (see the model's `from_config`). `preset: <name>` starts from one of
+`PRESETS[model]` below; any key given next to it overrides the preset.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from cohortlens.models.training import AutoencoderModel
+
+# registry key -> "module:Class"
+MODELS = {
+    "vae": "cohortlens.models.vae:BetaVAE",
+    "dae": "cohortlens.models.dae:DiffusionAutoencoder",
+}
+
+# Poster 001 (Hunecke, Graf, Rückert): per dataset learning rate, Hessian-penalty weight, batch, latent, 256 px.
+# Steps, channels, checkpoint cadence and EMA decay are not in the poster: chosen here.
+_VAE_256 = {"crop": 256, "latent_dim": 128, "channels": [32, 64, 128, 256, 256], "subunits": 2, "beta": 1.0,
+            "recon_loss": "mse", "hessian_samples": 2, "hessian_epsilon": 0.1, "train_slices": "all",
+            "steps": 50_000, "checkpoint_every": 1_000, "log_every": 50, "warmup_steps": 500}
+_DAE_256 = {"crop": 256, "latent_dim": 512, "train_slices": "all", "ema_decay": 0.9999, "checkpoint_every": 2_000,
+            "log_every": 100, "normalise": "train_zscore"}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "vae": {
+        # NAKO / GNC (paper 003's spine MRI)
+        "nako": {**_VAE_256, "lr": 5e-3, "hessian_weight": 5e-6, "batch_size": 64},
+        "chexpert": {**_VAE_256, "lr": 2.5e-3, "hessian_weight": 5e-7, "batch_size": 128},
+        # the 64 px demo cohort on 2 CPU cores in about a minute
+        "demo": {"crop": 64, "latent_dim": 128, "channels": [16, 32, 64], "subunits": 1, "beta": 1.0,
+                 "recon_loss": "mse", "hessian_weight": 5e-6, "hessian_samples": 2, "hessian_epsilon": 0.1,
+                 "hessian_batch": 8, "lr": 2e-3, "batch_size": 32, "steps": 300, "train_slices": "all", "checkpoint_every": 100,
+                 "log_every": 10, "warmup_steps": 20},
+    },
+    "dae": {
+        "nako": {**_DAE_256, "lr": 1e-3, "batch_size": 5, "steps": 400_000},
+        "chexpert": {**_DAE_256, "lr": 5e-4, "batch_size": 64, "steps": 200_000},
+        # architecture: models/dae.py's DEMO_TINY_CONFIG (64 px, 64-d z_sem), picked by the adapter below
+        "demo": {"crop": 64, "lr": 1e-3, "batch_size": 16, "steps": 300, "train_slices": "all",
+                 "ema_decay": 0.999, "checkpoint_every": 100, "log_every": 10, "normalise": "train_zscore"},
+    },
+}
+
+
+def resolve_config(name: str, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The preset named by cfg['preset'] (if any) overridden by every other key of cfg."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    cfg = dict(cfg or {})
+    preset = cfg.get("preset")
+    if preset is None:
+        return cfg
+    if preset not in PRESETS.get(name, {}):
+        raise KeyError(f"{name}: unknown preset {preset!r}; available: {sorted(PRESETS.get(name, {}))}")
+    return {**PRESETS[name][preset], **cfg}
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The model's class; ImportError when its module is missing (e.g. the DAE not installed yet)."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    module_name, class_name = MODELS[name].split(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if cls is None:  # accept any nn.Module in the module that declares this registry name
+        found = [c for c in vars(module).values()
+                 if inspect.isclass(c) and issubclass(c, nn.Module) and getattr(c, "name", None) == name]
+        if len(found) != 1:
+            raise ImportError(f"{module_name} defines no {class_name} (nor one nn.Module with name = {name!r})")
+        cls = found[0]
+    return cls
+
+
+def available_models() -> dict[str, str | None]:
+    """name -> None when importable, else the reason it is not."""
+    out = {}
+    for name in MODELS:
+        try:
+            model_class(name)
+            out[name] = None
+        except ImportError as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _dae_from_config(cls, cfg: Mapping[str, Any]) -> nn.Module:
+    """Adapter for `models/dae.py`, whose constructor takes its own config dict (keys of its DEFAULT_CONFIG,
+    unknown keys rejected): pass it the keys it knows, starting from its CPU-sized DEMO_TINY_CONFIG for the
+    demo preset; the trainer's `crop` is its `image_size` and `latent_dim` its `z_dim`."""
+    module = importlib.import_module(cls.__module__)
+    known = getattr(module, "DEFAULT_CONFIG")
+    base = getattr(module, "DEMO_TINY_CONFIG", known) if cfg.get("preset") == "demo" else {}
+    model_cfg = {**{k: v for k, v in base.items() if k in known}, **{k: v for k, v in cfg.items() if k in known}}
+    if "crop" in cfg:
+        if "image_size" in cfg and int(cfg["image_size"]) != int(cfg["crop"]):
+            raise ValueError(f"dae: image_size {cfg['image_size']} differs from the training crop {cfg['crop']}")
+        model_cfg["image_size"] = int(cfg["crop"])
+    if "latent_dim" in cfg:
+        model_cfg["z_dim"] = int(cfg["latent_dim"])
+    return cls(model_cfg)
+
+
+# models whose class has no `from_config` classmethod
+_ADAPTERS = {"dae": _dae_from_config}
+
+
+def build_model(name: str, cfg: Mapping[str, Any] | None = None) -> AutoencoderModel:
+    """A freshly initialised model (torch's global RNG decides the initial weights: seed it first).
+
+    The class's `from_config(cfg)` gets the resolved flat config when it has one; otherwise an adapter
+    of this module translates.
+    """
+    cfg = resolve_config(name, cfg)
+    cls = model_class(name)
+    if hasattr(cls, "from_config"):
+        model = cls.from_config(cfg)
+    elif name in _ADAPTERS:
+        model = _ADAPTERS[name](cls, cfg)
+    else:
+        params = inspect.signature(cls).parameters
+        model = cls(**{k: v for k, v in cfg.items() if k in params})
+    for attr in ("name", "embedding_dim", "training_loss", "embed"):
+        if not hasattr(model, attr):
+            raise TypeError(f"{cls.__name__} does not implement the AutoencoderModel protocol: no {attr!r}")
+    return model
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", *, use_ema: bool = True
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from model.pt (EMA weights when present and use_ema), in eval mode.
+
+    Returns (model, info) with info = model.pt's metadata plus `weights`: "ema" | "raw".
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(state["model"], state["config"])
+    weights = "ema" if use_ema and "ema_state_dict" in state else "raw"
+    model.load_state_dict(state["ema_state_dict" if weights == "ema" else "state_dict"])
+    model.to(device).eval()
+    info = {k: v for k, v in state.items() if k not in ("state_dict", "ema_state_dict")}
+    info["weights"] = weights
+    return model, info
