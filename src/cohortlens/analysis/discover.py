@@ -1,0 +1,148 @@
+"""The discover stage: from embeddings and the cohort tables to a table of findings about bias and data quality.
+
+`discover(...)` runs, per region of one model's volume embeddings,
+
+* attribute_leak — ridge probe + permutation test per attribute, site×date within each site
+  (`discover_leaks`; ours, on sklearn's RidgeCV);
+* cluster — HDBSCAN density clusters and kNN neighbourhood pockets, Fisher / permutation enrichment,
+  site×date onset (`discover_clusters`; ours, on sklearn's HDBSCAN and scipy.stats);
+* discordant_subgroup — kNN majority in the attribute's discriminant subspace per region, and co-occurrence
+  across regions (`discover_subgroups`; ours, on sklearn's LDA + kNN and scipy.stats);
+* label_issue — recorded label vs out-of-fold probe probabilities (cleanlab Datalab's confident learning);
+* outlier, near_duplicate — kNN distances in the reduced embedding (cleanlab Datalab);
+* non_iid — the kNN graph vs the acquisition-date order (cleanlab Datalab, its p-value);
+
+then corrects p-values by Benjamini-Hochberg over every test of a kind (`discover_core.adjust`), keeps the
+significant ones (and every cleanlab flag) as findings, draws one explanation PNG per finding with a sample
+set (`explain`) and writes `findings/{model}.parquet`. `ground_truth_recall` (in `discover_truth`) matches the
+findings against a demo cohort's planted effects.
+
+The negative-control rule for dates is the same in every detector: a finding named `date` is a date effect
+that no single site carries; one that disappears when one site is left out, and shows within that site alone,
+is named `site×date` with that site as value (an interaction, such as the demo's Neubrandenburg flat neck from
+study year 2 on). Rationale in `discover_truth` and `discover_core.confine_to_stratum`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import polars as pl
+from threadpoolctl import threadpool_limits
+
+from cohortlens.analysis._data import load_analysis_table
+from cohortlens.analysis.discover_core import (
+    FINDINGS_SCHEMA,
+    KINDS,
+    Finding,
+    RegionData,
+    adjust,
+    assign_ids,
+    findings_table,
+    reduce_embedding,
+    settings,
+)
+from cohortlens.analysis.discover_truth import ground_truth_recall  # noqa: F401  (public here)
+from cohortlens.io.tables import write_parquet
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike
+
+__all__ = ["discover", "ground_truth_recall", "load_regions", "run_tests", "FINDINGS_SCHEMA", "KINDS"]
+
+
+def load_regions(volumes_parquet: PathLike, subjects_parquet: PathLike, images_parquet: PathLike | None = None,
+                 splits_parquet: PathLike | None = None, attributes: Mapping | None = None,
+                 cfg: Mapping | None = None) -> tuple[list[RegionData], str]:
+    """One `RegionData` per region (sorted), each with its own standardised PCA space; and the model name."""
+    cfg = settings(cfg)
+    table = load_analysis_table(volumes_parquet, subjects_parquet, splits_parquet, images_parquet,
+                                attributes=attributes)
+    regions = []
+    rng = np.random.default_rng(cfg["seed"])
+    for region in sorted(table.frame["region"].unique().to_list()):
+        mask = (table.frame["region"] == region).to_numpy()
+        if mask.sum() > cfg["max_region_images"]:
+            mask = _subject_sample(table.frame, mask, cfg["max_region_images"], rng)
+            log.warning("discover %s: %d images, analysing a random sample of %d subjects' images",
+                        region, int((table.frame["region"] == region).sum()), int(mask.sum()))
+        frame = table.frame.filter(pl.Series(mask))
+        Z = reduce_embedding(table.X[mask], cfg["probe_dims"], cfg["seed"])
+        regions.append(RegionData(region, frame, Z, table.specs, min(cfg["cluster_dims"], Z.shape[1]),
+                                  X=table.X[mask], model=table.model))
+    return regions, table.model or Path(volumes_parquet).parent.name
+
+
+def _subject_sample(frame: pl.DataFrame, mask: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """Whole subjects, in random order, until `cap` images: keeps a subject's images together."""
+    subjects = np.asarray(frame["subject_id"].to_list(), dtype=object)
+    uniq, counts = np.unique(subjects[mask].astype(str), return_counts=True)
+    order = rng.permutation(len(uniq))
+    keep = uniq[order][np.cumsum(counts[order]) <= cap]
+    return mask & np.isin(subjects.astype(str), keep)
+
+
+def run_tests(regions: list[RegionData], cfg: Mapping | None = None) -> list[Finding]:
+    """Every test of every detector, p-values corrected, ids assigned (significant or not)."""
+    cfg = settings(cfg)
+    with threadpool_limits(limits=cfg["blas_threads"]):
+        tests = _run_detectors(regions, cfg)
+    adjust(tests)
+    assign_ids(tests)
+    return tests
+
+
+def _run_detectors(regions: list[RegionData], cfg: dict) -> list[Finding]:
+    from cohortlens.analysis import discover_clusters, discover_leaks, discover_quality, discover_subgroups
+
+    rng = np.random.default_rng(cfg["seed"])
+    tests: list[Finding] = []
+    for rd in regions:
+        for name, detector in (("leaks", discover_leaks.attribute_leaks),
+                               ("clusters", discover_clusters.clusters),
+                               ("quality", discover_quality.data_quality)):
+            t0 = time.perf_counter()
+            tests += detector(rd, cfg, rng)
+            log.info("discover %s %s: %.1fs", rd.region, name, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    tests += discover_subgroups.discordant_subgroups(regions, cfg, rng)
+    log.info("discover discordant subgroups: %.1fs", time.perf_counter() - t0)
+    return tests
+
+
+def discover(volumes_parquet: PathLike, subjects_parquet: PathLike, images_parquet: PathLike | None,
+             splits_parquet: PathLike | None, attributes: Mapping | None, cfg: Mapping | None,
+             out_findings: PathLike, out_dir_png: PathLike | None, index_parquet: PathLike | None = None,
+             out_tests: PathLike | None = None) -> pl.DataFrame:
+    """Run every detector on one model's volume embeddings and write the significant findings.
+
+    `attributes` is the config `attributes:` mapping (None: the declarations stored in subjects.parquet);
+    `cfg` the config `discover:` mapping (keys and defaults: `discover_core.DEFAULTS`). With `index_parquet`
+    (results/preprocessed/index.parquet, shards beside it) and `out_dir_png`, each finding with a sample set
+    gets an explanation PNG in `out_dir_png` listed in its `evidence`. `out_tests`, if given, receives every
+    test (significant or not) in the same schema: the report shows from it what was checked and not found.
+    The split is not used: every detector cross-fits over all subjects.
+    """
+    cfg = settings(cfg)
+    regions, model = load_regions(volumes_parquet, subjects_parquet, images_parquet, splits_parquet,
+                                  attributes, cfg)
+    tests = run_tests(regions, cfg)
+    findings = [f for f in tests if f.is_finding(cfg["alpha"])]
+    if out_dir_png is not None:
+        Path(out_dir_png).mkdir(parents=True, exist_ok=True)  # a Snakemake directory() output, even if empty
+    if index_parquet is not None and out_dir_png is not None:
+        from cohortlens.analysis.explain import explain_findings
+
+        explain_findings(findings, index_parquet, out_dir_png, cfg)
+    meta = {"model": model, "alpha": cfg["alpha"], "settings": cfg, "n_tests": len(tests),
+            "regions": [r.region for r in regions]}
+    table = findings_table(findings)
+    write_parquet(table, out_findings, metadata=meta)
+    if out_tests is not None:
+        write_parquet(findings_table(tests, cfg["alpha"]), out_tests, metadata=meta)
+    return pl.from_arrow(table)

@@ -1,0 +1,391 @@
+"""Clusters: groups of images that sit together in embedding space and over-represent an attribute value.
+
+Two detectors share one space (standardised embedding, leading `cluster_dims` PCA components, per region):
+
+* **Density clusters** (sklearn HDBSCAN, min_cluster_size a fraction of n, noise excluded). Every cluster
+  is tested for enrichment of every categorical attribute value and every year of a date: one-sided Fisher
+  exact test, effect = enrichment ratio (share in the cluster / share in the region). The clustering never
+  sees the attributes, so the test is valid as it stands.
+* **Neighbourhood pockets**, for acquisition attributes (site, year of acquisition). A shifted
+  subpopulation that overlaps the rest (the demo's flat Neubrandenburg necks move the back contour by about
+  one standard deviation of its natural variation) is no density mode, so HDBSCAN cannot delineate it; but
+  the neighbourhoods of its members over-represent the site. As in Milo's differential-abundance test on a
+  kNN graph (Dann et al., Nat Biotechnol 2022): every image's k nearest neighbours form a neighbourhood;
+  neighbourhoods whose count of a value exceeds the base rate (binomial tail, BH at `neighbourhood_q`)
+  are joined into pockets along the kNN graph; a pocket's p-value is a permutation test of the largest
+  pocket over all values of the attribute (labels permuted, graph fixed), so it is corrected for the search
+  over values and neighbourhoods.
+
+Both report kind `cluster`. For every cluster or pocket that over-represents a site, the dates of that site's
+images inside vs outside it are compared (Mann-Whitney U, effect = rank-biserial correlation) and the onset
+is estimated as the date that best separates them: that is the site×date interaction finding
+("Neubrandenburg images in this pocket were all acquired from 2015-06-01 on").
+
+Negative control for dates: a year enrichment is reported as `date` only if it survives leaving out the
+site that carries it most (`confine_to_stratum`); otherwise it is named `site×date` with that site as value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.stats import binom, fisher_exact, mannwhitneyu
+from sklearn.cluster import HDBSCAN
+from sklearn.neighbors import NearestNeighbors
+
+from cohortlens.analysis._data import present
+from cohortlens.analysis.discover_core import (
+    Finding,
+    RegionData,
+    categorical_view,
+    confine_to_stratum,
+    date_str,
+    interaction_name,
+    pct,
+    value_counts,
+)
+from cohortlens.analysis.discover_leaks import permutation_index
+
+
+def clusters(rd: RegionData, cfg: dict, rng: np.random.Generator) -> list[Finding]:
+    out: list[Finding] = []
+    labels = density_labels(rd.Zc, cfg)
+    stability = cluster_stability(rd.Zc, labels, cfg, rng)
+    for k in sorted(set(labels.tolist()) - {-1}):
+        if stability[k] < cfg["min_stability"]:
+            continue
+        members = labels == k
+        name = f"density cluster {k}"
+        meta = {"tag": f"cluster{k}", "method": "hdbscan", "cluster": int(k), "dims": int(rd.Zc.shape[1]),
+                "min_cluster_size": min_cluster_size(rd.n, cfg), "stability": round(stability[k], 3)}
+        out += enrichment_tests(rd, members, name, meta, cfg)
+        out += interaction_tests(rd, members, name, meta, cfg)
+    for pocket in neighbourhood_pockets(rd, cfg, rng):
+        out.append(pocket["finding"])
+        out += interaction_tests(rd, pocket["members"], pocket["name"], pocket["meta"], cfg,
+                                 only_site=pocket["site"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# density clusters
+
+
+def min_cluster_size(n: int, cfg: dict) -> int:
+    return int(max(cfg["min_cluster_size"], round(cfg["min_cluster_fraction"] * n)))
+
+
+def density_labels(Zc: np.ndarray, cfg: dict) -> np.ndarray:
+    n = len(Zc)
+    if n < 2 * cfg["min_cluster_size"]:
+        return np.full(n, -1)
+    mcs = min_cluster_size(n, cfg)
+    return HDBSCAN(min_cluster_size=mcs, min_samples=min(cfg["min_samples"], mcs), copy=True).fit_predict(Zc)
+
+
+def cluster_stability(Zc: np.ndarray, labels: np.ndarray, cfg: dict, rng: np.random.Generator) -> dict[int, float]:
+    """Mean best Jaccard of each cluster with the clusters of HDBSCAN reruns on 80% subsamples.
+
+    Hennig's clusterboot criterion: a density cluster that dissolves when a fifth of the images is left out
+    is noise of the estimator, and testing its attribute composition only adds false findings.
+    """
+    ks = sorted(set(labels.tolist()) - {-1})
+    if not ks:
+        return {}
+    n = len(Zc)
+    scores = {k: [] for k in ks}
+    for _ in range(cfg["stability_runs"]):
+        sub = np.sort(rng.choice(n, int(0.8 * n), replace=False))
+        sub_labels = density_labels(Zc[sub], cfg)
+        for k in ks:
+            a = labels[sub] == k
+            best = 0.0
+            for k2 in set(sub_labels.tolist()) - {-1}:
+                b = sub_labels == k2
+                best = max(best, (a & b).sum() / max((a | b).sum(), 1))
+            scores[k].append(best)
+    return {k: float(np.mean(v)) if v else 1.0 for k, v in scores.items()}
+
+
+def _categorical_attributes(rd: RegionData, roles=("protected", "acquisition")) -> list[str]:
+    return rd.attributes(roles=roles, types=("categorical", "date"))
+
+
+def enrichment_tests(rd: RegionData, members: np.ndarray, name: str, meta: dict, cfg: dict) -> list[Finding]:
+    """One-sided Fisher test of every value of every categorical view (category, year of a date)."""
+    out = []
+    strata = rd.strata()
+    for attribute in _categorical_attributes(rd):
+        view = categorical_view(rd, attribute)
+        ok = present(view)
+        if len(np.unique(view[ok].astype(str))) > cfg["max_date_categories"] and rd.specs[attribute].type == "date":
+            continue
+        for value, count in value_counts(view).items():
+            if count < cfg["min_value_count"]:
+                continue
+            is_v = np.array([str(x) == value for x in view]) & ok
+            f = _fisher_finding(rd, members & ok, is_v, ok, attribute, value, name, meta, cfg)
+            if rd.specs[attribute].type == "date" and strata is not None and f.p_value <= cfg["alpha"]:
+                _confine_date(rd, f, members, is_v, ok, strata, cfg)
+            out.append(f)
+    return out
+
+
+def _table(members, is_v, ok):
+    a = int((members & is_v).sum())
+    b = int((members & ok & ~is_v).sum())
+    c = int((~members & is_v).sum())
+    d = int((~members & ok & ~is_v).sum())
+    return a, b, c, d
+
+
+def _fisher_p(members, is_v, ok) -> float:
+    a, b, c, d = _table(members, is_v, ok)
+    if a + b == 0 or c + d == 0:
+        return 1.0
+    return float(fisher_exact([[a, b], [c, d]], alternative="greater").pvalue)
+
+
+def _fisher_finding(rd, members, is_v, ok, attribute, value, name, meta, cfg) -> Finding:
+    a, b, c, d = _table(members, is_v, ok)
+    size = a + b
+    share = a / max(size, 1)
+    base = (a + c) / max(a + b + c + d, 1)
+    ratio = share / base if base > 0 else float("nan")
+    p = _fisher_p(members, is_v, ok)
+    shown = f"{attribute} {value}" if rd.specs[attribute].type != "date" else f"{attribute} in {value}"
+    summary = (f"{name} (n={size}, {rd.region}) is {pct(share)} {shown} vs {pct(base)} overall "
+               f"(enrichment {ratio:.1f}×, one-sided Fisher exact test)")
+    details = dict(meta, share=share, base_rate=base, count=a, size=size, test="fisher_exact")
+    f = Finding("cluster", rd.region, attribute, value, ratio, "enrichment_ratio", p, size,
+                rd.image_uids[members].tolist(), summary, details, tag=meta.get("tag", ""))
+    f.reportable = bool(ratio >= cfg["min_enrichment"])
+    return f
+
+
+def _confine_date(rd, f: Finding, members, is_v, ok, strata, cfg) -> None:
+    def fisher(keep):
+        return _fisher_p(members & keep, is_v & keep, ok & keep)
+
+    site, p_without = confine_to_stratum(fisher, strata, cfg["alpha"], test_within=fisher)
+    f.details["p_without_site"] = p_without
+    if site is not None:
+        f.details["year"] = f.value
+        f.attribute = interaction_name(rd.strata_name, f.attribute)
+        f.value = site
+        f.summary += (f"; carried by site {site} alone (without it p = {p_without[site]:.2g}): a site×date "
+                      f"interaction, not a date effect")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# site x date within a cluster or pocket
+
+
+def onset(inside: np.ndarray, outside: np.ndarray) -> tuple[float, str, float]:
+    """The date that best separates inside from outside dates (max |share after t inside - outside|).
+
+    Returns (date in days, 'from' if inside is later else 'before', the separation)."""
+    cand = np.unique(np.concatenate([inside, outside]))
+    if len(cand) < 2:
+        return float(cand[0]), "from", 0.0
+    thr = np.concatenate([[cand[0]], (cand[:-1] + cand[1:]) / 2 + 0.5])  # first day after each midpoint
+    after_in = (inside[None, :] >= thr[:, None]).mean(1)
+    after_out = (outside[None, :] >= thr[:, None]).mean(1)
+    j = after_in - after_out
+    best = int(np.argmax(np.abs(j)))
+    return float(np.floor(thr[best])), ("from" if j[best] >= 0 else "before"), float(abs(j[best]))
+
+
+def interaction_tests(rd: RegionData, members: np.ndarray, name: str, meta: dict, cfg: dict,
+                      only_site: str | None = None) -> list[Finding]:
+    out = []
+    sites = rd.attributes(roles=("acquisition",), types=("categorical",))
+    dates = rd.attributes(types=("date",))
+    if not sites or not dates:
+        return out
+    strata = rd.strata()
+    for date_attr in dates:
+        days = rd.values(date_attr)
+        for site, count in value_counts(strata).items():
+            if only_site is not None and site != only_site:
+                continue
+            in_site = (strata == site) & np.isfinite(days)
+            inside, outside = days[in_site & members], days[in_site & ~members]
+            if min(len(inside), len(outside)) < cfg["interaction_min"]:
+                continue
+            share_in = (members & (strata == site)).sum() / max(members.sum(), 1)
+            base = count / rd.n
+            if only_site is None and share_in < cfg["min_enrichment"] * base:
+                continue
+            test = mannwhitneyu(inside, outside, alternative="two-sided")
+            rbc = 2.0 * test.statistic / (len(inside) * len(outside)) - 1.0
+            t, direction, sep = onset(inside, outside)
+            frac_in = float(np.mean(inside >= t) if direction == "from" else np.mean(inside < t))
+            frac_out = float(np.mean(outside >= t) if direction == "from" else np.mean(outside < t))
+            value = f"{site}, {direction} {date_str(t)}"
+            summary = (f"{rd.strata_name} {site} images in {name} ({rd.region}) were acquired {direction} "
+                       f"{date_str(t)}: {pct(frac_in)} of the {len(inside)} inside vs {pct(frac_out)} of the "
+                       f"{len(outside)} outside (rank-biserial {rbc:+.2f}, Mann-Whitney U) — a site×date interaction")
+            details = dict(meta, site=site, onset=date_str(t), direction=direction, separation=sep,
+                           share_inside=frac_in, share_outside=frac_out, n_inside=len(inside),
+                           n_outside=len(outside), test="mann_whitney_u", group=name)
+            ids = rd.image_uids[in_site & members]
+            out.append(Finding("cluster", rd.region, interaction_name(rd.strata_name, date_attr), value, rbc,
+                               "rank_biserial", float(test.pvalue), len(inside) + len(outside), ids.tolist(),
+                               summary, details, tag=meta.get("tag", "")))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# neighbourhood pockets
+
+
+def neighbourhood_k(n: int, cfg: dict) -> int:
+    return int(min(n - 1, max(cfg["neighbourhood_k"], round(np.sqrt(n) / 2))))
+
+
+def knn(Zc: np.ndarray, k: int) -> np.ndarray:
+    """Indices of each point's k nearest neighbours, itself excluded."""
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(Zc).kneighbors(Zc)
+    return idx[:, 1:]
+
+
+def bh_rows(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values of every row of a (rows, tests) array."""
+    m = p.shape[1]
+    order = np.argsort(p, axis=1)
+    ranked = np.take_along_axis(p, order, 1) * m / np.arange(1, m + 1)
+    ranked = np.minimum.accumulate(ranked[:, ::-1], axis=1)[:, ::-1]
+    out = np.empty_like(ranked)
+    np.put_along_axis(out, order, np.minimum(ranked, 1.0), 1)
+    return out
+
+
+def enriched_neighbourhoods(is_v: np.ndarray, ok: np.ndarray, nbrs: np.ndarray, q: float) -> np.ndarray:
+    """(rows, n) mask of neighbourhoods over-representing the value, for one or many label vectors."""
+    is_v, ok = np.atleast_2d(is_v), np.atleast_2d(ok)
+    counts = is_v[:, nbrs].sum(2)
+    valid = np.maximum(ok[:, nbrs].sum(2), 1)
+    base = is_v.sum(1) / np.maximum(ok.sum(1), 1)
+    p = binom.sf(counts - 1, valid, base[:, None])
+    return bh_rows(p) <= q
+
+
+def pockets_of(sig: np.ndarray, nbrs: np.ndarray, min_pocket: int) -> list[np.ndarray]:
+    """Enriched neighbourhoods joined along the kNN graph: centre indices of each pocket."""
+    if sig.sum() < min_pocket:
+        return []
+    centres = np.flatnonzero(sig)
+    pos = -np.ones(len(sig), dtype=np.int64)
+    pos[centres] = np.arange(len(centres))
+    rows = np.repeat(np.arange(len(centres)), nbrs.shape[1])
+    cols = pos[nbrs[centres].ravel()]
+    keep = cols >= 0
+    graph = coo_matrix((np.ones(keep.sum()), (rows[keep], cols[keep])), shape=(len(centres),) * 2)
+    n_comp, comp = connected_components(graph, directed=False)
+    groups = [centres[comp == c] for c in range(n_comp)]
+    return [g for g in groups if len(g) >= min_pocket]
+
+
+def _largest_pocket_null(codes, ok, values, perm, nbrs, cfg) -> np.ndarray:
+    """Size of the largest pocket over all values, for every permuted label vector."""
+    null = np.zeros(len(perm))
+    batch = max(1, int(2e7 // (nbrs.size + 1)))  # bounds the (batch, n, k) neighbour-count arrays
+    for start in range(0, len(perm), batch):
+        idx = perm[start : start + batch]
+        pv, pok = codes[idx], ok[idx]
+        for v in values:
+            sig = enriched_neighbourhoods((pv == v) & pok, pok, nbrs, cfg["neighbourhood_q"])
+            for j in np.flatnonzero(sig.sum(1) >= cfg["min_pocket"]):
+                sizes = [len(g) for g in pockets_of(sig[j], nbrs, cfg["min_pocket"])]
+                null[start + j] = max([null[start + j], *sizes])
+    return null
+
+
+def neighbourhood_pockets(rd: RegionData, cfg: dict, rng: np.random.Generator) -> list[dict]:
+    """Pockets for every acquisition attribute value, each with a permutation p-value, step-down over values.
+
+    A strongly structured value (Essen's shifted necks) leaves the rest of the space with more of every other
+    value than the base rate; testing Mannheim against a null in which Essen is unstructured would call that
+    complement a Mannheim pocket. So values are tested in rounds: the value with the largest pocket is taken
+    first (p from the round's null of the largest pocket over the values still in play); if significant, its
+    images leave the reference set (they count neither as hits nor in the base rate) and the next round tests
+    the remaining values against the remaining images, with labels permuted among them only.
+    """
+    if rd.n < 3 * cfg["neighbourhood_k"]:
+        return []
+    k = neighbourhood_k(rd.n, cfg)
+    nbrs = knn(rd.Zc, k)
+    strata = rd.strata()
+    out = []
+    for attribute in _categorical_attributes(rd, roles=("acquisition",)):
+        view = categorical_view(rd, attribute)
+        codes = np.array([str(x) for x in view], dtype=object)
+        remaining = present(view)
+        counts = value_counts(view)
+        values = [v for v, c in counts.items() if c >= cfg["min_value_count"] and c <= 0.5 * remaining.sum()]
+        is_date = rd.specs[attribute].type == "date"
+        set_aside: list[str] = []
+        while values:
+            found = {v: pockets_of(enriched_neighbourhoods((codes == v) & remaining, remaining, nbrs,
+                                                           cfg["neighbourhood_q"])[0], nbrs, cfg["min_pocket"])
+                     for v in values}
+            found = {v: g for v, g in found.items() if g}
+            if not found:
+                break
+            # Null of the largest pocket over the values in play: labels permuted among the remaining images
+            # (dates within site), the graph fixed.
+            rem = np.flatnonzero(remaining)
+            local = permutation_index(len(rem), cfg["pocket_permutations"], rng,
+                                      strata[rem] if (is_date and strata is not None) else None)
+            perm = np.tile(np.arange(rd.n), (len(local), 1))
+            perm[:, rem] = rem[local]
+            null = _largest_pocket_null(codes, remaining, values, perm, nbrs, cfg)
+            stat = {v: max(len(g) for g in groups) for v, groups in found.items()}
+            best = max(stat, key=stat.get)
+            final = p_of(stat[best], null) > cfg["alpha"]
+            # In the last round every value's pockets are recorded (none significant); before it only the
+            # best value's, the others are tested again against the reference set without it.
+            for v in (found if final else [best]):
+                for centres in found[v]:
+                    out.append(_pocket_finding(rd, attribute, v, centres, nbrs, (codes == v) & remaining, remaining,
+                                               null, k, strata, list(set_aside), cfg))
+            if final:
+                break
+            remaining &= codes != best
+            set_aside.append(best)
+            values = [v for v in values if v != best]
+    return out
+
+
+def p_of(stat: float, null: np.ndarray) -> float:
+    return float((1 + np.sum(null >= stat)) / (1 + len(null)))
+
+
+def _pocket_finding(rd, attribute, value, centres, nbrs, is_v, ok, null, k, strata, set_aside, cfg) -> dict:
+    members = np.zeros(rd.n, dtype=bool)
+    members[centres] = True
+    members[nbrs[centres].ravel()] = True
+    size = int(members.sum())
+    share = (members & is_v).sum() / max((members & ok).sum(), 1)
+    base = is_v.sum() / max(ok.sum(), 1)
+    ratio = share / base
+    p = p_of(len(centres), null)
+    name = f"neighbourhood pocket of {attribute} {value}"
+    shown = f"{attribute} {value}" if rd.specs[attribute].type != "date" else f"{attribute} in {value}"
+    reference = "overall" if not set_aside else f"of the images outside {attribute} {', '.join(set_aside)}"
+    summary = (f"neighbourhood pocket (n={size}, {rd.region}) is {pct(share)} {shown} vs {pct(base)} {reference} "
+               f"(enrichment {ratio:.1f}×): {len(centres)} neighbourhoods of {k} images over-represent it "
+               f"(permutation test of the largest pocket)")
+    meta = {"tag": "pocket", "method": "knn_pocket", "k": k, "neighbourhoods": int(len(centres)),
+            "dims": int(rd.Zc.shape[1]), "set_aside": set_aside}
+    details = dict(meta, share=float(share), base_rate=float(base), size=size, test="permutation_max_pocket",
+                   permutations=len(null))
+    f = Finding("cluster", rd.region, attribute, value, ratio, "enrichment_ratio", p, size,
+                rd.image_uids[members].tolist(), summary, details, tag="pocket")
+    f.reportable = bool(ratio >= cfg["min_enrichment"])
+    site = value if attribute == rd.strata_name else None
+    if rd.specs[attribute].type == "date" and strata is not None and p <= cfg["alpha"]:
+        _confine_date(rd, f, members, is_v, ok, strata, cfg)
+    return {"finding": f, "members": members, "name": name, "meta": meta, "site": site}

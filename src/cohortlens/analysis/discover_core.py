@@ -1,0 +1,349 @@
+"""Shared pieces of the discover stage: the finding record and file schema, per-region data in a reduced
+embedding space, multiple-testing correction and the date helpers every detector needs.
+
+Every detector module (`discover_leaks`, `discover_clusters`, `discover_subgroups`, `discover_quality`)
+returns a list of `Finding`s for *all* tests it ran, significant or not; `discover.discover` corrects them
+per kind (Benjamini-Hochberg over every test of that kind, so the correction counts the tests that were not
+significant too) and keeps the significant ones as findings.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from scipy.stats import false_discovery_control
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import StandardScaler
+
+from cohortlens.analysis._data import AttributeSpec, attribute_values, present
+
+KINDS = ("attribute_leak", "cluster", "discordant_subgroup", "label_issue", "outlier", "near_duplicate", "non_iid")
+# A site x date finding is named like this, so that "date" alone always means a date effect that is not
+# explained by one site (the negative-control rule, see discover_clusters.confine_date_effect).
+INTERACTION_SEP = "×"
+ALL_REGIONS = "all"
+
+FINDINGS_SCHEMA = pa.schema([
+    ("finding_id", pa.string()),
+    ("kind", pa.string()),
+    ("region", pa.string()),
+    ("attribute", pa.string()),
+    ("value", pa.string()),
+    ("effect_size", pa.float64()),
+    ("effect_measure", pa.string()),
+    ("p_value", pa.float64()),
+    ("p_adjusted", pa.float64()),
+    ("n", pa.int64()),
+    ("sample_ids", pa.list_(pa.string())),
+    ("description", pa.string()),
+    ("evidence", pa.list_(pa.string())),
+    ("details", pa.string()),  # JSON: the numbers behind the description (proportions, onset, parameters)
+])
+
+DEFAULTS: dict = {
+    "alpha": 0.05,  # FDR level of a finding
+    "seed": 0,
+    # BLAS threads: the matrices here are small (n x 64), and two OpenBLAS threads on a shared 2-core
+    # machine made the ridge probes 3x slower than one.
+    "blas_threads": 1,
+    # Above this many images a region is analysed on a random sample of whole subjects (kernel-free, but the
+    # permutation tests hold n x (permutations + 1) predictions in memory).
+    "max_region_images": 20000,
+    "probe_dims": 64,  # PCA dims of the standardised embedding for probes and the discordant subgroup
+    "cluster_dims": 20,  # leading PCA dims for density clusters, neighbourhoods and cleanlab features
+    "folds": 5,
+    "permutations": 199,  # permutation tests of leaks
+    "pocket_permutations": 999,  # permutation test of neighbourhood pockets (cheap: the kNN graph is fixed)
+    "min_cluster_fraction": 0.03,  # HDBSCAN min_cluster_size = max(min_cluster_size, fraction * n)
+    "min_cluster_size": 10,
+    "min_samples": 5,
+    "stability_runs": 20,  # HDBSCAN reruns on 80% subsamples; a cluster is tested only if it recurs
+    "min_stability": 0.6,  # mean best Jaccard over the reruns (Hennig's clusterboot: < 0.5 = dissolved)
+    "neighbourhood_k": 15,  # neighbours of one neighbourhood (pockets); grows as sqrt(n) on large regions
+    "neighbourhood_q": 0.05,  # per-neighbourhood BH level that makes a neighbourhood part of a pocket
+    "min_pocket": 3,  # neighbourhoods a pocket needs
+    "min_enrichment": 1.5,  # a cluster is reported for a value only above this ratio to the base rate
+    "min_value_count": 10,  # values rarer than this in a region are not tested
+    "interaction_min": 5,  # members of a site inside and outside a cluster for the site x date test
+    "interaction_min_site": 30,  # images of one site for the within-site date leak
+    "discordant_k": 15,
+    "discordant_folds": 10,
+    "max_date_categories": 12,  # year bins of a date attribute tested for enrichment
+    "explain_max_images": 1000,  # per side (set / rest) of a mean image, like paper 003's 1000 images
+    "edge_threshold": 0.15,  # body = above this fraction of the [-1, 1] intensity range
+}
+
+
+def settings(cfg: Mapping | None) -> dict:
+    out = dict(DEFAULTS)
+    for key, value in (cfg or {}).items():
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown discover setting {key!r}; known: {sorted(DEFAULTS)}")
+        out[key] = value
+    return out
+
+
+@dataclass
+class Finding:
+    """One test and, when significant, one finding. `summary` is the sentence without the p-values; the
+    description adds them once the correction is known."""
+
+    kind: str
+    region: str
+    attribute: str
+    value: str | None
+    effect_size: float
+    effect_measure: str
+    p_value: float | None
+    n: int
+    sample_ids: list[str]
+    summary: str
+    details: dict = field(default_factory=dict)
+    p_adjusted: float | None = None
+    evidence: list[str] = field(default_factory=list)
+    finding_id: str = ""
+    # Detectors without a test (cleanlab's flags) report a finding whenever they flag something.
+    flagged: bool | None = None
+    # A significant test below the detector's effect-size floor (e.g. a cluster hardly above the base rate)
+    # stays in the tests table but is not a finding.
+    reportable: bool = True
+    tag: str = ""  # distinguishes tests of one kind/region/attribute/value in the id (e.g. which cluster)
+
+    def is_finding(self, alpha: float) -> bool:
+        if not self.reportable:
+            return False
+        if self.p_value is None:
+            return bool(self.flagged)
+        return self.p_adjusted is not None and self.p_adjusted < alpha
+
+    @property
+    def description(self) -> str:
+        if self.p_value is None:
+            return self.summary
+        return f"{self.summary} (p={fmt_p(self.p_value)}, FDR-adjusted {fmt_p(self.p_adjusted)})"
+
+    def row(self, alpha: float | None = None) -> dict:
+        description = self.description
+        if alpha is not None and self.p_value is not None and not self.is_finding(alpha):
+            description = "not a finding: " + description  # the tests table keeps what was checked, too
+        return {
+            "finding_id": self.finding_id,
+            "kind": self.kind,
+            "region": self.region,
+            "attribute": self.attribute,
+            "value": self.value,
+            "effect_size": _float(self.effect_size),
+            "effect_measure": self.effect_measure,
+            "p_value": _float(self.p_value),
+            "p_adjusted": _float(self.p_adjusted),
+            "n": int(self.n),
+            "sample_ids": [str(s) for s in self.sample_ids],
+            "description": description,
+            "evidence": list(self.evidence),
+            "details": json.dumps(self.details, sort_keys=True, default=_json_default),
+        }
+
+
+def _float(x) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (_dt.date, _dt.datetime)):
+        return o.isoformat()
+    return str(o)
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def findings_table(findings: list[Finding], alpha: float | None = None) -> pa.Table:
+    """The findings as Arrow with exactly FINDINGS_SCHEMA (what the parquet file holds)."""
+    return pa.Table.from_pylist([f.row(alpha) for f in findings], schema=FINDINGS_SCHEMA)
+
+
+def findings_frame(findings: list[Finding], alpha: float | None = None) -> pl.DataFrame:
+    return pl.from_arrow(findings_table(findings, alpha))
+
+
+def adjust(findings: list[Finding]) -> None:
+    """Benjamini-Hochberg within each kind, over every test of that kind that has a p-value."""
+    for kind in {f.kind for f in findings}:
+        tested = [f for f in findings if f.kind == kind and f.p_value is not None]
+        if not tested:
+            continue
+        ps = np.clip(np.array([f.p_value for f in tested], float), 0.0, 1.0)
+        for f, q in zip(tested, false_discovery_control(ps, method="bh")):
+            f.p_adjusted = float(q)
+
+
+def assign_ids(findings: list[Finding]) -> None:
+    """Readable, unique ids (also the PNG names): kind-region-attribute-value[-k]."""
+    seen: dict[str, int] = {}
+    for f in findings:
+        base = "-".join(_slug(x) for x in (f.kind, f.region, f.attribute, f.value or "", f.tag) if x)
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        f.finding_id = base if k == 0 else f"{base}-{k + 1}"
+
+
+def _slug(text: str) -> str:
+    text = str(text).replace(INTERACTION_SEP, "x")
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()[:40] or "x"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-region data
+
+
+@dataclass
+class RegionData:
+    """The images of one region: keys, attributes and the reduced embedding (standardised, then PCA)."""
+
+    region: str
+    frame: pl.DataFrame
+    Z: np.ndarray  # (n, probe_dims) PCA scores of the standardised embedding, float64
+    specs: dict[str, AttributeSpec]
+    cluster_dims: int
+    X: np.ndarray | None = None  # the embedding itself (float32), for the probe stage's SVM probabilities
+    model: str | None = None
+
+    @property
+    def n(self) -> int:
+        return self.frame.height
+
+    @property
+    def Zc(self) -> np.ndarray:
+        """The leading components: the space of density clusters, neighbourhoods and cleanlab's kNN."""
+        return self.Z[:, : self.cluster_dims]
+
+    @property
+    def image_uids(self) -> np.ndarray:
+        return np.asarray(self.frame["image_uid"].to_list(), dtype=object)
+
+    @property
+    def subjects(self) -> np.ndarray:
+        return np.asarray(self.frame["subject_id"].to_list(), dtype=object)
+
+    def values(self, attribute: str) -> np.ndarray:
+        return attribute_values(self.frame, self.specs[attribute])
+
+    def attributes(self, roles=("protected", "acquisition"), types=None) -> list[str]:
+        return [a for a, s in self.specs.items()
+                if a in self.frame.columns and s.role in roles and (types is None or s.type in types)]
+
+    @property
+    def strata_name(self) -> str:
+        return "|".join(self.attributes(roles=("acquisition",), types=("categorical",)))
+
+    def strata(self) -> np.ndarray | None:
+        """Joint value of the categorical acquisition attributes (the site): dates are tested within it."""
+        cols = self.attributes(roles=("acquisition",), types=("categorical",))
+        if not cols:
+            return None
+        parts = [np.asarray(self.values(c), dtype=object) for c in cols]
+        return np.array(["|".join(str(p[i]) for p in parts) for i in range(self.n)], dtype=object)
+
+
+def reduce_embedding(X: np.ndarray, dims: int, seed: int = 0) -> np.ndarray:
+    """Standardise every embedding dimension (dead ones stay 0), then PCA to `dims` components.
+
+    Standardising first keeps one high-variance slice position from dominating the volume embedding; PCA
+    then removes the redundancy of the 12 concatenated center slices (the demo's 384 dims have ~30 real ones).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    Xs = StandardScaler().fit_transform(X)
+    Xs[:, ~np.isfinite(Xs).all(0)] = 0.0
+    k = int(max(1, min(dims, X.shape[0] - 1, X.shape[1])))
+    return PCA(n_components=k, random_state=seed).fit_transform(Xs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dates and categories
+
+
+def days_to_dates(days: np.ndarray) -> np.ndarray:
+    return np.asarray(days, dtype="float64").astype("int64").astype("datetime64[D]")
+
+
+def date_str(day: float) -> str:
+    return str(np.datetime64(int(round(day)), "D"))
+
+
+def years_of(days: np.ndarray) -> np.ndarray:
+    """Calendar year of each date (object array of strings, None where missing)."""
+    out = np.full(len(days), None, dtype=object)
+    ok = np.isfinite(days)
+    out[ok] = (days_to_dates(days[ok]).astype("datetime64[Y]").astype(int) + 1970).astype(str)
+    return out
+
+
+def categorical_view(rd: RegionData, attribute: str) -> np.ndarray:
+    """A categorical reading of an attribute for enrichment tests: the category itself, or a date's year."""
+    spec = rd.specs[attribute]
+    vals = rd.values(attribute)
+    if spec.is_categorical:
+        return vals
+    if spec.type == "date":
+        return years_of(vals)
+    raise ValueError(f"{attribute} is continuous; it has no categorical view")
+
+
+def value_counts(values: np.ndarray) -> dict[str, int]:
+    ok = present(values)
+    cats, counts = np.unique(values[ok].astype(str), return_counts=True)
+    return dict(zip(cats.tolist(), counts.tolist()))
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def interaction_name(stratum_attribute: str, attribute: str) -> str:
+    return f"{stratum_attribute}{INTERACTION_SEP}{attribute}"
+
+
+def confine_to_stratum(test_without, strata: np.ndarray, alpha: float, test_within=None,
+                       min_rest: int = 10) -> tuple[str | None, dict]:
+    """Is a significant effect carried by one stratum (one site) alone?
+
+    `test_without(keep_mask) -> p` reruns the same test without one stratum, `test_within(keep_mask) -> p`
+    on that stratum alone. The effect is attributed to stratum s if without s it is no longer significant at
+    `alpha` and within s it is; among several such strata, the one whose removal weakens it most. Otherwise
+    it is a main effect (None): dropping one of several sites costs a real main effect only a fraction of its
+    power, and a borderline effect that several removals would break stays a main effect (the conservative
+    side for a negative control).
+    """
+    p_without: dict[str, float] = {}
+    labels = np.array([None if v is None else str(v) for v in strata], dtype=object)
+    for s in sorted({v for v in labels if v is not None}):
+        keep = labels != s
+        if keep.sum() < min_rest:
+            continue
+        p_without[s] = float(test_without(keep))
+    candidates = [s for s, p in p_without.items() if p > alpha]
+    if test_within is not None:
+        candidates = [s for s in candidates if float(test_within(labels == s)) <= alpha]
+    if not candidates:
+        return None, p_without
+    return max(candidates, key=p_without.get), p_without

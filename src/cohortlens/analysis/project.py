@@ -1,0 +1,374 @@
+"""The project stage: 2-D t-SNE / UMAP maps of the embeddings and one interactive plot per attribute.
+
+t-SNE and UMAP are separate functions writing separate files, so a changed perplexity reruns only the t-SNE
+map and its plots. The GPU path (cuML) is chosen when cuML and a CUDA device are present; it is kept thin
+because it cannot be exercised without a GPU. On the CPU t-SNE is openTSNE (FFT-accelerated gradients,
+approximate neighbours), UMAP is umap-learn.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import html as _html
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from cohortlens.analysis._data import (
+    REGION_SPEC,
+    AttributeSpec,
+    attribute_specs,
+    attribute_values,
+    embedding_metadata,
+    join_attributes,
+    load_embeddings,
+)
+from cohortlens.io.tables import atomic_path, read_parquet_metadata, write_parquet
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+METHODS = ("tsne", "umap")
+ALL_REGIONS = "all"
+# Points beyond this are drawn with WebGL (scattergl): SVG scatter becomes unusable around 10^4-10^5 points.
+WEBGL_POINTS = 5_000
+MISSING = "(missing)"
+
+
+@functools.cache
+def gpu_available() -> bool:
+    """cuML importable and a CUDA device visible."""
+    try:
+        import cuml  # noqa: F401
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or a CUDA runtime error on a machine without a driver
+        return False
+
+
+def _backend(backend: str) -> str:
+    if backend == "auto":
+        return "cuml" if gpu_available() else "cpu"
+    if backend not in ("cuml", "cpu"):
+        raise ValueError(f"backend must be auto, cuml or cpu, not {backend!r}")
+    return backend
+
+
+# Below this many points openTSNE is faster single-threaded: its thread synchronisation per iteration costs more
+# than the work it splits (and collapses when the cores are shared with other jobs).
+PARALLEL_MIN_POINTS = 5_000
+
+
+def _n_jobs(n_jobs: int | None, n: int) -> int:
+    if n_jobs:
+        return n_jobs
+    return max(1, len(os.sched_getaffinity(0))) if n >= PARALLEL_MIN_POINTS else 1
+
+
+def clip_perplexity(perplexity: float, n: int) -> float:
+    """Perplexity must stay below (n-1)/3 (each point needs 3·perplexity neighbours); larger values are
+    clipped with a warning rather than failing a small region or a test cohort."""
+    limit = (n - 1) / 3
+    if perplexity > limit:
+        log.warning("t-SNE perplexity %.1f is too large for %d points; using %.1f ((n-1)/3)", perplexity, n, limit)
+        return float(limit)
+    return float(perplexity)
+
+
+def reduce_dims(X: np.ndarray, n_components: int | None, seed: int = 0) -> np.ndarray:
+    """PCA to n_components before the neighbour search (the usual t-SNE/UMAP preprocessing): neighbours in
+    the leading components are what matters, and the kNN search on 50 instead of 6144 dims is much faster."""
+    if not n_components or X.shape[1] <= n_components or X.shape[0] <= n_components:
+        return np.ascontiguousarray(X, dtype=np.float32)
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components, svd_solver="randomized", random_state=seed).fit_transform(X).astype(np.float32)
+
+
+def tsne(
+    X: np.ndarray,
+    *,
+    perplexity: float = 50.0,
+    seed: int = 0,
+    pca_dims: int | None = 50,
+    n_iter: int = 500,
+    backend: str = "auto",
+    n_jobs: int | None = None,
+) -> np.ndarray:
+    """t-SNE map (n, 2) float32: cuML on a GPU, openTSNE on the CPU."""
+    n = X.shape[0]
+    if n < 4:
+        raise ValueError(f"t-SNE needs at least 4 points, got {n}")
+    perplexity = clip_perplexity(perplexity, n)
+    Z = reduce_dims(X, pca_dims, seed)
+    if _backend(backend) == "cuml":
+        from cuml.manifold import TSNE as CuTSNE
+
+        # cuML's FFT t-SNE mirrors openTSNE's; early exaggeration iterations are part of its n_iter
+        out = CuTSNE(n_components=2, perplexity=perplexity, n_iter=n_iter + 250, method="fft",
+                     random_state=seed).fit_transform(Z)
+        return np.asarray(out.get() if hasattr(out, "get") else out, dtype=np.float32)
+    from openTSNE import TSNE
+
+    emb = TSNE(n_components=2, perplexity=perplexity, n_iter=n_iter, initialization="pca", metric="euclidean",
+               n_jobs=_n_jobs(n_jobs, n), random_state=seed, verbose=False).fit(Z)
+    return np.asarray(emb, dtype=np.float32)
+
+
+def umap(
+    X: np.ndarray,
+    *,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    seed: int = 0,
+    pca_dims: int | None = 50,
+    backend: str = "auto",
+) -> np.ndarray:
+    """UMAP map (n, 2) float32: cuML on a GPU, umap-learn on the CPU (seeded, hence single-threaded)."""
+    n = X.shape[0]
+    if n < 4:
+        raise ValueError(f"UMAP needs at least 4 points, got {n}")
+    if n_neighbors > n - 1:
+        log.warning("UMAP n_neighbors %d is too large for %d points; using %d", n_neighbors, n, n - 1)
+        n_neighbors = n - 1
+    Z = reduce_dims(X, pca_dims, seed)
+    if _backend(backend) == "cuml":
+        from cuml.manifold import UMAP as CuUMAP
+
+        out = CuUMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed).fit_transform(Z)
+        return np.asarray(out.get() if hasattr(out, "get") else out, dtype=np.float32)
+    import umap as umap_learn
+
+    # small inputs make umap-learn's spectral init warn and fall back; random init is as good there
+    init = "spectral" if n > n_neighbors + 2 else "random"
+    out = umap_learn.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed,
+                          init=init, n_jobs=1).fit_transform(Z)
+    return np.asarray(out, dtype=np.float32)
+
+
+def project(X: np.ndarray, method: str = "tsne", **params) -> np.ndarray:
+    """One entry point for both maps: method 'tsne' (perplexity, n_iter) or 'umap' (n_neighbors, min_dist);
+    both take seed, pca_dims, backend ('auto' | 'cuml' | 'cpu')."""
+    if method == "tsne":
+        return tsne(X, **params)
+    if method == "umap":
+        return umap(X, **params)
+    raise ValueError(f"unknown projection method {method!r} (use one of {METHODS})")
+
+
+def write_projection(
+    embeddings: PathLike,
+    out: PathLike,
+    *,
+    region: str = ALL_REGIONS,
+    method: str = "tsne",
+    params: Mapping | None = None,
+) -> pl.DataFrame:
+    """Map one region (or 'all' regions together, as in paper 003's Fig. 1) of a volumes/slices parquet and
+    write `out`: subject_id, image_uid, region, x, y (float32), with the method, its parameters and the
+    model in the file metadata. Returns the written frame."""
+    params = dict(params or {})
+    frame, X = load_embeddings(embeddings, None if region == ALL_REGIONS else region)
+    if frame.height == 0:
+        raise ValueError(f"{embeddings}: no embeddings for region {region!r}")
+    xy = project(X, method, **params)
+    del X
+    result = frame.select("subject_id", "image_uid", "region").with_columns(
+        pl.Series("x", xy[:, 0], dtype=pl.Float32), pl.Series("y", xy[:, 1], dtype=pl.Float32)
+    )
+    meta = embedding_metadata(embeddings)
+    used = dict(params)
+    if method == "tsne":
+        used["perplexity"] = min(float(params.get("perplexity", 50.0)), (frame.height - 1) / 3)
+    write_parquet(result, out, metadata={"model": meta.get("model", Path(embeddings).parent.name), "region": region,
+                                         "method": method, "params": used, "backend": _backend(params.get("backend", "auto")),
+                                         "n": frame.height})
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+
+def _hover(frame: pl.DataFrame, attributes: Iterable[str]) -> tuple[np.ndarray, str]:
+    """customdata + hovertemplate naming the subject, region and every attribute."""
+    cols = ["subject_id", "region", *[a for a in attributes if a not in ("subject_id", "region")]]
+    data = np.column_stack([
+        np.asarray([MISSING if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                    for v in frame[c].to_list()], dtype=object)
+        for c in cols
+    ])
+    lines = [f"<b>%{{customdata[0]}}</b>", "region: %{customdata[1]}"]
+    lines += [f"{_html.escape(c)}: %{{customdata[{i}]}}" for i, c in enumerate(cols) if i >= 2]
+    return data, "<br>".join(lines) + "<extra></extra>"
+
+
+def _date_ticks(days: np.ndarray) -> tuple[list[float], list[str]]:
+    finite = days[np.isfinite(days)]
+    if finite.size == 0:
+        return [], []
+    epoch = _dt.date(1970, 1, 1)
+    lo, hi = epoch + _dt.timedelta(days=int(finite.min())), epoch + _dt.timedelta(days=int(finite.max()))
+    ticks = [_dt.date(y, 1, 1) for y in range(lo.year, hi.year + 2)]
+    ticks = [t for t in ticks if lo <= t <= hi] or [lo, hi]
+    return [(t - epoch).days for t in ticks], [t.isoformat() for t in ticks]
+
+
+def projection_figure(
+    frame: pl.DataFrame,
+    attribute: str,
+    spec: AttributeSpec,
+    *,
+    hover_attributes: Iterable[str] = (),
+    title: str | None = None,
+    max_points: int | None = None,
+    seed: int = 0,
+):
+    """A plotly Figure of a projection frame (x, y, subject_id, region, attributes) coloured by `attribute`:
+    a legend of discrete colours for categorical attributes, a colour scale with colourbar for continuous
+    ones and dates. `max_points` draws a seeded random subset (said in the title)."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    n_all = frame.height
+    if max_points and n_all > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(n_all, max_points, replace=False))
+        frame = frame[keep]
+    title = title or attribute
+    if frame.height < n_all:
+        title += f" ({frame.height:,} of {n_all:,} points)"
+    Scatter = go.Scattergl if frame.height > WEBGL_POINTS else go.Scatter
+    size = 5 if frame.height < 2_000 else (3 if frame.height < 50_000 else 2)
+    custom, template = _hover(frame, hover_attributes)
+    x, y = frame["x"].to_numpy(), frame["y"].to_numpy()
+    values = attribute_values(frame, spec)
+    fig = go.Figure()
+    if spec.is_categorical:
+        labels = np.array([MISSING if v is None else v for v in values], dtype=object)
+        order = [c for c in (spec.categories or ()) if c in set(labels)]
+        order += sorted(set(labels) - set(order) - {MISSING}) + ([MISSING] if MISSING in set(labels) else [])
+        palette = qualitative.Plotly if len(order) <= 10 else qualitative.Alphabet
+        for i, cat in enumerate(order):
+            m = labels == cat
+            colour = "#b0b0b0" if cat == MISSING else palette[i % len(palette)]
+            fig.add_trace(Scatter(x=x[m], y=y[m], mode="markers", name=str(cat), customdata=custom[m],
+                                  hovertemplate=template, marker=dict(size=size, color=colour, opacity=0.8)))
+        fig.update_layout(legend=dict(title=attribute, itemsizing="constant"))
+    else:
+        colorbar = dict(title=attribute)
+        if spec.type == "date":
+            tickvals, ticktext = _date_ticks(values)
+            colorbar.update(tickvals=tickvals, ticktext=ticktext)
+        m = np.isfinite(values)
+        if (~m).any():
+            fig.add_trace(Scatter(x=x[~m], y=y[~m], mode="markers", name=MISSING, customdata=custom[~m],
+                                  hovertemplate=template, marker=dict(size=size, color="#b0b0b0")))
+        fig.add_trace(Scatter(x=x[m], y=y[m], mode="markers", name=attribute, customdata=custom[m],
+                              hovertemplate=template, showlegend=False,
+                              marker=dict(size=size, color=values[m], colorscale="Viridis", showscale=True,
+                                          colorbar=colorbar, opacity=0.8)))
+    fig.update_layout(title=title, template="plotly_white", width=720, height=640,
+                      xaxis=dict(showticklabels=False, title=None, zeroline=False),
+                      yaxis=dict(showticklabels=False, title=None, zeroline=False, scaleanchor="x"),
+                      margin=dict(l=20, r=20, t=50, b=20))
+    return fig
+
+
+def figure_div(fig, div_id: str | None = None) -> str:
+    """The figure as a `<div>` (with its script) for the report page, without plotly.js: the page includes
+    plotly.js once (`plotlyjs_script()`) for all its plots."""
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
+def plotlyjs_script() -> str:
+    """plotly.js inline in a `<script>` tag, to include once per self-contained page."""
+    from plotly.offline import get_plotlyjs
+
+    return f"<script type='text/javascript'>{get_plotlyjs()}</script>"
+
+
+class StaticExportError(RuntimeError):
+    """kaleido could not render a PNG (no Chrome/Chromium it can start)."""
+
+
+def write_pngs(figs: list, paths: list[PathLike], scale: float = 1.0) -> None:
+    """Static PNGs via kaleido, one browser for all of them (starting Chromium costs seconds per call).
+    kaleido finds Chrome/Chromium itself; when it cannot start one this raises, never skips silently."""
+    if not figs:
+        return
+    import contextlib
+
+    import plotly.io as pio
+
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p, ".png")) for p in paths]
+        try:
+            pio.write_images(list(figs), [str(t) for t in tmps], format="png", scale=scale)
+        except Exception as exc:  # kaleido/choreographer raise their own types for a missing or failing browser
+            raise StaticExportError(
+                f"could not write {paths[0]} with kaleido ({type(exc).__name__}: {exc}). kaleido needs a Chrome or "
+                "Chromium it can start (Debian: apt-get install chromium; or `plotly_get_chrome`)."
+            ) from exc
+
+
+def write_png(fig, path: PathLike, scale: float = 1.0) -> None:
+    write_pngs([fig], [path], scale)
+
+
+def write_html(fig, path: PathLike) -> None:
+    """A standalone HTML page with plotly.js inline, so it opens offline."""
+    with atomic_path(path, ".html") as tmp:
+        tmp.write_text(fig.to_html(full_html=True, include_plotlyjs=True, config={"displaylogo": False}),
+                       encoding="utf-8")
+
+
+def projection_with_attributes(
+    projection: PathLike | pl.DataFrame,
+    subjects: PathLike,
+    images: PathLike | None = None,
+    attributes: Mapping | None = None,
+) -> tuple[pl.DataFrame, dict[str, AttributeSpec]]:
+    """A projection joined with every declared attribute (from `attributes` config or subjects.parquet)."""
+    proj = projection if isinstance(projection, pl.DataFrame) else pl.read_parquet(projection)
+    specs = attribute_specs(attributes if attributes is not None else subjects)
+    usable = {a: s for a, s in specs.items() if s.level == "subject" or images is not None}
+    return join_attributes(proj, subjects, images, usable), usable
+
+
+def write_plots(
+    projection: PathLike,
+    subjects: PathLike,
+    out_dir: PathLike,
+    *,
+    images: PathLike | None = None,
+    attributes: Mapping | None = None,
+    png: bool = True,
+    max_points: int | None = None,
+) -> list[Path]:
+    """`{out_dir}/{method}-{attribute}.html` (+ `.png`) for every declared attribute, plus region when the
+    projection holds several regions. Returns the written paths."""
+    meta = read_parquet_metadata(projection)
+    method = meta.get("method", Path(projection).stem)
+    frame, specs = projection_with_attributes(projection, subjects, images, attributes)
+    plotted = dict(specs)
+    if frame["region"].n_unique() > 1:
+        plotted = {"region": REGION_SPEC, **plotted}
+    title_base = f"{meta.get('model', '')} · {meta.get('region', '')} · {method}".strip(" ·")
+    written, figs = [], []
+    for attribute, spec in plotted.items():
+        fig = projection_figure(frame, attribute, spec, hover_attributes=list(specs), max_points=max_points,
+                                title=f"{title_base} — {attribute}")
+        html_path = Path(out_dir) / f"{method}-{attribute}.html"
+        write_html(fig, html_path)
+        written.append(html_path)
+        figs.append(fig)
+    if png:
+        pngs = [p.with_suffix(".png") for p in written]
+        write_pngs(figs, pngs)
+        written += pngs
+    return written
