@@ -30,7 +30,7 @@ import polars as pl
 import scipy.linalg
 import scipy.sparse
 
-from cohortlens.analysis._data import REGION_SPEC, AnalysisTable, AttributeSpec, load_analysis_table, present, regions_of
+from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table, present, regions_of
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
 
 log = logging.getLogger(__name__)
@@ -164,10 +164,12 @@ def macro_auc_w(y: np.ndarray, scores: np.ndarray, W: np.ndarray, n_classes: int
     return np.nanmean(np.stack(per_class), axis=0) if per_class else np.full(W.shape[0], np.nan)
 
 
-def bootstrap_weights(subject_codes: np.ndarray, n_boot: int, rng: np.random.Generator, block: int = 200) -> Iterator[np.ndarray]:
+def bootstrap_weights(subject_codes: np.ndarray, n_boot: int, rng: np.random.Generator, block: int | None = None) -> Iterator[np.ndarray]:
     """Row weights of bootstrap replicates that resample subjects (all of a subject's rows together), in
-    blocks of replicates so memory stays at block × n_test."""
+    blocks of replicates so memory stays at block × n_test (default: ~4M weights, ≤ 200 replicates)."""
     n_subjects = int(subject_codes.max()) + 1 if len(subject_codes) else 0
+    if block is None:
+        block = int(np.clip(4_000_000 // max(len(subject_codes), 1), 10, 200))
     for start in range(0, n_boot, block):
         b = min(block, n_boot - start)
         counts = rng.multinomial(n_subjects, np.full(n_subjects, 1.0 / n_subjects), size=b).astype(np.float64)
@@ -285,8 +287,8 @@ class FeatureSpace:
         if sum(a.nbytes for a in self._cache.values()) + self.F.shape[0] * m * 4 > budget:
             self._cache.clear()
         Phi = np.empty((self.F.shape[0], m), dtype=np.float32)
-        for lo in range(0, self.F.shape[0], 16_384):
-            Phi[lo : lo + 16_384] = ny.transform(self.F[lo : lo + 16_384])
+        for lo in range(0, self.F.shape[0], 8192):
+            Phi[lo : lo + 8192] = ny.transform(self.F[lo : lo + 8192])
         self._cache[gamma] = Phi
         return Phi
 
@@ -321,36 +323,38 @@ def _targets(task: _Task) -> np.ndarray:
 
 
 def _ridge_path(Phi: np.ndarray, task: _Task, C_grid: Sequence[float], chunk: int = 8192) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Weighted ridge solutions (W, b) for every C from one eigendecomposition of the Gram matrix.
+    """Weighted ridge solutions (W, b) for every C from one Gram matrix (a Cholesky solve per C).
     The penalty is trace(G)/(m·C): scale-free, and larger C means less regularisation as for an SVM.
-    The Gram matrix is accumulated over row chunks (float32 products, float64 sums), so memory stays at
-    m² plus one chunk even for 240k training rows."""
+    The Gram matrix is accumulated over row chunks (float32 products summed in float64), so memory stays
+    at m² plus one chunk even for 240k training rows."""
     # duplicated rows (resampling) become integer weights
     rows, first, inv = np.unique(task.fit_rows, return_index=True, return_inverse=True)
     w = np.bincount(inv, weights=task.weights)
-    w = w / w.mean()
-    Y = _targets(task)[first]
-    wsum = w.sum()
-    mu = np.zeros(Phi.shape[1])
-    for lo in range(0, len(rows), chunk):
-        mu += w[lo : lo + chunk] @ Phi[rows[lo : lo + chunk]].astype(np.float64)
-    mu /= wsum
-    ymu = w @ Y / wsum
+    w = (w / w.mean()).astype(np.float32)
+    Y = _targets(task)[first].astype(np.float32)
+    wsum = float(w.sum(dtype=np.float64))
     m = Phi.shape[1]
+    mu = np.zeros(m)
+    for lo in range(0, len(rows), chunk):
+        mu += w[lo : lo + chunk] @ Phi[rows[lo : lo + chunk]]
+    mu /= wsum
+    ymu = (w @ Y) / wsum
+    # centring each chunk before the product keeps float32 accurate (no large mean outer product to cancel)
+    mu32, ymu32 = mu.astype(np.float32), ymu.astype(np.float32)
     G = np.zeros((m, m))
     B = np.zeros((m, Y.shape[1]))
-    mu32 = mu.astype(np.float32)
     for lo in range(0, len(rows), chunk):
         Fc = Phi[rows[lo : lo + chunk]] - mu32
-        Fw = Fc * w[lo : lo + chunk, None].astype(np.float32)
+        Fw = Fc * w[lo : lo + chunk, None]
         G += Fw.T @ Fc
-        B += Fw.T.astype(np.float64) @ (Y[lo : lo + chunk] - ymu)
-    evals, V = scipy.linalg.eigh(G)
-    VB = V.T @ B
+        B += Fw.T @ (Y[lo : lo + chunk] - ymu32)
     base = np.trace(G) / m
     out = []
     for C in C_grid:
-        Wt = V @ (VB / (np.maximum(evals, 0) + base / C)[:, None])
+        A = G.copy()
+        A[np.diag_indices(m)] += base / C
+        Wt = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, overwrite_a=True, check_finite=False), B,
+                                    check_finite=False)
         out.append((Wt, ymu - mu @ Wt))
     return out
 
@@ -416,6 +420,7 @@ def grid_decisions(space: FeatureSpace, task: _Task, grid: Sequence[tuple[float,
             Phi = space.kernel_features(gamma)
             for C, (Wt, b) in zip(Cs, _ridge_path(Phi, task, Cs)):
                 yield C, g, [_linear_decisions(Phi, r, Wt, b) for r in eval_rows]
+            del Phi  # before the next γ's features exist: two of them at once is the stage's memory peak
         else:
             for C, decs in _svm_decisions(space, task, gamma, Cs, eval_rows):
                 yield C, g, decs

@@ -18,7 +18,6 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from cohortlens.analysis._data import (
     REGION_SPEC,
