@@ -99,8 +99,17 @@ def rules_with_conda() -> list[tuple[str, str, Path, object]]:
         wf = api.workflow(resource_settings=ResourceSettings(),
                           config_settings=ConfigSettings(configfiles=[REPO / "config" / "config.yaml"]),
                           snakefile=REPO / "Snakefile", workdir=Path(workdir))
-        return [(r.name, r.conda_env, Path(r.snakefile), r.resources.get("gpu") or 0)
-                for r in wf._workflow.rules if not r.norun]
+        return [(r.name, r.conda_env, Path(r.snakefile), _gpu(r.resources)) for r in wf._workflow.rules if not r.norun]
+
+
+def _gpu(resources) -> object:
+    """The rule's `gpu` resource: 0 when absent, else its value (a function when it depends on the job/config)."""
+    if "gpu" not in resources:
+        return 0
+    res = resources["gpu"]
+    if getattr(res, "is_evaluable", lambda: False)():
+        return lambda *args: None  # evaluated per job
+    return getattr(res, "value", res)
 
 
 def test_every_rule_names_an_existing_env_file():
@@ -126,13 +135,10 @@ def test_the_rules_env_holds_every_runtime_dependency():
         assert local, f"{path.name} does not install the project itself (-e ../): the rules' scripts import it"
 
 
-def test_gpu_rules_use_the_gpu_env_and_cpu_rules_the_cpu_env():
-    """A rule that asks for a GPU (resources `gpu`, from config) runs in the env with CUDA torch and cuML."""
-    wrong = []
-    for name, env, smk, gpu in rules_with_conda():
-        if not env:
-            continue
-        want = GPU_ENV if isinstance(gpu, int) and gpu > 0 else CPU_ENV
-        if (smk.parent / str(env)).resolve() != want:
-            wrong.append(f"{name} (gpu={gpu}): conda: {env}, expected envs/{want.name}")
-    assert not wrong, wrong
+def test_rules_that_can_get_a_gpu_use_the_gpu_env():
+    """A rule with a `gpu` resource (its value comes from config, possibly per model) runs in the env with CUDA
+    torch and cuML, so that a cluster user who gives it a GPU does not also have to switch its environment."""
+    gpu_rules = [(name, env, smk) for name, env, smk, gpu in rules_with_conda() if callable(gpu) or gpu]
+    wrong = [f"{name}: conda: {env}" for name, env, smk in gpu_rules
+             if not env or (smk.parent / str(env)).resolve() != GPU_ENV]
+    assert not wrong, f"rules with a gpu resource not in envs/{GPU_ENV.name}: {wrong}"
