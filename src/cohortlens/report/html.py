@@ -6,10 +6,13 @@ import base64
 import html
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import polars as pl
 
+from cohortlens.analysis.project import plotlyjs_script
 from cohortlens.io.tables import atomic_path, read_parquet_metadata
+from cohortlens.report import sections
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:72rem;color:#1d2733;padding:0 1rem}
@@ -17,7 +20,18 @@ h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid 
 table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}td,th{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:left}
 th{background:#f3f5f7}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
 .muted{color:#57606a;font-size:.85rem}img{max-width:100%;image-rendering:pixelated;border:1px solid #d0d7de}
+h3{font-size:1.05rem;margin-top:1.4rem}nav{font-size:.9rem;margin-bottom:1rem}nav a{margin-right:.8rem}
+tr.flag td{background:#ffebe9}tr.good td{background:#e6f4ea}.scroll{overflow-x:auto}
+details{margin:.6rem 0}summary{cursor:pointer;color:#0b5cad}.grid{display:flex;flex-wrap:wrap;gap:.5rem}
+figure{margin:.3rem 0}figure.evidence img{max-width:48rem}img.map{max-width:23rem;image-rendering:auto}
+figcaption{font-size:.8rem;color:#57606a}.plot{margin:.8rem 0}select{margin-left:.4rem}
+table.findings{font-size:.8rem}table.findings td:last-child{min-width:32rem}
 """
+
+SECTIONS = [("cohort", "Cohort"), ("quarantine", "Quarantine"), ("slices", "Preprocessed slices"),
+            ("embeddings", "Embeddings"), ("models", "Model comparison"), ("projections", "Projections"),
+            ("findings", "Findings"), ("fairness", "Fairness"), ("mitigation", "Mitigation"),
+            ("ground-truth", "Ground-truth recall"), ("training", "Training")]
 
 
 def _table(df: pl.DataFrame, max_rows: int = 50) -> str:
@@ -49,9 +63,21 @@ def reconcile(n_manifest: int, cohort_q: pl.DataFrame, images: pl.DataFrame, pre
     }
 
 
+def _h2(key: str) -> str:
+    return f"<h2 id='{key}'>{html.escape(dict(SECTIONS)[key])}</h2>"
+
+
 def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddings: dict[str, dict],
-                 out_path: str, max_quarantine_rows: int = 50) -> dict:
-    """embeddings: model -> {"slices": path, "volumes": path, "reconstructions": png path or None}."""
+                 out_path: str, max_quarantine_rows: int = 50, train_logs: Sequence[str] = (),
+                 projections: Sequence[str] = (), plots: Sequence[str] = (), metrics: Sequence[str] = (),
+                 fairness_groups: Sequence[str] = (), fairness_summary: Sequence[str] = (),
+                 findings: Sequence[str] = (), finding_tests: Sequence[str] = (), finding_dirs: Sequence[str] = (),
+                 reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (),
+                 options: Mapping | None = None) -> dict:
+    """The report page. embeddings: model -> {"slices": path, "volumes": path, "reconstructions": png path or
+    None}; the other inputs are lists of the run's files (any may be empty: the section says it was not run);
+    `options` the config `report:` keys of `sections.DEFAULTS`. Returns the cohort counts plus a summary of what
+    the page shows (figures, findings recall)."""
     cohort_dir, pre_dir = Path(cohort_dir), Path(preprocessed_dir)
     subjects = pl.read_parquet(cohort_dir / "subjects.parquet")
     images = pl.read_parquet(cohort_dir / "images.parquet")
@@ -63,8 +89,10 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     counts = reconcile(int(meta.get("manifest_rows", images.height + cohort_q.height)), cohort_q, images, pre_q, index)
     quarantine = pl.concat([cohort_q, pre_q]).sort("manifest_line")
 
+    cfg = sections.settings(options)
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    parts.append("<h2>Cohort</h2>")
+    parts.append("<nav>" + "".join(f"<a href='#{k}'>{html.escape(v)}</a>" for k, v in SECTIONS) + "</nav>")
+    parts.append(_h2("cohort"))
     parts.append(_table(pl.DataFrame({"quantity": list(counts), "value": [str(v) for v in counts.values()]})))
     status = "ok" if counts["balanced"] else "bad"
     parts.append(
@@ -74,23 +102,86 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     parts.append(_table(images.group_by("region").agg(pl.len().alias("images")).sort("region")))
     parts.append(_table(splits.group_by("split").agg(pl.len().alias("subjects")).sort("split")))
     parts.append(f"<p>{subjects.height} subjects in {images['shard'].n_unique() if images.height else 0} shards.</p>")
-    parts.append("<h2>Quarantine</h2>")
+    parts.append(_h2("quarantine"))
     parts.append(_table(quarantine.group_by("stage", "reason").agg(pl.len().alias("images")).sort("images", descending=True)))
     parts.append(_table(quarantine.select("manifest_line", "stage", "subject_id", "region", "image", "reason"), max_quarantine_rows))
-    parts.append("<h2>Preprocessed slices</h2>")
+    parts.append(_h2("slices"))
     parts.append(_table(index.group_by("region").agg(pl.len().alias("slices"), pl.col("is_center").sum().alias("center slices")).sort("region")))
-    parts.append("<h2>Embeddings</h2>")
+    parts.append(_h2("embeddings"))
     rows = []
     for model, files in embeddings.items():
         for level in ("slices", "volumes"):
+            if not files.get(level):
+                continue
             m = read_parquet_metadata(files[level])
             n = pl.scan_parquet(files[level]).select(pl.len()).collect().item()
             rows.append({"model": model, "level": level, "rows": n, "dim": m.get("dim"), "config hash": m.get("config_hash")})
     parts.append(_table(pl.DataFrame(rows)))
-    for model, files in embeddings.items():
-        if files.get("reconstructions"):
-            parts.append(f"<p>{html.escape(model)}: slices (top) and reconstructions (bottom)</p>{_png(files['reconstructions'])}")
-    page = f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+
+    subjects_path, images_path = cohort_dir / "subjects.parquet", cohort_dir / "images.parquet"
+    parts.append(_h2("models") + sections.model_table_section(metrics))
+    proj_html, n_proj = sections.projections_section(projections, plots, subjects_path, images_path, cfg)
+    parts.append(_h2("projections") + proj_html)
+    parts.append(_h2("findings") + sections.findings_section(findings, finding_tests, finding_dirs, cfg))
+    parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg))
+    parts.append(_h2("mitigation") + sections.mitigation_section(reprobe, cfg))
+    truth_html, recall = sections.ground_truth_section(findings, ground_truth)
+    parts.append(_h2("ground-truth") + truth_html)
+    recon = {m: f["reconstructions"] for m, f in embeddings.items() if f.get("reconstructions")}
+    train_html, n_train = sections.training_section(train_logs, recon)
+    parts.append(_h2("training") + train_html)
+    # plotly.js once, before the first figure's script, and only when the page has a figure
+    head_js = plotlyjs_script() if n_proj + n_train else ""
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style>{head_js}</head><body>{''.join(parts)}</body></html>")
     with atomic_path(out_path, ".html") as tmp:
         tmp.write_text(page, encoding="utf-8")
-    return counts
+    return {**counts, "interactive_figures": n_proj + n_train, "recall": recall}
+
+
+LIST_INPUTS = ("embeddings", "reconstructions", "train_logs", "projections", "plots", "metrics", "predictions",
+               "fairness_groups", "fairness_summary", "findings", "finding_tests", "finding_dirs", "reprobe",
+               "ground_truth")
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def build_report_from_inputs(inputs, options: Mapping | None, out_path: str) -> dict:
+    """The report rule's job: `inputs` is snakemake.input (or any object/mapping) with the single paths
+    subjects and index (cohort and preprocessed folders are theirs) and the lists of LIST_INPUTS (missing =
+    empty); `options` is config `report:`. Model / region / method are read from the paths."""
+    get = inputs.get if isinstance(inputs, Mapping) else (lambda k, d=None: getattr(inputs, k, d))
+    lists = {k: _as_list(get(k, None)) for k in LIST_INPUTS}
+    embeddings: dict[str, dict] = {}
+    for path in lists["embeddings"]:
+        model, level = Path(path).parent.name, Path(path).stem
+        embeddings.setdefault(model, {})[level] = path
+    for png in lists["reconstructions"]:
+        embeddings.setdefault(Path(png).parent.name, {})["reconstructions"] = png
+    options = dict(options or {})
+    return build_report(
+        title=options.get("title", "cohortlens report"),
+        cohort_dir=str(Path(str(get("subjects"))).parent),
+        preprocessed_dir=str(Path(str(get("index"))).parent),
+        embeddings=embeddings,
+        out_path=out_path,
+        max_quarantine_rows=options.get("max_quarantine_rows", 50),
+        train_logs=lists["train_logs"],
+        projections=lists["projections"],
+        plots=lists["plots"],
+        metrics=lists["metrics"],
+        fairness_groups=lists["fairness_groups"],
+        fairness_summary=lists["fairness_summary"],
+        findings=lists["findings"],
+        finding_tests=lists["finding_tests"],
+        finding_dirs=lists["finding_dirs"],
+        reprobe=lists["reprobe"],
+        ground_truth=lists["ground_truth"],
+        options=options,
+    )
