@@ -1,0 +1,158 @@
+"""The report page of the demo run: renders in headless Chromium (non-blank screenshot, no console errors,
+every Plotly figure drawn, also after switching the colouring attribute), has every section, opens offline,
+and degrades to "not in this run" notes when a stage's inputs are missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cohortlens.report.html import SECTIONS, build_report_from_inputs
+
+MAX_REPORT_MB = 20
+
+# Injected into a copy of the page: console.error / warn and uncaught errors become "CL-ERROR" console lines;
+# after load every attribute dropdown is switched to its last option (Plotly.react) and the counts of Plotly
+# figures and of drawn ones (.main-svg) are logged as "CL-RESULT {json}".
+_PRELUDE = """<script>
+(function () {
+  function report(kind, args) { console.log('CL-ERROR ' + kind + ': ' + Array.prototype.join.call(args, ' ')); }
+  var err = console.error, warn = console.warn;
+  console.error = function () { report('console.error', arguments); err.apply(console, arguments); };
+  console.warn = function () { report('console.warn', arguments); warn.apply(console, arguments); };
+  window.addEventListener('error', function (e) {  // capture phase: failed <img>/<script> loads too
+    var t = e.target;
+    report('error', [e.message || ('failed to load ' + (t && (t.src || t.href))), e.filename || '', e.lineno || '']);
+  }, true);
+  window.addEventListener('unhandledrejection', function (e) { report('rejection', [String(e.reason)]); });
+})();
+</script>"""
+_PROBE = """<script>
+window.addEventListener('load', function () {
+  function count() {
+    var plots = document.querySelectorAll('.js-plotly-plot');
+    var drawn = 0;
+    plots.forEach(function (p) { if (p.querySelector('.main-svg')) drawn += 1; });
+    return [plots.length, drawn];
+  }
+  var before = count();
+  var switched = 0;
+  document.querySelectorAll('select.attr-select').forEach(function (s) {
+    if (s.options.length > 1) { s.selectedIndex = s.options.length - 1; s.dispatchEvent(new Event('change')); switched += 1; }
+  });
+  setTimeout(function () {
+    var after = count();
+    var ids = Array.prototype.map.call(document.querySelectorAll('h2[id]'), function (h) { return h.id; });
+    console.log('CL-RESULT ' + JSON.stringify({plots: before[0], drawn: before[1], switched: switched,
+                                              plots_after: after[0], drawn_after: after[1], sections: ids}));
+  }, 500);
+});
+</script>"""
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("no Chromium/Chrome on PATH (Debian: apt-get install chromium); kaleido needs it too")
+
+
+def render(page: Path, tmp: Path, height: int = 4000) -> tuple[np.ndarray, list[str], dict]:
+    """Open a copy of `page` with the probes injected in headless Chromium; returns the screenshot (H, W, 3),
+    the CL-ERROR lines and the CL-RESULT record."""
+    text = page.read_text(encoding="utf-8")
+    text = text.replace("<head>", "<head>" + _PRELUDE, 1).replace("</body>", _PROBE + "</body>", 1)
+    probe = tmp / "probe.html"
+    probe.write_text(text, encoding="utf-8")
+    shot = tmp / "shot.png"
+    proc = subprocess.run(
+        [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+         f"--user-data-dir={tmp / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: any request to the network fails (and logs)
+         f"--screenshot={shot}",
+         f"--window-size=1280,{height}", "--virtual-time-budget=20000", probe.as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    errors = [line for line in console if "CL-ERROR" in line or "Uncaught" in line]
+    results = [line for line in console if "CL-RESULT" in line]
+    assert shot.exists(), proc.stderr[-3000:]
+    assert results, f"the page's probe script never reported: {console[-20:]}"
+    record = json.loads(re.search(r"CL-RESULT (\{.*\})\"", results[-1]).group(1).replace('\\"', '"'))
+    from PIL import Image
+
+    return np.asarray(Image.open(shot).convert("RGB")), errors, record
+
+
+@pytest.fixture(scope="module")
+def report_page(demo_results) -> Path:
+    page = demo_results / "results/report/index.html"
+    assert page.exists()
+    return page
+
+
+def test_report_renders_in_headless_chromium(report_page, tmp_path):
+    image, errors, record = render(report_page, tmp_path)
+    assert not errors, errors
+    assert image.shape[0] >= 4000 and image.std() > 20, f"blank screenshot (pixel std {image.std():.1f})"
+    # not one colour: the page has text, tables and plots
+    assert len(np.unique(image.reshape(-1, 3)[::97], axis=0)) > 50
+    assert record["plots"] > 0 and record["drawn"] == record["plots"], record
+    assert record["plots_after"] == record["plots"] and record["drawn_after"] == record["plots"], record
+    assert record["sections"] == [key for key, _ in SECTIONS]
+
+
+def test_report_content_and_size(report_page, demo_results):
+    text = report_page.read_text(encoding="utf-8")
+    size_mb = report_page.stat().st_size / 1e6
+    assert size_mb < MAX_REPORT_MB, f"{size_mb:.1f} MB"
+    # self-contained: nothing loaded from outside the file, plotly.js once
+    markup = re.sub(r"<script.*?</script>", "", text, flags=re.S)  # plotly.js has URL strings it never loads
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", markup)
+    assert text.count("<script type='text/javascript'>") == 1
+    res = demo_results / "results"
+    for model in sorted(p.name for p in (res / "embeddings").iterdir()):
+        assert f"<td>{model}</td>" in text, model
+    if (res / "probes").exists():
+        assert "class='model-table'" in text
+    if (res / "projections").exists():
+        assert "class='attr-select'" in text and "proj-pca-all-tsne" in text
+    if (res / "findings").exists():
+        assert "class='findings'" in text and "explanations: mean image" in text
+    if (res / "fairness").exists():
+        assert "gaps flagged" in text
+    if (res / "mitigation").exists():
+        assert "near chance" in text
+    if (demo_results / "data/demo/ground_truth.json").exists() and (res / "findings").exists():
+        # every planted effect of the demo is found by the pca baseline, the negative control is not flagged
+        m = re.search(r"<h3>pca</h3><p class='(\w+)'>(\d+) of (\d+) planted effects found; negative control "
+                      r"\(date\) not flagged", text)
+        assert m and m.group(1) == "ok" and m.group(2) == m.group(3), "pca ground-truth recall"
+    # subjects appear only by their pseudonymous id; no DICOM patient names of the demo
+    assert "DEMO^PATIENT" not in text and "PATIENT" not in markup
+
+
+def test_report_degrades_without_analysis_inputs(demo_results, tmp_path):
+    """A cohort without projections, probes, findings, fairness, mitigation or ground truth still gets a page:
+    every section is there and says what was not run."""
+    res = demo_results / "results"
+    inputs = {"subjects": res / "cohort/subjects.parquet", "index": res / "preprocessed/index.parquet",
+              "embeddings": [str(p) for p in sorted(res.glob("embeddings/*/*.parquet"))]}
+    out = tmp_path / "index.html"
+    summary = build_report_from_inputs(inputs, {"title": "empty"}, out)
+    text = out.read_text(encoding="utf-8")
+    assert summary["balanced"] and summary["interactive_figures"] == 0 and summary["recall"] == {}
+    for what in ("probes", "projections", "discovery", "fairness", "mitigation", "ground truth", "training"):
+        assert f"{what}" in text and "not in this run" in text, what
+    assert text.count("not in this run") == 7
+    assert "plotly" not in text.lower()  # no figure, no plotly.js
+    for key, _ in SECTIONS:
+        assert f"<h2 id='{key}'>" in text
