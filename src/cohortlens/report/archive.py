@@ -251,6 +251,30 @@ def package_versions(packages: Sequence[str] = KEY_PACKAGES) -> dict:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+# What a run's archive holds by default (globs under results/): the tables and small files of every stage.
+# Left out: slice-level embeddings and preprocessed shards (large, and pixel data), model checkpoints, the
+# mitigated embeddings, the per-attribute plot pages (the report has the maps) and the logs.
+DEFAULT_MEMBERS = (
+    "cohort/*.parquet",
+    "preprocessed/index.parquet",
+    "preprocessed/quarantine.parquet",
+    "embeddings/*/volumes.parquet",
+    "models/*/train_log.csv",
+    "models/*/reconstructions.png",
+    "projections/*/*/*.parquet",
+    "probes/*/*.parquet",
+    "fairness/*/*.parquet",
+    "findings/*.parquet",
+    "findings/*/*.png",
+    "mitigation/*/reprobe.parquet",
+)
+
+
+def default_files(results_dir: PathLike = "results", patterns: Sequence[str] = DEFAULT_MEMBERS) -> list[Path]:
+    root = Path(results_dir)
+    return sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
+
+
 def collect_files(paths: Iterable[PathLike], results_dir: PathLike = "results") -> dict[str, Path]:
     """archive name (relative to results/) -> file, for files and the files under listed directories.
     Files outside results/ keep their path relative to the working directory."""

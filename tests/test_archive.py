@@ -1,0 +1,136 @@
+"""The results archive of the demo run (rule `archive`): members, checksums, config, versions, and an
+identifier scan that finds the demo's DICOM identifiers wherever one is planted."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from cohortlens.report.archive import (
+    ROOT,
+    IdentifierFound,
+    default_files,
+    identifiers_from_images,
+    scan_archive,
+    scan_bytes,
+    write_archive,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = "results/archive/cohortlens-results.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def archived(demo_results) -> Path:
+    """The archive rule run on the demo run (same config file, its working directory)."""
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    proc = subprocess.run(
+        [snakemake, "--snakefile", str(REPO / "Snakefile"), "--directory", str(demo_results), "--configfile",
+         str(demo_results / "config.yaml"), "--cores", "1", ARCHIVE],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return demo_results
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path, "r:gz") as tar:
+        return {m.name[len(ROOT) + 1:]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_archive_members(archived):
+    members = _members(archived / ARCHIVE)
+    for name in ("report/index.html", "config.yaml", "versions.json", "SHA256SUMS", "cohort/subjects.parquet",
+                 "cohort/images.parquet", "cohort/splits.parquet", "cohort/quarantine.parquet",
+                 "preprocessed/index.parquet", "preprocessed/quarantine.parquet", "embeddings/pca/volumes.parquet",
+                 "models/pca/train_log.csv"):
+        assert name in members, name
+    res = archived / "results"
+    expected = {p.relative_to(res).as_posix() for p in default_files(res)}
+    assert expected <= set(members)
+    # the analysis tables of every stage the run has
+    for stage in ("projections", "probes", "fairness", "findings", "mitigation"):
+        if (res / stage).exists():
+            assert any(n.startswith(f"{stage}/") and n.endswith(".parquet") for n in members), stage
+    # no pixel data or checkpoints
+    assert not [n for n in members if n.endswith((".npy", ".pt")) or n.startswith(("logs/", "plots/"))]
+    assert "embeddings/pca/slices.parquet" not in members
+    assert members["report/index.html"] == (res / "report/index.html").read_bytes()
+
+
+def test_archive_checksums_config_versions(archived):
+    members = _members(archived / ARCHIVE)
+    sums = members["SHA256SUMS"].decode().splitlines()
+    listed = {}
+    for line in sums:
+        digest, name = line.split("  ", 1)
+        listed[name] = digest
+    assert set(listed) == set(members) - {"SHA256SUMS"}
+    for name, digest in listed.items():
+        assert hashlib.sha256(members[name]).hexdigest() == digest, name
+    assert (archived / "results/archive/SHA256SUMS").read_bytes() == members["SHA256SUMS"]
+
+    config = yaml.safe_load(members["config.yaml"])
+    used = yaml.safe_load((archived / "config.yaml").read_text())
+    assert config["cohort"] == used["cohort"] and config["attributes"] == used["attributes"]
+    assert set(config["models"]) == set(used["models"])
+
+    versions = json.loads(members["versions.json"])
+    assert versions["python"].count(".") == 2 and versions["platform"]
+    for package in ("cohortlens", "snakemake", "polars", "numpy", "plotly", "pydicom"):
+        assert versions["packages"].get(package), package
+
+
+def test_identifier_scan_finds_planted_identifiers(archived, tmp_path, monkeypatch):
+    monkeypatch.chdir(archived)  # images.parquet paths are relative to the run's directory
+    identifiers = identifiers_from_images("results/cohort/images.parquet")
+    sources = " ".join(identifiers.values())
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "AccessionNumber"):
+        assert kw in sources, kw
+    # the shipped archive is clean
+    assert scan_archive(ARCHIVE, identifiers) == []
+
+    patient_id = next(i for i, s in identifiers.items() if s.startswith("PatientID"))
+    name = next(i for i, s in identifiers.items() if s.startswith("PatientName") and "^" in i)
+    birth = next(i for i, s in identifiers.items() if s.startswith("PatientBirthDate") and "-" not in i)
+    # found in a Parquet cell (compressed on disk), in its key-value metadata, in HTML text, in a PNG text
+    # chunk inside a data URI, and as an ISO date
+    subjects = pl.read_parquet("results/cohort/subjects.parquet")
+    leaky = tmp_path / "subjects.parquet"
+    subjects.with_columns(pl.lit(patient_id).alias("note")).write_parquet(leaky)
+    assert scan_bytes("x.parquet", leaky.read_bytes(), identifiers)
+    with_meta = tmp_path / "meta.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(subjects.to_arrow().replace_schema_metadata({"who": name}), with_meta)
+    assert scan_bytes("y.parquet", with_meta.read_bytes(), identifiers)
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", f"series of {name}", zip=True)
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "PNG", pnginfo=info)
+    import base64
+
+    page = f"<html><img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'></html>"
+    assert scan_bytes("report/index.html", page.encode(), identifiers)
+    iso = f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"
+    assert scan_bytes("a.txt", f"born {iso}".encode(), identifiers)
+    # a bare date inside a longer number is not a hit
+    assert not scan_bytes("b.txt", f"0.{birth}7".encode(), {birth: "PatientBirthDate"})
+
+    # and the archive is refused, nothing written
+    out = tmp_path / "archive.tar.gz"
+    with pytest.raises(IdentifierFound, match="PatientID"):
+        write_archive(out, report="results/report/index.html", files=[leaky], config={"x": 1},
+                      images_parquet="results/cohort/images.parquet", results_dir=tmp_path)
+    assert not out.exists()
