@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ DEFAULTS = {
     "max_points": 5000,  # interactive projection: a seeded random subset beyond this many points
     "interactive_methods": ["tsne"],  # maps drawn with Plotly on the page; the others as their PNGs
     "interactive_regions": None,  # None = "all" plus every region; or a list such as ["all"]
+    "static_map_width": 480,  # static map PNGs are shrunk to this width (pixels) on the page
     "max_findings_images": 60,  # explanation PNGs inlined (largest effects first)
     "max_table_rows": 200,  # rows of the long tables (fairness groups, tests); the Parquet has all
     "chance_tolerance": 0.02,  # a protected attribute's linear-probe BA counts as erased within this of chance
@@ -84,6 +86,22 @@ def table(df: pl.DataFrame, max_rows: int = 50, row_class=None, cls: str = "") -
 
 def png(path: PathLike, alt: str | None = None, cls: str = "") -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
+    c = f" class='{cls}'" if cls else ""
+    return f"<img{c} alt='{html.escape(alt or Path(path).name)}' src='data:image/png;base64,{data}'>"
+
+
+def png_scaled(path: PathLike, width: int, alt: str | None = None, cls: str = "") -> str:
+    """A PNG shrunk to `width` pixels (if wider) and re-encoded, for thumbnails such as the static maps."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.width <= width:
+            return png(path, alt, cls)
+        im = im.convert("RGB")
+        im.thumbnail((width, round(im.height * width / im.width)), Image.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+    data = base64.b64encode(buf.getvalue()).decode()
     c = f" class='{cls}'" if cls else ""
     return f"<img{c} alt='{html.escape(alt or Path(path).name)}' src='data:image/png;base64,{data}'>"
 
@@ -231,7 +249,7 @@ def projections_section(projections: Sequence[PathLike], plots: Sequence[PathLik
         pngs = sorted(d.glob(f"{method}-*.png"))
         if not pngs:
             continue
-        imgs = "".join(f"<figure>{png(f, cls='map')}<figcaption>{html.escape(f.stem)}</figcaption></figure>"
+        imgs = "".join(f"<figure>{png_scaled(f, cfg['static_map_width'], cls='map')}<figcaption>{html.escape(f.stem)}</figcaption></figure>"
                        for f in pngs)
         static.append(f"<details><summary>{html.escape(model)} · {html.escape(region)} · {html.escape(method)} "
                       f"({len(pngs)} maps)</summary><div class='grid'>{imgs}</div></details>")
