@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= profiles/local
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench archive clean
 
 $(BIN)/snakemake: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(BIN)/snakemake
 demo: install
 	$(BIN)/snakemake --profile $(PROFILE)
 	@echo "report: $(CURDIR)/results/report/index.html"
+
+# the finished run for publication: report, tables, config, package versions, SHA256SUMS, identifier scan
+archive: install
+	$(BIN)/snakemake --profile $(PROFILE) results/archive/cohortlens-results.tar.gz
+	@echo "archive: $(CURDIR)/results/archive/cohortlens-results.tar.gz"
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -21,6 +21,11 @@ include: "workflow/rules/cohort.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/project.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/fairness.smk"
+include: "workflow/rules/discover.smk"
+include: "workflow/rules/mitigate.smk"
 include: "workflow/rules/report.smk"
 
 

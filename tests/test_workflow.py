@@ -45,8 +45,22 @@ def tiny_config(root: Path, manifest: Path) -> dict:
     c.pop("demo")
     c["cohort"]["manifest"] = str(manifest)
     c["preprocess"].update(canvas=[32, 32], subjects_per_shard=2, threads=1)
-    c["models"]["pca"].update(crop=32, n_components=8)
+    c["models"] = {"pca": {**c["models"]["pca"], "crop": 32, "n_components": 8}}
+    # unstratified: 8 subjects in sex x age-quartile strata of one subject each would all land in train
+    c["cohort"]["split"]["stratify"] = []
+    # a few subjects: the analysis stages run (and must cope with tiny regions); t-SNE is the one map and
+    # LEACE the one mitigation, to keep the suite short (the session's full demo runs everything)
+    c["project"].update(methods=["tsne"], plots={"png": False})
+    c["probe"].update(n_bootstrap=50)
+    c["fairness"].update(n_boot=50)
+    c["mitigate"].update(methods=["leace"])
+    c["discover"].update(permutations=19, pocket_permutations=49, stability_runs=3)
     return c
+
+
+# every job downstream of the pca embeddings (one model, one map method)
+AFTER_EMBEDDING = {"project_tsne": 1, "plot_projection": 1, "probe": 1, "fairness": 1, "discover": 1, "mitigate": 1,
+                   "report": 1, "all": 1}
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -81,7 +95,31 @@ def test_changing_a_pca_setting_reruns_only_pca_and_what_follows(completed_run, 
     changed = copy.deepcopy(cfg)
     changed["models"]["pca"]["n_components"] = 6
     jobs = planned_jobs(root, write_config(tmp_path / "c.yaml", changed))
-    assert jobs == {"train_pca": 1, "embed_pca": 1, "report": 1, "all": 1}
+    assert jobs == {"train_pca": 1, "embed_pca": 1, **AFTER_EMBEDDING}
+
+
+def test_changing_the_perplexity_reruns_only_tsne_and_what_depends_on_it(completed_run, tmp_path):
+    root, cfg, _ = completed_run
+    changed = copy.deepcopy(cfg)
+    changed["project"]["tsne"]["perplexity"] = 30
+    assert planned_jobs(root, write_config(tmp_path / "c.yaml", changed)) == {
+        "project_tsne": 1, "plot_projection": 1, "report": 1, "all": 1}
+
+
+def test_analysis_outputs_of_a_tiny_cohort(completed_run):
+    root, cfg, _ = completed_run
+    res = root / "results"
+    for region in [*cfg["regions"], "all"]:
+        proj = pl.read_parquet(res / f"projections/pca/{region}/tsne.parquet")
+        assert proj.height == (24 if region == "all" else 8)
+        assert proj.select(pl.col("x").is_finite().all() & pl.col("y").is_finite().all()).item()
+        assert (res / f"plots/pca/{region}/tsne/tsne-sex.html").stat().st_size > 0
+    metrics = pl.read_parquet(res / "probes/pca/metrics.parquet")
+    assert {"model", "region", "attribute", "metric", "value", "ci_low", "ci_high"} <= set(metrics.columns)
+    assert set(metrics["region"]) >= set(cfg["regions"])
+    for rel in ["fairness/pca/summary.parquet", "findings/pca.parquet", "findings/pca-tests.parquet",
+                "mitigation/pca/reprobe.parquet"]:
+        assert (res / rel).exists(), rel
 
 
 def test_changing_only_the_report_config_reruns_only_the_report(completed_run, tmp_path):

@@ -8,7 +8,8 @@ import os
 import polars as pl
 
 MODELS = list(config["models"])
-ENV = "../../envs/cohortlens.yaml"
+ENV = "../../envs/cohortlens.yaml"  # CPU stages
+ENV_GPU = "../../envs/cohortlens-gpu.yaml"  # training and embedding (torch + the cuml-cu13 extra)
 
 
 def res(rule_name, key, default):
@@ -52,3 +53,36 @@ def shard_files(pattern):
         return [pattern.format(shard=k) for k in shard_ids()]
 
     return files
+
+
+# Autoencoders: every configured model but the pca baseline (its own rules) and external embeddings.
+AUTOENCODERS = [m for m in MODELS if m != "pca"]
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (none: matches nothing)."""
+    return "|".join(map(str, names)) if names else "(?!)"
+
+
+def model_res(stage, key, default):
+    """A resource of the `stage` job of one model, from config resources `<stage>_<model>`."""
+    return lambda wildcards: res(f"{stage}_{wildcards.model}", key, default)
+
+
+def model_threads(stage, default):
+    return lambda wildcards: res(f"{stage}_{wildcards.model}", "threads", default)
+
+
+REGIONS = list(config["regions"])
+# projections per region and of all regions together (paper 003, Fig. 1: region clusters)
+MAP_REGIONS = REGIONS + ["all"]
+PROJECT = config.get("project", {})
+MITIGATE = config.get("mitigate", {})
+MITIGATED_MODELS = [m for m in MITIGATE.get("models", MODELS) if m in MODELS]
+
+
+def ground_truth():
+    """The demo cohort's planted effects (the report shows recall against them); none for a real cohort."""
+    if "demo" not in config:
+        return []
+    return [os.path.join(config["demo"]["out_dir"], "ground_truth.json")]

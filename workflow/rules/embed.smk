@@ -18,3 +18,31 @@ rule embed_pca:
         pca=config["models"]["pca"],
     script:
         "../scripts/embed_pca.py"
+
+
+# Autoencoder embeddings: the EMA encoder's μ / z_sem, streamed over the shards in batches.
+rule embed_autoencoder:
+    input:
+        model="results/models/{model}/model.pt",
+        index="results/preprocessed/index.parquet",
+        splits="results/cohort/splits.parquet",
+        shards=shard_files("results/preprocessed/shard-{shard}.npy"),
+    output:
+        slices="results/embeddings/{model}/slices.parquet",
+        volumes="results/embeddings/{model}/volumes.parquet",
+    log:
+        "results/logs/embed/{model}.log",
+    wildcard_constraints:
+        model=one_of(AUTOENCODERS),
+    conda:
+        ENV_GPU
+    threads: model_threads("embed", 2)
+    resources:
+        gpu=model_res("embed", "gpu", 0),
+        mem_mb=model_res("embed", "mem_mb", 8000),
+        runtime=model_res("embed", "runtime", 120),
+    params:
+        model="{model}",
+        cfg=lambda wildcards: config["models"][wildcards.model],
+    script:
+        "../scripts/embed_autoencoder.py"

@@ -1,4 +1,4 @@
-# Stage 10 (so far): the self-contained report page listing what the run produced.
+# Stage 10: the self-contained report page, and the archive of a run for publication (`make archive`).
 rule report:
     input:
         subjects="results/cohort/subjects.parquet",
@@ -15,6 +15,32 @@ rule report:
         reconstructions=expand(
             "results/models/{model}/reconstructions.png", model=MODELS
         ),
+        train_logs=expand("results/models/{model}/train_log.csv", model=MODELS),
+        projections=expand(
+            "results/projections/{model}/{region}/{method}.parquet",
+            model=MODELS,
+            region=MAP_REGIONS,
+            method=PROJECT.get("methods", ["tsne", "umap"]),
+        ),
+        plots=expand(
+            "results/plots/{model}/{region}/{method}",
+            model=MODELS,
+            region=MAP_REGIONS,
+            method=PROJECT.get("methods", ["tsne", "umap"]),
+        ),
+        metrics=expand("results/probes/{model}/metrics.parquet", model=MODELS),
+        predictions=expand("results/probes/{model}/predictions.parquet", model=MODELS),
+        fairness_groups=expand("results/fairness/{model}/groups.parquet", model=MODELS),
+        fairness_summary=expand(
+            "results/fairness/{model}/summary.parquet", model=MODELS
+        ),
+        findings=expand("results/findings/{model}.parquet", model=MODELS),
+        finding_tests=expand("results/findings/{model}-tests.parquet", model=MODELS),
+        finding_dirs=expand("results/findings/{model}", model=MODELS),
+        reprobe=expand(
+            "results/mitigation/{model}/reprobe.parquet", model=MITIGATED_MODELS
+        ),
+        ground_truth=ground_truth(),
     output:
         html="results/report/index.html",
     log:
@@ -22,9 +48,31 @@ rule report:
     conda:
         ENV
     resources:
-        mem_mb=res("report", "mem_mb", 2000),
-        runtime=res("report", "runtime", 10),
+        mem_mb=res("report", "mem_mb", 4000),
+        runtime=res("report", "runtime", 20),
     params:
         report=config.get("report", {}),
     script:
         "../scripts/report.py"
+
+
+# Not part of `all`: a run is archived on purpose, once its report is final.
+rule archive:
+    input:
+        report="results/report/index.html",
+        subjects="results/cohort/subjects.parquet",
+        images="results/cohort/images.parquet",
+    output:
+        archive="results/archive/cohortlens-results.tar.gz",
+        checksums="results/archive/SHA256SUMS",
+    log:
+        "results/logs/archive.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=res("archive", "mem_mb", 4000),
+        runtime=res("archive", "runtime", 30),
+    params:
+        config=config,
+    script:
+        "../scripts/archive.py"

@@ -297,7 +297,7 @@ def fairness_slice(sl: _Slice, settings: FairnessSettings, rng: np.random.Genera
     groups = sl.groups[present].astype(str)
     subjects = sl.subjects[present]
     order = [g for g in sl.group_order if g in set(groups)]
-    if len(y_true) == 0 or not order:
+    if len(y_true) < 2 or not order:  # nothing to compare (and fairlearn's MetricFrame rejects a single row)
         return [], []
     code_of = {g: i for i, g in enumerate(order)}
     group_codes = np.array([code_of[g] for g in groups], dtype=np.int64)

@@ -403,6 +403,11 @@ def _svm_decisions(space: FeatureSpace, task: _Task, gamma: float, Cs: Sequence[
         model.fit(fit_in, y, sample_weight=w)
         out = []
         for r, E in zip(eval_rows, eval_in):
+            if len(r) == 0:  # an empty split (val of a tiny cohort): scikit-learn refuses 0 rows
+                E, r = fit_in[:1], r[:0]
+                d = _to_numpy(model.decision_function(E) if task.kind == "classification" else model.predict(E))
+                out.append(np.empty((0, d.reshape(1, -1).shape[1])))
+                continue
             d = _to_numpy(model.decision_function(E) if task.kind == "classification" else model.predict(E))
             out.append(d.reshape(len(r), -1).astype(np.float64))
         yield C, out
@@ -556,6 +561,10 @@ def probe_attribute(
         space = feature_space(table, settings)
     region = region or _region_label(table)
     test, val = prep.rows["test"], prep.rows["val"]
+    if len(test) == 0:
+        log.warning("probe %s/%s: no test images with a value in region %s; not scored", table.model, attribute,
+                    region or _region_label(table))
+        return None
     C, g, where, (D_test, D_val), mu, sd = fit_tuned(table, space, prep, settings, [test, val])
     model = table.model or ""
     n_train = len(prep.rows["train"])

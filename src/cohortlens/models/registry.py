@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # NAKO / GNC (paper 003's spine MRI)
         "nako": {**_VAE_256, "lr": 5e-3, "hessian_weight": 5e-6, "batch_size": 64},
         "chexpert": {**_VAE_256, "lr": 2.5e-3, "hessian_weight": 5e-7, "batch_size": 128},
-        # the 64 px demo cohort on 2 CPU cores in about a minute
+        # the 64 px demo cohort on 2 CPU cores in about a minute (99 img/s: 300 steps in 73 s)
         "demo": {"crop": 64, "latent_dim": 128, "channels": [16, 32, 64], "subunits": 1, "beta": 1.0,
                  "recon_loss": "mse", "hessian_weight": 5e-6, "hessian_samples": 2, "hessian_epsilon": 0.1,
                  "hessian_batch": 8, "lr": 2e-3, "batch_size": 32, "steps": 300, "train_slices": "all", "checkpoint_every": 100,
@@ -47,9 +47,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dae": {
         "nako": {**_DAE_256, "lr": 1e-3, "batch_size": 5, "steps": 400_000},
         "chexpert": {**_DAE_256, "lr": 5e-4, "batch_size": 64, "steps": 200_000},
-        # architecture: models/dae.py's DEMO_TINY_CONFIG (64 px, 64-d z_sem), picked by the adapter below
-        "demo": {"crop": 64, "lr": 1e-3, "batch_size": 16, "steps": 300, "train_slices": "all",
-                 "ema_decay": 0.999, "checkpoint_every": 100, "log_every": 10, "normalise": "train_zscore"},
+        # architecture: models/dae.py's DEMO_TINY_CONFIG (64 px, 32-d z_sem), picked by the adapter below, at
+        # half its width (8 base channels): 68 img/s instead of 35 on 2 CPU cores, 250 steps in ~70 s
+        "demo": {"crop": 64, "base_channels": 8, "norm_groups": 4, "lr": 1e-3, "batch_size": 16, "steps": 250,
+                 "train_slices": "all", "ema_decay": 0.999, "checkpoint_every": 100, "log_every": 10,
+                 "normalise": "train_zscore"},
     },
 }
 

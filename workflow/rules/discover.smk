@@ -1,0 +1,26 @@
+# Stage 8: findings (attribute leaks, clusters, discordant subgroups, cleanlab data issues) per model.
+rule discover:
+    input:
+        volumes="results/embeddings/{model}/volumes.parquet",
+        subjects="results/cohort/subjects.parquet",
+        images="results/cohort/images.parquet",
+        splits="results/cohort/splits.parquet",
+        index="results/preprocessed/index.parquet",
+        shards=shard_files("results/preprocessed/shard-{shard}.npy"),
+    output:
+        findings="results/findings/{model}.parquet",
+        tests="results/findings/{model}-tests.parquet",
+        evidence=directory("results/findings/{model}"),
+    log:
+        "results/logs/discover/{model}.log",
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("discover", "mem_mb", 4000),
+        runtime=res("discover", "runtime", 60),
+    params:
+        attributes=config["attributes"],
+        discover=config.get("discover", {}),
+    script:
+        "../scripts/discover.py"
