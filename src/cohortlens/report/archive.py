@@ -211,6 +211,10 @@ def member_texts(name: str, data: bytes) -> list[bytes]:
     return texts
 
 
+def _is_binary(name: str) -> bool:
+    return name.lower().endswith((".parquet", ".png", ".gz", ".npy", ".pt"))
+
+
 def scan_bytes(name: str, data: bytes, identifiers: Mapping[str, str]) -> list[tuple[str, str, str]]:
     """(member, identifier, its source) for every identifier found in a member."""
     texts = member_texts(name, data)
@@ -219,9 +223,12 @@ def scan_bytes(name: str, data: bytes, identifiers: Mapping[str, str]) -> list[t
         needle = ident.encode()
         if not any(needle in t for t in texts):
             continue
-        if needle.isdigit():  # a bare number (a DA date) counts only when not part of a longer number
-            pattern = re.compile(rb"(?<!\d)" + needle + rb"(?!\d)")
-            if not any(pattern.search(t) for t in texts):
+        if needle.isdigit():
+            # a bare number (a DA date) counts only as a number of its own: not inside a longer number or a
+            # decimal (0.19670703 is an embedding value), and not in the raw bytes of a binary file
+            pattern = re.compile(rb"(?<![\d.])" + needle + rb"(?![\d.])")
+            candidates = texts[1:] if _is_binary(name) else texts
+            if not any(pattern.search(t) for t in candidates):
                 continue
         hits.append((name, ident, source))
     return hits
