@@ -74,7 +74,7 @@ def demo_results(tmp_path_factory) -> Path:
     proc = subprocess.run(
         [snakemake, "--snakefile", str(REPO / "Snakefile"), "--directory", str(root), "--configfile",
          str(root / "config.yaml"), "--cores", "2"],
-        capture_output=True, text=True, timeout=1800,
+        capture_output=True, text=True, timeout=3600,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return root
