@@ -328,3 +328,22 @@ def test_ground_truth_recall_rules():
 def test_settings_reject_unknown_keys():
     with pytest.raises(ValueError, match="unknown discover setting"):
         settings({"min_cluster_sise": 3})
+
+
+def test_tiny_strata_are_not_tested_alone_and_tiny_sets_are_not_non_iid_tested():
+    """A site with 4 images in a region (tiny cohorts) must neither reach cleanlab's non-IID test (its kNN graph
+    needs more rows and it then has no result) nor be named as the one site carrying an effect."""
+    import numpy as np
+
+    from cohortlens.analysis.discover_core import confine_to_stratum
+    from cohortlens.analysis.discover_quality import _non_iid_p
+
+    assert np.isnan(_non_iid_p(np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)))
+    strata = np.array(["A"] * 30 + ["B"] * 4, dtype=object)
+
+    def within(keep):
+        assert keep.sum() >= 10, "a 4-image stratum was tested on its own"
+        return 0.01
+
+    site, p_without = confine_to_stratum(lambda keep: 0.5, strata, 0.05, test_within=within)
+    assert site is None and p_without == {"B": 0.5}

@@ -343,7 +343,9 @@ def confine_to_stratum(test_without, strata: np.ndarray, alpha: float, test_with
         p_without[s] = float(test_without(keep))
     candidates = [s for s, p in p_without.items() if p > alpha]
     if test_within is not None:
-        candidates = [s for s in candidates if float(test_within(labels == s)) <= alpha]
+        # a stratum too small to test on its own cannot carry the effect alone
+        candidates = [s for s in candidates
+                      if (labels == s).sum() >= min_rest and float(test_within(labels == s)) <= alpha]
     if not candidates:
         return None, p_without
     return max(candidates, key=p_without.get), p_without
