@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import demo_config
-from test_workflow import planned_jobs, snakemake
+from test_workflow import planned_jobs, shrink_analysis, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -25,11 +25,7 @@ def demo_run(tmp_path_factory):
     cfg["demo"].update(out_dir="data/demo", n_subjects=24, size=32, n_slices=14, dicom_fraction=0.25, bad_inputs=True)
     cfg["preprocess"].update(canvas=[32, 32], subjects_per_shard=8)
     cfg["models"] = {"pca": {**cfg["models"]["pca"], "crop": 32, "n_components": 8}}
-    cfg["project"].update(methods=["tsne"], plots={"png": False})
-    cfg["probe"].update(n_bootstrap=50)
-    cfg["fairness"].update(n_boot=50)
-    cfg["mitigate"].update(methods=["leace"])
-    cfg["discover"].update(permutations=19, pocket_permutations=49, stability_runs=3)
+    shrink_analysis(cfg)
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     snakemake(root, config=config)

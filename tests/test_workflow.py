@@ -48,8 +48,12 @@ def tiny_config(root: Path, manifest: Path) -> dict:
     c["models"] = {"pca": {**c["models"]["pca"], "crop": 32, "n_components": 8}}
     # unstratified: 8 subjects in sex x age-quartile strata of one subject each would all land in train
     c["cohort"]["split"]["stratify"] = []
-    # a few subjects: the analysis stages run (and must cope with tiny regions); t-SNE is the one map and
-    # LEACE the one mitigation, to keep the suite short (the session's full demo runs everything)
+    return shrink_analysis(c)
+
+
+def shrink_analysis(c: dict) -> dict:
+    """A few subjects: the analysis stages run (and must cope with tiny regions); t-SNE is the one map and
+    LEACE the one mitigation, to keep the suite short (the session's full demo runs everything)."""
     c["project"].update(methods=["tsne"], plots={"png": False})
     c["probe"].update(n_bootstrap=50)
     c["fairness"].update(n_boot=50)

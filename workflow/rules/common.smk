@@ -69,10 +69,6 @@ def model_res(stage, key, default):
     return lambda wildcards: res(f"{stage}_{wildcards.model}", key, default)
 
 
-def model_threads(stage, default):
-    return lambda wildcards: res(f"{stage}_{wildcards.model}", "threads", default)
-
-
 REGIONS = list(config["regions"])
 # projections per region and of all regions together (paper 003, Fig. 1: region clusters)
 MAP_REGIONS = REGIONS + ["all"]

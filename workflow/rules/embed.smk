@@ -36,7 +36,7 @@ rule embed_autoencoder:
         model=one_of(AUTOENCODERS),
     conda:
         ENV_GPU
-    threads: model_threads("embed", 2)
+    threads: model_res("embed", "threads", 2)
     resources:
         gpu=model_res("embed", "gpu", 0),
         mem_mb=model_res("embed", "mem_mb", 8000),

@@ -38,7 +38,7 @@ rule train_autoencoder:
         model=one_of(AUTOENCODERS),
     conda:
         ENV_GPU
-    threads: model_threads("train", 2)
+    threads: model_res("train", "threads", 2)
     resources:
         gpu=model_res("train", "gpu", 1),
         cpus_per_gpu=model_res("train", "cpus_per_gpu", 4),

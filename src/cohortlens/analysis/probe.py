@@ -403,13 +403,11 @@ def _svm_decisions(space: FeatureSpace, task: _Task, gamma: float, Cs: Sequence[
         model.fit(fit_in, y, sample_weight=w)
         out = []
         for r, E in zip(eval_rows, eval_in):
-            if len(r) == 0:  # an empty split (val of a tiny cohort): scikit-learn refuses 0 rows
-                E, r = fit_in[:1], r[:0]
-                d = _to_numpy(model.decision_function(E) if task.kind == "classification" else model.predict(E))
-                out.append(np.empty((0, d.reshape(1, -1).shape[1])))
-                continue
+            # scikit-learn refuses 0 rows (an empty val split of a tiny cohort): score one training row, keep none
+            if len(r) == 0:
+                E = fit_in[:1]
             d = _to_numpy(model.decision_function(E) if task.kind == "classification" else model.predict(E))
-            out.append(d.reshape(len(r), -1).astype(np.float64))
+            out.append(d.reshape(E.shape[0], -1)[: len(r)].astype(np.float64))
         yield C, out
 
 
