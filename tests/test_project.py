@@ -14,6 +14,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from cohortlens.analysis._data import AttributeSpec, attribute_specs, load_embeddings
 from cohortlens.analysis.project import (
     figure_div,
+    perplexity_affinities,
     plotlyjs_script,
     project,
     projection_figure,
@@ -46,6 +47,23 @@ def test_maps_keep_clusters_apart_and_are_seeded(method):
     assert a.shape == (len(X), 2) and a.dtype == np.float32 and np.isfinite(a).all()
     assert knn_agreement(a, labels) > 0.95
     assert np.array_equal(a, project(X, method, seed=1, backend="cpu"))
+
+
+def test_lean_affinities_equal_opentsne_own_and_drop_the_knn_arrays():
+    """The stage builds t-SNE's P with a lower memory peak than openTSNE's default path; it must be the
+    same matrix: symmetric, summing to 1, equal to openTSNE's PerplexityBasedNN(symmetrize=True)."""
+    from openTSNE.affinity import PerplexityBasedNN
+
+    X, _ = clusters(n_per=400, k=3)  # 1200 points: openTSNE's approximate (annoy) neighbour search
+    ours = perplexity_affinities(X, 30, seed=0)
+    theirs = PerplexityBasedNN(X, perplexity=30, method="auto", random_state=0).P
+    P = ours.P
+    assert P.format == "csr" and P.shape == (1200, 1200)
+    assert abs(P - P.T).max() == 0
+    assert P.sum() == pytest.approx(1.0, rel=1e-12)
+    assert P.nnz == theirs.nnz and abs(P - theirs).max() <= 1e-12 * abs(theirs).max()
+    assert ours.knn_index is None
+    assert not any(k.endswith(("__neighbors", "__distances")) for k in vars(ours))
 
 
 def test_large_perplexity_is_clipped_with_a_warning(caplog):

@@ -81,6 +81,10 @@ def clip_perplexity(perplexity: float, n: int) -> float:
     return float(perplexity)
 
 
+# dimensions kept by the PCA before the neighbour search of t-SNE and UMAP (config project.<method>.pca_dims)
+PCA_DIMS = 50
+
+
 def reduce_dims(X: np.ndarray, n_components: int | None, seed: int = 0) -> np.ndarray:
     """PCA to n_components before the neighbour search (the usual t-SNE/UMAP preprocessing): neighbours in
     the leading components are what matters, and the kNN search on 50 instead of 6144 dims is much faster."""
@@ -96,7 +100,7 @@ def tsne(
     *,
     perplexity: float = 50.0,
     seed: int = 0,
-    pca_dims: int | None = 50,
+    pca_dims: int | None = PCA_DIMS,
     n_iter: int = 500,
     backend: str = "auto",
     n_jobs: int | None = None,
@@ -116,9 +120,31 @@ def tsne(
         return np.asarray(out.get() if hasattr(out, "get") else out, dtype=np.float32)
     from openTSNE import TSNE
 
+    jobs = _n_jobs(n_jobs, n)
+    affinities = perplexity_affinities(Z, perplexity, n_jobs=jobs, seed=seed)
     emb = TSNE(n_components=2, perplexity=perplexity, n_iter=n_iter, initialization="pca", metric="euclidean",
-               n_jobs=_n_jobs(n_jobs, n), random_state=seed, verbose=False).fit(Z)
+               n_jobs=jobs, random_state=seed, verbose=False).fit(Z, affinities=affinities)
     return np.asarray(emb, dtype=np.float32)
+
+
+def perplexity_affinities(Z: np.ndarray, perplexity: float, *, n_jobs: int = 1, seed: int = 0):
+    """openTSNE's kNN perplexity affinities (its annoy/exact neighbour search and its calibration), assembled
+    with a lower memory peak than its default path: at 300k points × 150 neighbours that path holds the
+    neighbour and distance arrays (0.7 GB, kept only for later perplexity changes and for placing new points)
+    while it builds P + Pᵀ and then a divided copy of it (1.1 GB each). Here the conditional P is built
+    unsymmetrised, the kNN arrays and index are dropped, and P is halved in place before the one sum that
+    symmetrises it. Same P as openTSNE's own (pair-wise normalised, symmetric) up to rounding."""
+    from openTSNE.affinity import PerplexityBasedNN
+
+    aff = PerplexityBasedNN(Z, perplexity=perplexity, method="auto", metric="euclidean", symmetrize=False,
+                            n_jobs=n_jobs, random_state=seed, verbose=False)
+    for kept in ("_PerplexityBasedNN__neighbors", "_PerplexityBasedNN__distances"):
+        vars(aff).pop(kept, None)
+    aff.knn_index = None
+    P, aff.P = aff.P, None  # rows sum to 1/n (pair-wise normalised, not yet symmetric)
+    P.data *= 0.5
+    aff.P = (P + P.T).tocsr()
+    return aff
 
 
 def umap(
@@ -127,7 +153,7 @@ def umap(
     n_neighbors: int = 15,
     min_dist: float = 0.1,
     seed: int = 0,
-    pca_dims: int | None = 50,
+    pca_dims: int | None = PCA_DIMS,
     backend: str = "auto",
 ) -> np.ndarray:
     """UMAP map (n, 2) float32: cuML on a GPU, umap-learn on the CPU (seeded, hence single-threaded)."""
@@ -177,7 +203,9 @@ def write_projection(
     frame, X = load_embeddings(embeddings, None if region == ALL_REGIONS else region)
     if frame.height == 0:
         raise ValueError(f"{embeddings}: no embeddings for region {region!r}")
-    xy = project(X, method, **params)
+    # reduce here so the full matrix (600 MB at 300k × 512) is freed before the map's own memory peak
+    X = reduce_dims(X, params.get("pca_dims", PCA_DIMS), params.get("seed", 0))
+    xy = project(X, method, **{**params, "pca_dims": None})
     del X
     result = frame.select("subject_id", "image_uid", "region").with_columns(
         pl.Series("x", xy[:, 0], dtype=pl.Float32), pl.Series("y", xy[:, 1], dtype=pl.Float32)
