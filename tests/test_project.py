@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import polars as pl
 import pytest
+from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
@@ -127,7 +129,7 @@ def test_div_for_the_report_has_no_plotlyjs():
     assert script.startswith("<script") and len(script) > 1_000_000
 
 
-def test_demo_projection_and_plots(demo_results, tmp_path):
+def test_demo_projection_and_plots(demo_results, tmp_path, monkeypatch):
     res = demo_results / "results"
     volumes, subjects = res / "embeddings/pca/volumes.parquet", res / "cohort/subjects.parquet"
     out = tmp_path / "projections/pca/neck/tsne.parquet"
@@ -145,14 +147,22 @@ def test_demo_projection_and_plots(demo_results, tmp_path):
     essen = (joined["site"] == "Essen").to_numpy()
     assert knn_agreement(joined.select("x", "y").to_numpy(), essen) > 0.9
 
+    # what a fresh laptop has: no Chrome/Chromium anywhere on PATH; the static figures must not need one
+    monkeypatch.setenv("PATH", str(tmp_path / "no-browser"))
+    assert not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome"))
     written = write_plots(out, subjects, tmp_path / "plots/pca/neck")
     names = sorted(p.name for p in written)
     declared = list(attribute_specs(subjects))
-    assert names == sorted([f"tsne-{a}.html" for a in declared] + [f"tsne-{a}.png" for a in declared])
+    assert names == sorted(f"tsne-{a}.{ext}" for a in declared for ext in ("html", "png", "pdf"))
     for path in written:
         data = path.read_bytes()
         if path.suffix == ".png":
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            # a drawn map: many colours (points, legend or colour bar), not a blank canvas
+            assert pixels.shape[1] >= 600 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, path.name
+        elif path.suffix == ".pdf":
+            assert data[:5] == b"%PDF-" and b"%%EOF" in data[-32:]
         else:
             text = data.decode()
             # plotly.js inline: the page opens offline
@@ -166,5 +176,5 @@ def test_umap_across_regions_plots_region(demo_results, tmp_path):
     frame = write_projection(res / "embeddings/pca/volumes.parquet", out, region="all", method="umap")
     assert set(frame["region"].unique()) == {"neck", "chest", "lumbar"}
     assert knn_agreement(frame.select("x", "y").to_numpy(), frame["region"].to_numpy()) > 0.98
-    written = write_plots(out, res / "cohort/subjects.parquet", tmp_path, png=False)
+    written = write_plots(out, res / "cohort/subjects.parquet", tmp_path, formats=())
     assert (tmp_path / "umap-region.html").exists() and all(p.suffix == ".html" for p in written)

@@ -106,7 +106,12 @@ def test_vae_shapes_loss_parts_and_unbounded_output():
     vae.eval()
     e2 = vae.embed(x)
     assert e1.shape == (6, 16) and torch.equal(e1, e2)  # μ: deterministic, same in train and eval mode
-    assert torch.equal(vae.embed(x[:2]), e1[:2])  # and independent of the rest of the batch
+    # and independent of the rest of the batch. Not bitwise: CPU kernels (oneDNN) may choose another algorithm
+    # per batch shape, so sums are reordered. The bound is float32 rounding: a few ulps (2^-23 ≈ 1.2e-7) times
+    # the conv/linear fan-in (≤ a few thousand terms) relative to the output scale; a batch-dependent layer
+    # (BatchNorm statistics, a cross-sample op) moves μ by orders of magnitude more.
+    scale = float(e1.abs().max())
+    torch.testing.assert_close(vae.embed(x[:2]), e1[:2], rtol=1e-5, atol=1e-5 * scale)
     out = vae.decode(vae.embed(x))
     assert out.shape == (6, 1, 32, 32)
     # no sigmoid / tanh on the output: a constant -3 bias must pass straight through

@@ -1,4 +1,4 @@
-"""Plotly HTML (+ PNG) maps of one model and method, coloured by each attribute, for every region."""
+"""Plotly HTML maps (+ static PNG/PDF figures) of one model and method, coloured by each attribute, for every region."""
 
 from pathlib import Path
 
@@ -15,7 +15,8 @@ for projection, out_dir in zip(snakemake.input.projections, snakemake.output):
         out_dir,
         images=snakemake.input.images,
         attributes=snakemake.params.attributes,
-        png=plots.get("png", True),
+        formats=plots.get("formats", ["png", "pdf"]),
+        engine=plots.get("engine", "matplotlib"),
         max_points=plots.get("max_points"),
     )
     log.info("%s: %d files", out_dir, len(written))

@@ -320,31 +320,49 @@ def plotlyjs_script() -> str:
 
 
 class StaticExportError(RuntimeError):
-    """kaleido could not render a PNG (no Chrome/Chromium it can start)."""
+    """kaleido could not write a static figure (no Chrome/Chromium it can start, or a file missing after export)."""
 
 
-def write_pngs(figs: list, paths: list[PathLike], scale: float = 1.0) -> None:
-    """Static PNGs via kaleido, one browser for all of them (starting Chromium costs seconds per call).
-    kaleido finds Chrome/Chromium itself; when it cannot start one this raises, never skips silently."""
-    if not figs:
-        return
-    import contextlib
-
-    import plotly.io as pio
-
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_path(p, ".png")) for p in paths]
+def write_with_kaleido(figs: list, paths: list[PathLike], scale: float = 1.0, retries: int = 1) -> None:
+    """Static figures rendered by Plotly itself through kaleido (config `project.plots.engine: kaleido`), one
+    browser for all of them. kaleido can return without error yet without writing a file when its browser is
+    starved (seen under load), so every file is checked after the call and the missing ones are exported again,
+    `retries` times; then this raises naming the file. Not the default: it needs a Chrome/Chromium."""
+    try:
+        import plotly.io as pio
+        import kaleido  # noqa: F401
+    except ImportError as exc:
+        raise StaticExportError(
+            "project.plots.engine is 'kaleido' but kaleido is not installed (pip install kaleido, and a "
+            "Chrome/Chromium it can start); the default engine 'matplotlib' needs neither") from exc
+    pending = list(zip(figs, map(Path, paths)))
+    for attempt in range(retries + 1):
+        # kaleido writes temporaries of its own naming here; only files it really wrote are renamed into place
+        tmps = [p.with_name(f".{p.name}.{os.getpid()}-{attempt}{p.suffix}") for _, p in pending]
+        for _, p in pending:
+            p.parent.mkdir(parents=True, exist_ok=True)
         try:
-            pio.write_images(list(figs), [str(t) for t in tmps], format="png", scale=scale)
+            pio.write_images([f for f, _ in pending], [str(t) for t in tmps], scale=scale)
         except Exception as exc:  # kaleido/choreographer raise their own types for a missing or failing browser
+            for t in tmps:
+                t.unlink(missing_ok=True)
             raise StaticExportError(
-                f"could not write {paths[0]} with kaleido ({type(exc).__name__}: {exc}). kaleido needs a Chrome or "
-                "Chromium it can start (Debian: apt-get install chromium; or `plotly_get_chrome`)."
-            ) from exc
-
-
-def write_png(fig, path: PathLike, scale: float = 1.0) -> None:
-    write_pngs([fig], [path], scale)
+                f"could not write {pending[0][1]} with kaleido ({type(exc).__name__}: {exc}). kaleido needs a "
+                "Chrome or Chromium it can start; project.plots.engine: matplotlib needs none.") from exc
+        missing = []
+        for (fig, path), tmp in zip(pending, tmps):
+            if tmp.exists() and tmp.stat().st_size > 0:
+                os.replace(tmp, path)
+            else:
+                tmp.unlink(missing_ok=True)
+                missing.append((fig, path))
+        if not missing:
+            return
+        log.warning("kaleido returned without writing %d of %d files (attempt %d): %s", len(missing),
+                    len(pending), attempt + 1, ", ".join(str(p) for _, p in missing))
+        pending = missing
+    raise StaticExportError(f"kaleido did not write {pending[0][1]} (nor {len(pending) - 1} other files) after "
+                            f"{retries + 1} attempts; project.plots.engine: matplotlib avoids the browser")
 
 
 def write_html(fig, path: PathLike) -> None:
@@ -374,11 +392,21 @@ def write_plots(
     *,
     images: PathLike | None = None,
     attributes: Mapping | None = None,
-    png: bool = True,
+    formats: Iterable[str] = ("png", "pdf"),
+    engine: str = "matplotlib",
     max_points: int | None = None,
 ) -> list[Path]:
-    """`{out_dir}/{method}-{attribute}.html` (+ `.png`) for every declared attribute, plus region when the
-    projection holds several regions. Returns the written paths."""
+    """`{out_dir}/{method}-{attribute}.html` (interactive, Plotly) plus one static figure per format in
+    `formats` (png for the report, pdf/svg for publication) for every declared attribute, plus region when the
+    projection holds several regions. Static figures come from matplotlib (`engine="matplotlib"`, no browser)
+    or from Plotly through kaleido (`engine="kaleido"`, needs Chrome/Chromium). Returns the written paths."""
+    from cohortlens.analysis.figures import FORMATS, save_figure, static_map
+
+    formats = tuple(dict.fromkeys(f.lower() for f in formats))
+    if bad := [f for f in formats if f not in FORMATS]:
+        raise ValueError(f"project.plots.formats: {bad[0]!r} is not one of {', '.join(FORMATS)}")
+    if engine not in ("matplotlib", "kaleido"):
+        raise ValueError(f"project.plots.engine must be matplotlib or kaleido, not {engine!r}")
     meta = read_parquet_metadata(projection)
     method = meta.get("method", Path(projection).stem)
     frame, specs = projection_with_attributes(projection, subjects, images, attributes)
@@ -386,16 +414,21 @@ def write_plots(
     if frame["region"].n_unique() > 1:
         plotted = {"region": REGION_SPEC, **plotted}
     title_base = f"{meta.get('model', '')} · {meta.get('region', '')} · {method}".strip(" ·")
-    written, figs = [], []
+    written, kaleido_figs, kaleido_paths = [], [], []
     for attribute, spec in plotted.items():
+        title = f"{title_base} — {attribute}"
         fig = projection_figure(frame, attribute, spec, hover_attributes=list(specs), max_points=max_points,
-                                title=f"{title_base} — {attribute}")
-        html_path = Path(out_dir) / f"{method}-{attribute}.html"
-        write_html(fig, html_path)
-        written.append(html_path)
-        figs.append(fig)
-    if png:
-        pngs = [p.with_suffix(".png") for p in written]
-        write_pngs(figs, pngs)
-        written += pngs
+                                title=title)
+        stem = Path(out_dir) / f"{method}-{attribute}"
+        write_html(fig, stem.with_suffix(".html"))
+        written.append(stem.with_suffix(".html"))
+        static = [stem.with_suffix(f".{f}") for f in formats]
+        if engine == "kaleido":
+            kaleido_figs += [fig] * len(static)
+            kaleido_paths += static
+        elif static:
+            written += save_figure(static_map(frame, attribute, spec, title=title, max_points=max_points), static)
+    if kaleido_paths:
+        write_with_kaleido(kaleido_figs, kaleido_paths)
+        written += kaleido_paths
     return written

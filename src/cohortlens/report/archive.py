@@ -59,7 +59,7 @@ IDENTIFYING_KEYWORDS = (
 MIN_LENGTH = 4
 # packages whose versions go into versions.json (those installed)
 KEY_PACKAGES = ("cohortlens", "snakemake", "numpy", "polars", "pyarrow", "scikit-learn", "scipy", "torch",
-                "opentsne", "umap-learn", "plotly", "kaleido", "fairlearn", "cleanlab", "hdbscan", "pydicom",
+                "opentsne", "umap-learn", "plotly", "matplotlib", "kaleido", "fairlearn", "cleanlab", "hdbscan", "pydicom",
                 "nibabel", "pillow", "pyyaml", "cuml")
 _DICOM_SUFFIXES = {"", ".dcm", ".dicom", ".dic", ".ima"}
 
@@ -260,7 +260,7 @@ def package_versions(packages: Sequence[str] = KEY_PACKAGES) -> dict:
 
 # What a run's archive holds by default (globs under results/): the tables and small files of every stage.
 # Left out: slice-level embeddings and preprocessed shards (large, and pixel data), model checkpoints, the
-# mitigated embeddings, the per-attribute plot pages (the report has the maps) and the logs.
+# mitigated embeddings, the per-attribute interactive plot pages (the report has the maps) and the logs.
 DEFAULT_MEMBERS = (
     "cohort/*.parquet",
     "preprocessed/index.parquet",
@@ -273,6 +273,8 @@ DEFAULT_MEMBERS = (
     "fairness/*/*.parquet",
     "findings/*.parquet",
     "findings/*/*.png",
+    "plots/*/*/*.pdf",  # the static maps for publication (the interactive pages stay out)
+    "plots/*/*/*.svg",
     "mitigation/*/reprobe.parquet",
 )
 
