@@ -24,7 +24,15 @@ from cohortlens.embed.autoencoder import embed_autoencoder
 from cohortlens.embed.parquet import config_hash
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
 from cohortlens.models.registry import load_model, resolve_config
-from cohortlens.models.training import SliceBatches, batch_loader, fingerprint, train_from_files, training_rows
+from cohortlens.models.training import (
+    SliceBatches,
+    batch_loader,
+    ema_decay_at,
+    ema_update,
+    fingerprint,
+    train_from_files,
+    training_rows,
+)
 from cohortlens.preprocess.shard import preprocess_shard
 from cohortlens.preprocess.store import SliceStore, center_crop
 
@@ -271,3 +279,34 @@ def test_fingerprint_ignores_operational_keys_but_not_the_recipe_or_data():
     assert base != fingerprint("vae", {**cfg, "lr": 1e-4}, ["a/0", "a/1"])
     assert base != fingerprint("vae", cfg, ["a/0", "a/1", "b/0"])
     assert base != fingerprint("dae", cfg, ["a/0", "a/1"])
+
+
+def test_ema_warmup_follows_the_schedule_and_resumes():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def run(avg_fn, steps, ema=None):
+        model = torch.nn.Linear(3, 2)
+        ema = ema or AveragedModel(model, multi_avg_fn=avg_fn, use_buffers=True)
+        for t in range(steps):
+            with torch.no_grad():
+                model.weight.fill_(float(t))
+            ema.update_parameters(model)
+        return ema
+
+    # the weight takes the value t at update t: the EMA is then a closed-form weighted mean of 0..steps-1
+    steps, decay = 250, 0.999
+    warm = float(run(ema_update(decay), steps).module.weight[0, 0])
+    expected = 0.0
+    for t in range(1, steps):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * t
+    assert warm == pytest.approx(expected, rel=1e-5)
+    # without warm-up 0.999 keeps the start: 250 updates move the average only a few steps from 0
+    cold = float(run(ema_update(decay, warmup=False), steps).module.weight[0, 0])
+    torch_own = float(run(get_ema_multi_avg_fn(decay), steps).module.weight[0, 0])
+    assert cold == pytest.approx(torch_own, rel=1e-5) and cold < 0.15 * (steps - 1) < 0.8 * (steps - 1) < warm
+    assert ema_decay_at(decay, 10) == pytest.approx(11 / 20) and ema_decay_at(decay, 100_000) == decay
+    # the update count is in the state dict, so a resumed run continues the schedule where it stopped
+    ema = run(ema_update(decay), 100)
+    state = ema.state_dict()
+    assert int(state["n_averaged"]) == 100

@@ -12,15 +12,17 @@
 * outlier, near_duplicate — kNN distances in the reduced embedding (cleanlab Datalab);
 * non_iid — the kNN graph vs the acquisition-date order (cleanlab Datalab, its p-value);
 
-then corrects p-values by Benjamini-Hochberg over every test of a kind (`discover_core.adjust`), keeps the
+then corrects p-values by Benjamini-Hochberg over every test of a kind (`discover_core.adjust`), re-tests every
+significant leak, cluster and date interaction conditional on each other attribute and marks echoes with their
+root cause (`discover_causes`, the `explained_by` column), keeps the
 significant ones (and every cleanlab flag) as findings, draws one explanation PNG per finding with a sample
 set (`explain`) and writes `findings/{model}.parquet`. `ground_truth_recall` (in `discover_truth`) matches the
 findings against a demo cohort's planted effects.
 
 The negative-control rule for dates is the same in every detector: a finding named `date` is a date effect
-that no single site carries; one that disappears when one site is left out, and shows within that site alone,
-is named `site×date` with that site as value (an interaction, such as the demo's Neubrandenburg flat neck from
-study year 2 on). Rationale in `discover_truth` and `discover_core.confine_to_stratum`.
+that no single stratum carries; one that disappears when one site (or scanner, batch: any categorical
+acquisition attribute) is left out, and shows within it alone, is named `site×date` (`vendor×date`, ...) with
+that value (an interaction, such as the demo's Neubrandenburg flat neck from study year 2 on). Rationale in `discover_truth` and `discover_core.confine_to_stratum`.
 """
 
 from __future__ import annotations
@@ -90,9 +92,15 @@ def _subject_sample(frame: pl.DataFrame, mask: np.ndarray, cap: int, rng: np.ran
 def run_tests(regions: list[RegionData], cfg: Mapping | None = None) -> list[Finding]:
     """Every test of every detector, p-values corrected, ids assigned (significant or not)."""
     cfg = settings(cfg)
+    from cohortlens.analysis.discover_causes import explain_echoes
+
     with threadpool_limits(limits=cfg["blas_threads"]):
         tests = _run_detectors(regions, cfg)
-    adjust(tests)
+        adjust(tests)
+        t0 = time.perf_counter()
+        # a fresh stream: the detectors' p-values do not change when the conditional re-tests are added
+        explain_echoes(regions, tests, cfg, np.random.default_rng([cfg["seed"], 1]))
+        log.info("discover root causes: %.1fs", time.perf_counter() - t0)
     assign_ids(tests)
     return tests
 

@@ -39,7 +39,8 @@ from cohortlens.analysis.discover_core import (
     Finding,
     RegionData,
     categorical_view,
-    confine_to_stratum,
+    confine_to_any_stratum,
+    stratum_attributes,
     date_str,
     interaction_name,
     pct,
@@ -63,8 +64,9 @@ def clusters(rd: RegionData, cfg: dict, rng: np.random.Generator) -> list[Findin
         out += interaction_tests(rd, members, name, meta, cfg)
     for pocket in neighbourhood_pockets(rd, cfg, rng):
         out.append(pocket["finding"])
-        out += interaction_tests(rd, pocket["members"], pocket["name"], pocket["meta"], cfg,
-                                 only_site=pocket["site"])
+        if pocket["stratum"] is not None:
+            out += interaction_tests(rd, pocket["members"], pocket["name"], pocket["meta"], cfg,
+                                     only=pocket["stratum"])
     return out
 
 
@@ -127,7 +129,7 @@ def enrichment_tests(rd: RegionData, members: np.ndarray, name: str, meta: dict,
             is_v = np.array([str(x) == value for x in view]) & ok
             f = _fisher_finding(rd, members & ok, is_v, ok, attribute, value, name, meta, cfg)
             if rd.specs[attribute].type == "date" and strata is not None and f.p_value <= cfg["alpha"]:
-                _confine_date(rd, f, members, is_v, ok, strata, cfg)
+                _confine_date(rd, f, members, is_v, ok, cfg)
             out.append(f)
     return out
 
@@ -164,18 +166,18 @@ def _fisher_finding(rd, members, is_v, ok, attribute, value, name, meta, cfg) ->
     return f
 
 
-def _confine_date(rd, f: Finding, members, is_v, ok, strata, cfg) -> None:
+def _confine_date(rd, f: Finding, members, is_v, ok, cfg) -> None:
     def fisher(keep):
         return _fisher_p(members & keep, is_v & keep, ok & keep)
 
-    site, p_without = confine_to_stratum(fisher, strata, cfg["alpha"], test_within=fisher)
-    f.details["p_without_site"] = p_without
-    if site is not None:
-        f.details["year"] = f.value
-        f.attribute = interaction_name(rd.strata_name, f.attribute)
-        f.value = site
-        f.summary += (f"; carried by site {site} alone (without it p = {p_without[site]:.2g}): a site×date "
-                      f"interaction, not a date effect")
+    stratum, value, p_without = confine_to_any_stratum(rd, fisher, cfg["alpha"], test_within=fisher)
+    f.details["p_without_stratum"] = p_without
+    if value is not None:
+        f.details.update(year=f.value, stratum=stratum)
+        f.attribute = interaction_name(stratum, f.attribute)
+        f.value = value
+        f.summary += (f"; carried by {stratum} {value} alone (without it p = {p_without[stratum][value]:.2g}): "
+                      f"a date effect within {stratum} {value}, not a date effect of its own")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,42 +200,45 @@ def onset(inside: np.ndarray, outside: np.ndarray) -> tuple[float, str, float]:
 
 
 def interaction_tests(rd: RegionData, members: np.ndarray, name: str, meta: dict, cfg: dict,
-                      only_site: str | None = None) -> list[Finding]:
+                      only: tuple[str, str] | None = None) -> list[Finding]:
+    """Dates of one stratum's images (a site's, a scanner's) inside vs outside a cluster or pocket: a date
+    effect within that stratum. Strata are each categorical acquisition attribute's values, tested where the
+    group over-represents them (`only`: the one stratum a pocket was selected for)."""
     out = []
-    sites = rd.attributes(roles=("acquisition",), types=("categorical",))
     dates = rd.attributes(types=("date",))
-    if not sites or not dates:
-        return out
-    strata = rd.strata()
-    for date_attr in dates:
-        days = rd.values(date_attr)
-        for site, count in value_counts(strata).items():
-            if only_site is not None and site != only_site:
-                continue
-            in_site = (strata == site) & np.isfinite(days)
-            inside, outside = days[in_site & members], days[in_site & ~members]
-            if min(len(inside), len(outside)) < cfg["interaction_min"]:
-                continue
-            share_in = (members & (strata == site)).sum() / max(members.sum(), 1)
-            base = count / rd.n
-            if only_site is None and share_in < cfg["min_enrichment"] * base:
-                continue
-            test = mannwhitneyu(inside, outside, alternative="two-sided")
-            rbc = 2.0 * test.statistic / (len(inside) * len(outside)) - 1.0
-            t, direction, sep = onset(inside, outside)
-            frac_in = float(np.mean(inside >= t) if direction == "from" else np.mean(inside < t))
-            frac_out = float(np.mean(outside >= t) if direction == "from" else np.mean(outside < t))
-            value = f"{site}, {direction} {date_str(t)}"
-            summary = (f"{rd.strata_name} {site} images in {name} ({rd.region}) were acquired {direction} "
-                       f"{date_str(t)}: {pct(frac_in)} of the {len(inside)} inside vs {pct(frac_out)} of the "
-                       f"{len(outside)} outside (rank-biserial {rbc:+.2f}, Mann-Whitney U) — a site×date interaction")
-            details = dict(meta, site=site, onset=date_str(t), direction=direction, separation=sep,
-                           share_inside=frac_in, share_outside=frac_out, n_inside=len(inside),
-                           n_outside=len(outside), test="mann_whitney_u", group=name)
-            ids = rd.image_uids[in_site & members]
-            out.append(Finding("cluster", rd.region, interaction_name(rd.strata_name, date_attr), value, rbc,
-                               "rank_biserial", float(test.pvalue), len(inside) + len(outside), ids.tolist(),
-                               summary, details, tag=meta.get("tag", "")))
+    for stratum in stratum_attributes(rd):
+        if only is not None and stratum != only[0]:
+            continue
+        labels = np.asarray([str(v) for v in rd.values(stratum)], dtype=object)
+        for date_attr in dates:
+            days = rd.values(date_attr)
+            for value, count in value_counts(rd.values(stratum)).items():
+                if only is not None and value != only[1]:
+                    continue
+                in_stratum = (labels == value) & np.isfinite(days)
+                inside, outside = days[in_stratum & members], days[in_stratum & ~members]
+                if min(len(inside), len(outside)) < cfg["interaction_min"]:
+                    continue
+                share_in = (members & (labels == value)).sum() / max(members.sum(), 1)
+                if only is None and share_in < cfg["min_enrichment"] * count / rd.n:
+                    continue
+                test = mannwhitneyu(inside, outside, alternative="two-sided")
+                rbc = 2.0 * test.statistic / (len(inside) * len(outside)) - 1.0
+                t, direction, sep = onset(inside, outside)
+                frac_in = float(np.mean(inside >= t) if direction == "from" else np.mean(inside < t))
+                frac_out = float(np.mean(outside >= t) if direction == "from" else np.mean(outside < t))
+                shown = f"{value}, {direction} {date_str(t)}"
+                summary = (f"{stratum} {value} images in {name} ({rd.region}) were acquired {direction} "
+                           f"{date_str(t)}: {pct(frac_in)} of the {len(inside)} inside vs {pct(frac_out)} of the "
+                           f"{len(outside)} outside (rank-biserial {rbc:+.2f}, Mann-Whitney U) — a {date_attr} "
+                           f"effect within {stratum} {value}")
+                details = dict(meta, stratum=stratum, site=value, onset=date_str(t), direction=direction,
+                               separation=sep, share_inside=frac_in, share_outside=frac_out,
+                               n_inside=len(inside), n_outside=len(outside), test="mann_whitney_u", group=name)
+                ids = rd.image_uids[in_stratum & members]
+                out.append(Finding("cluster", rd.region, interaction_name(stratum, date_attr), shown, rbc,
+                                   "rank_biserial", float(test.pvalue), len(inside) + len(outside), ids.tolist(),
+                                   summary, details, tag=meta.get("tag", "")))
     return out
 
 
@@ -385,7 +390,9 @@ def _pocket_finding(rd, attribute, value, centres, nbrs, is_v, ok, null, k, stra
     f = Finding("cluster", rd.region, attribute, value, ratio, "enrichment_ratio", p, size,
                 rd.image_uids[members].tolist(), summary, details, tag="pocket")
     f.reportable = bool(ratio >= cfg["min_enrichment"])
-    site = value if attribute == rd.strata_name else None
+    # a pocket of a site is tested for a date effect within that site; a pocket of a date (selected by the date)
+    # is not tested for a date effect at all: its dates differ from the rest by construction (circular)
+    stratum = (attribute, value) if rd.specs[attribute].is_categorical else None
     if rd.specs[attribute].type == "date" and strata is not None and p <= cfg["alpha"]:
-        _confine_date(rd, f, members, is_v, ok, strata, cfg)
-    return {"finding": f, "members": members, "name": name, "meta": meta, "site": site}
+        _confine_date(rd, f, members, is_v, ok, cfg)
+    return {"finding": f, "members": members, "name": name, "meta": meta, "stratum": stratum}

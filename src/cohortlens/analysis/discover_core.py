@@ -46,6 +46,9 @@ FINDINGS_SCHEMA = pa.schema([
     ("description", pa.string()),
     ("evidence", pa.list_(pa.string())),
     ("details", pa.string()),  # JSON: the numbers behind the description (proportions, onset, parameters)
+    # "attribute=value" of the root cause when conditioning on it explains this finding (an echo; the report folds
+    # it under its root cause), null when the finding survives conditioning on every other attribute
+    ("explained_by", pa.string()),
 ])
 
 DEFAULTS: dict = {
@@ -74,6 +77,7 @@ DEFAULTS: dict = {
     "min_value_count": 10,  # values rarer than this in a region are not tested
     "interaction_min": 5,  # members of a site inside and outside a cluster for the site x date test
     "interaction_min_site": 30,  # images of one site for the within-site date leak
+    "onset_bootstraps": 200,  # subject bootstrap resamples for the 95 % interval of a date effect's onset
     "discordant_k": 15,
     "discordant_folds": 10,
     "max_date_categories": 12,  # year bins of a date attribute tested for enrichment
@@ -116,6 +120,7 @@ class Finding:
     # stays in the tests table but is not a finding.
     reportable: bool = True
     tag: str = ""  # distinguishes tests of one kind/region/attribute/value in the id (e.g. which cluster)
+    explained_by: str | None = None  # "attribute=value" of the root cause (discover_causes), None: survives
 
     def is_finding(self, alpha: float) -> bool:
         if not self.reportable:
@@ -149,6 +154,7 @@ class Finding:
             "description": description,
             "evidence": list(self.evidence),
             "details": json.dumps(self.details, sort_keys=True, default=_json_default),
+            "explained_by": self.explained_by,
         }
 
 
@@ -321,6 +327,25 @@ def pct(x: float) -> str:
 
 def interaction_name(stratum_attribute: str, attribute: str) -> str:
     return f"{stratum_attribute}{INTERACTION_SEP}{attribute}"
+
+
+def stratum_attributes(rd: "RegionData") -> list[str]:
+    """The categorical acquisition attributes (site, scanner, batch, ...): the strata a date effect may live in."""
+    return rd.attributes(roles=("acquisition",), types=("categorical",))
+
+
+def confine_to_any_stratum(rd: "RegionData", test_without, alpha: float, test_within=None,
+                           min_rest: int = 10) -> tuple[str | None, str | None, dict]:
+    """`confine_to_stratum` for each categorical acquisition attribute in turn: (attribute, value, p without
+    each value per attribute). Among attributes with a carrying value, the one whose removal weakens the effect
+    most; the finding is then named after that attribute (date within scanner X, not "within site X")."""
+    best, p_all = (None, None, -1.0), {}
+    for attribute in stratum_attributes(rd):
+        value, p_without = confine_to_stratum(test_without, rd.values(attribute), alpha, test_within, min_rest)
+        p_all[attribute] = p_without
+        if value is not None and p_without[value] > best[2]:
+            best = (attribute, value, p_without[value])
+    return best[0], best[1], p_all
 
 
 def confine_to_stratum(test_without, strata: np.ndarray, alpha: float, test_within=None,

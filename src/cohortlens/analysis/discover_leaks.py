@@ -8,11 +8,13 @@ of that score: the same cross-validation refitted to permuted labels, as sklearn
 `RidgeCV` problem (regularisation chosen per target by efficient leave-one-out), which makes 199
 permutations cost about as much as one fit of a kernel probe.
 
-Dates are tested *conditional on the site*: labels are permuted only within a site, so a date that is
-predictable merely because sites recruited in different years is not a date effect. A significant date
-leak is then checked for confinement to one site (`confine_to_stratum`); a date leak that one site carries
-alone is reported as a site×date interaction, not as a date effect. The interaction is also tested
-directly: per site, can the date be predicted from that site's images alone?
+Dates are tested *conditional on the acquisition strata* (site, scanner, ...): labels are permuted only within
+a stratum, so a date that is predictable merely because sites recruited in different years is not a date
+effect. A significant date leak is then checked for confinement to one value of one stratum attribute
+(`confine_to_any_stratum`); a date leak that one site (or scanner) carries alone is reported as a date effect
+within that stratum, named after it (`site×date` = Neubrandenburg, `vendor×date` = B), not as a date effect.
+The interaction is also tested directly: per stratum value, can the date be predicted from its images alone?
+Its onset is estimated as a change point on the date score (`discover_onset`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from cohortlens.analysis._data import present
 from cohortlens.analysis.discover_core import (
     Finding,
     RegionData,
-    confine_to_stratum,
-    date_str,
+    confine_to_any_stratum,
     interaction_name,
+    stratum_attributes,
     value_counts,
 )
+from cohortlens.analysis.discover_onset import change_point, describe
 
 # Ridge penalties tried per target by leave-one-out; the PCA scores' variances span about 1e-1 .. 1e2.
 ALPHAS = np.logspace(-1, 4, 8)
@@ -118,7 +121,9 @@ def p_from_null(stat: float, null: np.ndarray) -> float:
 
 
 def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None = None,
-         conditional: bool = True) -> dict | None:
+         conditional: bool = True, strata: np.ndarray | None = None) -> dict | None:
+    """One leak test. Labels are permuted within `strata` when given (a conditional test: what the embedding
+    knows of the attribute beyond those strata), else dates within the acquisition strata, others freely."""
     spec = rd.specs[attribute]
     y = rd.values(attribute)
     mask = present(y) if keep is None else (present(y) & keep)
@@ -131,8 +136,11 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
     if mask.sum() < 3 * cfg["folds"]:
         return None
     Z, yy, units = rd.Z[mask], y[mask], rd.subjects[mask]
-    strata = rd.strata()
-    strata = strata[mask] if (conditional and spec.type == "date" and strata is not None) else None
+    if strata is not None:
+        strata = np.asarray(strata, dtype=object)[mask]
+    else:
+        strata = rd.strata()
+        strata = strata[mask] if (conditional and spec.type == "date" and strata is not None) else None
     seed = int(rng.integers(2**31))
     folds = cv_folds(len(yy), units, cfg["folds"], seed)
     perm = permutation_index(len(yy), cfg["permutations"], np.random.default_rng(seed), strata,
@@ -180,49 +188,60 @@ def _leak_finding(rd: RegionData, attribute: str, res: dict, cfg: dict, rng) -> 
         return Finding("attribute_leak", rd.region, attribute, None, res["stat"], "r2", res["p"], n, [],
                        summary, details)
 
-    strata = rd.strata()
+    stratum_attrs = stratum_attributes(rd)
     attr_name, value = attribute, None
-    summary = (f"{attribute} is predictable from {rd.region} embeddings beyond the site: {what}, dates permuted "
-               f"within site")
-    if strata is not None and res["p"] <= cfg["alpha"]:
-        site, p_without = confine_to_stratum(
-            lambda keep: (_run(rd, attribute, cfg, rng, keep=keep) or {"p": 1.0})["p"], strata, cfg["alpha"],
+    beyond = " and ".join(stratum_attrs) or "nothing"
+    summary = (f"{attribute} is predictable from {rd.region} embeddings beyond the {beyond}: {what}, dates "
+               f"permuted within {beyond}")
+    if stratum_attrs and res["p"] <= cfg["alpha"]:
+        stratum, site, p_without = confine_to_any_stratum(
+            rd, lambda keep: (_run(rd, attribute, cfg, rng, keep=keep) or {"p": 1.0})["p"], cfg["alpha"],
             test_within=lambda keep: (_run(rd, attribute, cfg, rng, keep=keep, conditional=False)
                                       or {"p": 1.0})["p"])
-        details["p_without_site"] = p_without
+        details["p_without_stratum"] = p_without
         if site is not None:
-            attr_name, value = interaction_name(rd.strata_name, attribute), site
-            summary = (f"{attribute} is predictable from {rd.region} embeddings only through site {site}: {what}; "
-                       f"without {site} p = {p_without[site]:.2g} — a site×date interaction, not a date effect")
+            attr_name, value = interaction_name(stratum, attribute), site
+            details["stratum"] = stratum
+            summary = (f"{attribute} is predictable from {rd.region} embeddings only through {stratum} {site}: "
+                       f"{what}; without {site} p = {p_without[stratum][site]:.2g} — a {attribute} effect within "
+                       f"{stratum} {site}, not a {attribute} effect of its own")
     return Finding("attribute_leak", rd.region, attr_name, value, res["stat"], "r2", res["p"], n, [], summary,
                    details)
 
 
 def site_date_leaks(rd: RegionData, cfg: dict, rng) -> list[Finding]:
-    """Within one site, is the acquisition date predictable from the images? (a site x date interaction)"""
+    """Within one value of a stratum attribute (a site, a scanner), is the acquisition date predictable from the
+    images? A date effect within that stratum, with its onset (`discover_onset`)."""
     out = []
-    sites = rd.attributes(roles=("acquisition",), types=("categorical",))
     dates = rd.attributes(types=("date",))
-    for site_attr in sites:
-        site_vals = rd.values(site_attr)
+    for stratum in stratum_attributes(rd):
+        stratum_vals = rd.values(stratum)
         for date_attr in dates:
-            for site, count in value_counts(site_vals).items():
+            for value, count in value_counts(stratum_vals).items():
                 if count < cfg["interaction_min_site"]:
                     continue
-                keep = np.array([str(v) == site for v in site_vals])
+                keep = np.array([str(v) == value for v in stratum_vals])
                 res = _run(rd, date_attr, cfg, rng, keep=keep, conditional=False)
                 if res is None:
                     continue
                 days = rd.values(date_attr)[res["mask"]]
-                later = res["pred"] > np.median(res["pred"])
                 ids = rd.image_uids[res["mask"]]
-                summary = (f"within site {site}, the {date_attr} is predictable from {rd.region} embeddings: "
-                           f"R² {res['stat']:.2f} (r = {res['r']:.2f}, n = {int(res['mask'].sum())}); images that "
-                           f"look later are dated {date_str(np.median(days[later]))} (median) vs "
-                           f"{date_str(np.median(days[~later]))}")
+                cp = change_point(days, res["pred"], rd.subjects[res["mask"]], permutations=cfg["permutations"],
+                                  bootstraps=cfg["onset_bootstraps"], alpha=cfg["alpha"],
+                                  rng=np.random.default_rng(int(rng.integers(2**31))))
+                if cp["onset"] is not None and cp["shape"] == "step":
+                    after = days >= np.datetime64(cp["onset"], "D").astype(int)
+                else:  # a drift has no onset: the later-looking half stands for "what changed"
+                    after = res["pred"] > np.median(res["pred"])
+                summary = (f"within {stratum} {value}, the {date_attr} is predictable from {rd.region} embeddings: "
+                           f"R² {res['stat']:.2f} (r = {res['r']:.2f}, n = {int(res['mask'].sum())}); "
+                           f"{describe(cp)}")
                 details = {"r2": res["stat"], "pearson_r": res["r"], "folds": res["n_folds"],
-                           "permutations": cfg["permutations"], "site": site, "scope": "within site"}
-                out.append(Finding("attribute_leak", rd.region, interaction_name(site_attr, date_attr), site,
-                                   res["stat"], "r2", res["p"], int(res["mask"].sum()), ids[later].tolist(),
+                           "permutations": cfg["permutations"], "stratum": stratum, "site": value,
+                           "scope": f"within {stratum}", **{k: v for k, v in cp.items() if k != "n"}}
+                if cp["shape"] == "step":
+                    details["direction"] = "from"
+                out.append(Finding("attribute_leak", rd.region, interaction_name(stratum, date_attr), value,
+                                   res["stat"], "r2", res["p"], int(res["mask"].sum()), ids[after].tolist(),
                                    summary, details, tag="within"))
     return out

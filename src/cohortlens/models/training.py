@@ -83,6 +83,28 @@ class AutoencoderModel(Protocol):
 # ----------------------------------------------------------------------------------------------- settings
 
 
+def ema_decay_at(decay: float, updates: int, warmup: bool = True) -> float:
+    """The EMA decay of the update after `updates` earlier ones: `decay`, or with warm-up the smaller of `decay` and
+    (1 + t) / (10 + t), the schedule of TensorFlow's ExponentialMovingAverage with num_updates."""
+    return min(decay, (1.0 + updates) / (10.0 + updates)) if warmup else decay
+
+
+def ema_update(decay: float, warmup: bool = True):
+    """`multi_avg_fn` for torch's AveragedModel: in-place lerp of every averaged tensor towards the model's with
+    weight 1 - decay_t. AveragedModel copies the weights on its first update and counts updates itself, so the
+    count (and with it the warm-up) is part of its state dict and survives a checkpoint resume."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged) -> None:
+        d = ema_decay_at(decay, int(num_averaged), warmup)  # one host sync per step: negligible beside the step
+        if torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:  # integer buffers (counters): lerp is float-only
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_((a * d + c * (1.0 - d)).to(a.dtype))
+
+    return update
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """Trainer keys of a models.<name> config entry (the other keys belong to the model)."""
@@ -98,6 +120,9 @@ class TrainSettings:
     crop: int = 64  # random crop (training) and center crop (embedding), px
     train_slices: str = "all"  # all | center
     ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
+    # decay_t = min(ema_decay, (1 + t) / (10 + t)): early updates average over few steps, so a short run's EMA
+    # is not mostly its random initialisation (0.999 over 250 steps keeps 0.999^250 = 78 % of the initial weights)
+    ema_warmup: bool = True
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -593,9 +618,9 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     ema = None
     if settings.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_update(settings.ema_decay, settings.ema_warmup), use_buffers=True)
 
     folder = checkpoint_dir(out_dir, fingerprint_)
     state = load_latest_checkpoint(folder, device)

@@ -1,0 +1,249 @@
+"""Root causes, not echoes: every significant leak, cluster and date-interaction finding tested again
+conditional on each other attribute.
+
+When acquisition attributes are correlated (a scanner model bought by some sites, a site that recruits older
+people), a real effect of one attribute makes the others look leaky or clustered too: their marginal tests
+are significant only through the first. Each finding of attribute A is therefore re-tested given every other
+recorded attribute B (protected and acquisition; continuous ones in quintile bins):
+
+* **leaks**: the same permutation test with A's labels permuted only *within strata of B*. Its null is "the
+  embedding knows nothing of A beyond what it knows of B"; a probe that reads B alone scores as well on the
+  permuted labels as on the real ones.
+* **cluster / pocket enrichment**: a one-sided Cochran–Mantel–Haenszel test of (member, A = a) stratified by
+  B. Its null is "within every stratum of B, A = a is no more common in the group than outside it".
+* **date effects within a stratum** (date within site S, date within scanner X): the within-stratum date leak
+  re-run without the images of another significant date stratum. When the protocol change of site S is the
+  cause, "date within scanner X" vanishes once site S's images are left out, while site S's effect does not
+  vanish without scanner X's other images.
+
+A finding is an **echo of B** when its conditional test given B is no longer significant (p > alpha), B has a
+significant finding of its own in that region, and B's effect survives conditioning on A (the asymmetry that
+names the cause). When neither survives the other (two attributes too collinear to separate), the one with
+the weaker marginal evidence is marked explained with `inseparable: true`. Echoes keep their row in
+findings.parquet with `explained_by = "B=value"` and `details.explained_by` (attribute, value, p_marginal,
+p_conditional, p_reverse, test); the report folds them under their root cause. A finding that survives every
+conditioning says so (`details.survives_conditioning`).
+
+These conditional p-values only ever demote a finding selected by its marginal test; they are never reported
+as evidence for a finding, so the selection on the same data makes them conservative, not liberal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import norm
+
+from cohortlens.analysis._data import present
+from cohortlens.analysis.discover_core import INTERACTION_SEP, Finding, RegionData, categorical_view
+from cohortlens.analysis.discover_leaks import _run
+
+MISSING = "(missing)"
+BINS = 5  # quantile bins of a continuous or date attribute used as strata
+
+
+def stratum_labels(rd: RegionData, attribute: str) -> np.ndarray:
+    """Strata of one attribute: its categories, or quintile bins of a number or date; missing is a stratum."""
+    values = rd.values(attribute)
+    ok = present(values)
+    out = np.full(rd.n, MISSING, dtype=object)
+    if rd.specs[attribute].is_categorical:
+        out[ok] = values[ok].astype(str)
+        return out
+    v = values[ok].astype(float)
+    edges = np.unique(np.quantile(v, np.linspace(0, 1, BINS + 1)[1:-1])) if len(v) else np.array([])
+    out[ok] = np.digitize(v, edges).astype(str)
+    return out
+
+
+def cmh_greater(members: np.ndarray, is_v: np.ndarray, ok: np.ndarray, strata: np.ndarray) -> float:
+    """One-sided Cochran–Mantel–Haenszel p-value (continuity-corrected normal approximation) that membership
+    and `is_v` are positively associated within strata. 1.0 when no stratum varies in both (no evidence left)."""
+    diff, var = 0.0, 0.0
+    for s in np.unique(strata[ok]):
+        m = ok & (strata == s)
+        n = int(m.sum())
+        if n < 2:
+            continue
+        a = int((members & is_v & m).sum())
+        n1, m1 = int((members & m).sum()), int((is_v & m).sum())
+        diff += a - n1 * m1 / n
+        var += n1 * (n - n1) * m1 * (n - m1) / (n * n * (n - 1))
+    if var <= 0:
+        return 1.0
+    return float(norm.sf((diff - 0.5) / np.sqrt(var)))
+
+
+def _is_interaction(f: Finding) -> bool:
+    return INTERACTION_SEP in f.attribute
+
+
+def _others(rd: RegionData, attribute: str) -> list[str]:
+    return [b for b in rd.attributes() if b != attribute]
+
+
+class _Region:
+    """The significant findings of one region and the conditional tests run on them (cached)."""
+
+    def __init__(self, rd: RegionData, findings: list[Finding], cfg: dict, rng: np.random.Generator):
+        self.rd, self.cfg, self.alpha = rd, cfg, cfg["alpha"]
+        self.seed = int(rng.integers(2**31))
+        self.findings = findings
+        self._leak_cache: dict[tuple[str, str], float] = {}
+
+    def has_effect(self, attribute: str) -> bool:
+        return any(f.attribute == attribute for f in self.findings)
+
+    def root_value(self, attribute: str) -> str | None:
+        """The value of B its own strongest finding names (Essen for a site), None for a number."""
+        own = [f for f in self.findings if f.attribute == attribute and f.value is not None]
+        if not own:
+            return None
+        return max(own, key=lambda f: (f.kind == "cluster", f.effect_size or 0.0)).value
+
+    def marginal_p(self, attribute: str) -> float:
+        ps = [f.p_value for f in self.findings if f.attribute == attribute and f.p_value is not None]
+        return min(ps) if ps else 1.0
+
+    def leak_p_given(self, attribute: str, given: str) -> float:
+        """Leak test of `attribute` with labels permuted within strata of `given` (and, for a date, also within
+        the acquisition strata it is always tested in)."""
+        key = (attribute, given)
+        if key not in self._leak_cache:
+            strata = stratum_labels(self.rd, given)
+            if self.rd.specs[attribute].type == "date" and self.rd.strata() is not None:
+                strata = np.array([f"{a}|{b}" for a, b in zip(self.rd.strata(), strata)], dtype=object)
+            res = _run(self.rd, attribute, self.cfg, np.random.default_rng(self.seed), strata=strata)
+            self._leak_cache[key] = 1.0 if res is None else float(res["p"])
+        return self._leak_cache[key]
+
+
+def _mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p_reverse: float | None,
+          inseparable: bool = False) -> None:
+    f.explained_by = f"{cause}={value}" if value is not None else cause
+    f.details["explained_by"] = {"attribute": cause, "value": value, "p_marginal": f.p_value,
+                                 "p_conditional": p_cond, "p_reverse": p_reverse, "test": test,
+                                 "inseparable": inseparable}
+    shown = f"{cause} {value}" if value is not None else cause
+    f.summary += (f" — explained by {shown}: given {cause} p = {p_cond:.2g}"
+                  + (" (the two cannot be separated in this cohort)" if inseparable else ""))
+
+
+def _decide(reg: _Region, f: Finding, p_given: dict[str, float], reverse, test: str) -> None:
+    """Mark `f` as an echo of the first attribute (largest conditional p) that explains it, or as surviving."""
+    f.details["p_given"] = {b: round(p, 4) for b, p in p_given.items()}
+    for b in sorted((b for b, p in p_given.items() if p > reg.alpha), key=p_given.get, reverse=True):
+        if not reg.has_effect(b):
+            continue  # conditioning on an attribute without an effect of its own only costs power
+        p_rev = reverse(b)
+        if p_rev <= reg.alpha:
+            _mark(f, b, reg.root_value(b), test, p_given[b], p_rev)
+            return
+        # neither survives the other: the weaker marginal evidence is the echo
+        if (reg.marginal_p(b), -abs(_strongest(reg, b))) < (f.p_value or 1.0, -abs(f.effect_size or 0.0)):
+            _mark(f, b, reg.root_value(b), test, p_given[b], p_rev, inseparable=True)
+            return
+    f.details["survives_conditioning"] = sorted(p_given)
+
+
+def _strongest(reg: _Region, attribute: str) -> float:
+    return max((f.effect_size or 0.0 for f in reg.findings if f.attribute == attribute), default=0.0)
+
+
+def explain_leak(reg: _Region, f: Finding) -> None:
+    p_given = {b: reg.leak_p_given(f.attribute, b) for b in _others(reg.rd, f.attribute)}
+    _decide(reg, f, p_given, lambda b: reg.leak_p_given(b, f.attribute), "permutation within strata")
+
+
+def explain_cluster(reg: _Region, f: Finding) -> None:
+    rd = reg.rd
+    members = np.isin(rd.image_uids, np.asarray(f.sample_ids, dtype=object))
+    view = categorical_view(rd, f.attribute)
+    ok = present(view)
+    is_v = ok & np.array([str(x) == str(f.value) for x in view])
+    own = stratum_labels(rd, f.attribute)
+    p_given = {b: cmh_greater(members, is_v, ok, stratum_labels(rd, b)) for b in _others(rd, f.attribute)}
+
+    def reverse(b: str) -> float:
+        if not rd.specs[b].is_categorical and rd.specs[b].type != "date":
+            return reg.leak_p_given(b, f.attribute)
+        bview = categorical_view(rd, b)
+        bok = present(bview)
+        counts = {}
+        for v in np.unique(bview[bok].astype(str)):
+            hit = bok & (bview.astype(str) == v)
+            counts[v] = (members & hit).sum() / max(hit.sum(), 1)
+        best = max(counts, key=counts.get)
+        return cmh_greater(members, bok & (bview.astype(str) == best), bok, own)
+
+    _decide(reg, f, p_given, reverse, "Cochran-Mantel-Haenszel")
+
+
+def _stratum_of(f: Finding) -> tuple[str, str, str]:
+    """(stratum attribute, its value, the date attribute) of a date-within-stratum finding."""
+    stratum, date_attr = f.attribute.split(INTERACTION_SEP, 1)
+    value = f.details.get("site", f.value)
+    return stratum, str(value).split(",")[0], date_attr
+
+
+def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
+    rd = reg.rd
+    cache: dict[tuple, float] = {}
+
+    def p_without(s1, v1, s2, v2, date_attr) -> float | None:
+        key = (s1, v1, s2, v2, date_attr)
+        if key not in cache:
+            keep = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
+            if keep.sum() < reg.cfg["interaction_min_site"]:
+                cache[key] = None
+            else:
+                res = _run(rd, date_attr, reg.cfg, np.random.default_rng(reg.seed), keep=keep, conditional=False)
+                cache[key] = None if res is None else float(res["p"])
+        return cache[key]
+
+    strata = {(_stratum_of(f)) for f in interactions}
+    for f in interactions:
+        s1, v1, date_attr = _stratum_of(f)
+        rivals = [(s2, v2) for s2, v2, d2 in strata if s2 != s1 and d2 == date_attr]
+        tested = {}
+        for s2, v2 in rivals:
+            overlap = ((stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) == v2)).sum()
+            if overlap == 0:
+                continue
+            p1 = p_without(s1, v1, s2, v2, date_attr)
+            tested[f"{s2}={v2}"] = p1
+            if p1 is not None and p1 <= reg.alpha:
+                continue  # survives without the rival's images
+            p2 = p_without(s2, v2, s1, v1, date_attr)
+            n1 = (stratum_labels(rd, s1) == v1).sum()
+            n2 = (stratum_labels(rd, s2) == v2).sum()
+            if p2 is None or p2 <= reg.alpha:
+                # the rival survives without this stratum's images (or lies inside it): it is the cause
+                _mark(f, s2, v2, "within-stratum date leak without the rival stratum",
+                      1.0 if p1 is None else p1, p2)
+                break
+            if n2 < n1:  # neither survives the other: the more specific (smaller) stratum is the cause
+                _mark(f, s2, v2, "within-stratum date leak without the rival stratum",
+                      1.0 if p1 is None else p1, p2, inseparable=True)
+                break
+        f.details["p_without_rival"] = tested
+        if f.explained_by is None:
+            f.details["survives_conditioning"] = sorted(tested)
+
+
+def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> None:
+    """Sets `explained_by` on every significant leak, cluster and interaction finding that another attribute
+    explains (in place). Run after the correction: only findings are re-tested."""
+    for rd in regions:
+        sig = [f for f in tests if f.region == rd.region and f.kind in ("attribute_leak", "cluster")
+               and f.is_finding(cfg["alpha"])]
+        if not sig:
+            continue
+        reg = _Region(rd, sig, cfg, rng)
+        for f in sig:
+            if _is_interaction(f) or f.attribute not in rd.specs:
+                continue
+            if f.kind == "attribute_leak":
+                explain_leak(reg, f)
+            elif f.value is not None:
+                explain_cluster(reg, f)
+        explain_interactions(reg, [f for f in sig if _is_interaction(f)])

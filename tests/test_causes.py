@@ -1,0 +1,126 @@
+"""Root causes: echoes of a correlated attribute's effect are folded under it; real effects survive; a null
+cohort gives nothing to fold. Synthetic per-region embeddings with correlated acquisition attributes."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cohortlens.analysis import discover_clusters, discover_leaks
+from cohortlens.analysis._data import AttributeSpec
+from cohortlens.analysis.discover_causes import cmh_greater, explain_echoes, stratum_labels
+from cohortlens.analysis.discover_core import RegionData, adjust, assign_ids, settings
+
+SPECS = {
+    "site": AttributeSpec("site", "categorical", "acquisition", categories=tuple("ABCD")),
+    "vendor": AttributeSpec("vendor", "categorical", "acquisition", categories=("X", "Y")),
+    "date": AttributeSpec("date", "date", "acquisition"),
+    "sex": AttributeSpec("sex", "categorical", "protected", categories=("F", "M")),
+    "weight": AttributeSpec("weight", "continuous", "protected"),
+}
+START = 16222  # 2014-06-01
+STEP = START + 365
+
+
+def confounded_region(n=500, seed=0, vendor_effect=False, protocol_change=False, permute=False) -> RegionData:
+    """Site B's images are shifted (a real site effect). Vendor X is bought mostly by site B (85 % of B,
+    25 % elsewhere) and site B's subjects are heavier: vendor and weight leak marginally only through site B.
+    `vendor_effect` adds a real effect of vendor X; `protocol_change` a step in site B from 2015-06-01;
+    `permute` permutes every acquisition label across subjects (a null cohort)."""
+    rng = np.random.default_rng(seed)
+    site = np.array(list("ABCD"))[rng.integers(0, 4, n)]
+    vendor = np.where(rng.random(n) < np.where(site == "B", 0.85, 0.25), "X", "Y")
+    weight = rng.normal(75, 10, n) + np.where(site == "B", 12.0, 0.0)
+    days = rng.integers(START, START + 3 * 365, n)
+    Z = rng.normal(size=(n, 12))
+    Z[site == "B", 0] += 2.5
+    if vendor_effect:
+        Z[vendor == "X", 1] += 1.5
+    if protocol_change:
+        Z[(site == "B") & (days >= STEP), 2] += 3.0
+    if permute:
+        site, vendor, days = site[rng.permutation(n)], vendor[rng.permutation(n)], days[rng.permutation(n)]
+    frame = pl.DataFrame({
+        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
+        "region": ["neck"] * n, "site": site.tolist(), "vendor": vendor.tolist(),
+        "sex": np.where(rng.random(n) < 0.5, "F", "M").tolist(), "weight": weight,
+        "date": pl.Series(days.astype("datetime64[D]")),
+    })
+    return RegionData("neck", frame, Z, SPECS, 12)
+
+
+def findings_of(rd: RegionData, seed=0):
+    cfg = settings({"permutations": 99, "pocket_permutations": 199, "onset_bootstraps": 50})
+    rng = np.random.default_rng(seed)
+    tests = discover_leaks.attribute_leaks(rd, cfg, rng) + discover_clusters.clusters(rd, cfg, rng)
+    adjust(tests)
+    explain_echoes([rd], tests, cfg, np.random.default_rng(1))
+    assign_ids(tests)
+    return [f for f in tests if f.is_finding(cfg["alpha"])]
+
+
+def _leak(found, attribute):
+    return next(f for f in found if f.kind == "attribute_leak" and f.attribute == attribute)
+
+
+def test_vendor_and_weight_leaks_are_echoes_of_the_site():
+    found = findings_of(confounded_region())
+    site = _leak(found, "site")
+    assert site.explained_by is None and "survives_conditioning" in site.details
+    for echo in ("vendor", "weight"):
+        f = _leak(found, echo)  # marginally significant ...
+        assert f.explained_by == "site=B", (echo, f.summary, f.details.get("p_given"))  # ... but only through B
+        assert f.details["explained_by"]["p_conditional"] > 0.05 >= f.details["explained_by"]["p_reverse"]
+        assert "explained by site B" in f.summary
+    # the clusters and pockets of vendor X are folded under site B as well; site B's own are not
+    vendor_clusters = [f for f in found if f.kind == "cluster" and f.attribute == "vendor"]
+    assert all(f.explained_by is not None for f in vendor_clusters), [f.summary for f in vendor_clusters]
+    assert any(f.kind == "cluster" and f.attribute == "site" and f.value == "B" and f.explained_by is None
+               for f in found)
+
+
+def test_a_vendor_with_its_own_effect_survives_conditioning_on_the_site():
+    found = findings_of(confounded_region(vendor_effect=True, seed=1))
+    assert _leak(found, "vendor").explained_by is None
+    assert _leak(found, "site").explained_by is None
+    assert _leak(found, "weight").explained_by == "site=B"
+
+
+def test_a_date_step_at_one_site_is_not_a_date_effect_within_the_vendor():
+    found = findings_of(confounded_region(protocol_change=True, seed=2))
+    within = [f for f in found if f.attribute in ("site×date", "vendor×date")]
+    roots = [f for f in within if f.explained_by is None]
+    assert roots and all(f.attribute == "site×date" and str(f.value).startswith("B") for f in roots), \
+        [(f.attribute, f.value, f.explained_by) for f in within]
+    echoes = [f for f in within if f.attribute == "vendor×date"]
+    assert all(f.explained_by == "site=B" for f in echoes), [(f.value, f.details.get("p_without_rival"))
+                                                             for f in echoes]
+    assert not any(f.attribute == "date" for f in found)  # no date effect of its own
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_null_cohort_has_no_acquisition_finding(seed):
+    found = findings_of(confounded_region(permute=True, seed=seed))
+    acquisition = [f for f in found if f.attribute.split("×")[0] in ("site", "vendor", "date")]
+    assert not acquisition, [f.summary for f in acquisition]
+
+
+def test_cmh_sees_through_stratification():
+    rng = np.random.default_rng(0)
+    n = 2000
+    stratum = rng.integers(0, 4, n).astype(str)
+    is_v = rng.random(n) < np.where(stratum == "0", 0.8, 0.2)
+    members = rng.random(n) < np.where(stratum == "0", 0.6, 0.1)  # membership follows the stratum only
+    ok = np.ones(n, bool)
+    assert cmh_greater(members, is_v, ok, np.zeros(n).astype(str)) < 1e-10  # marginal: strongly associated
+    assert cmh_greater(members, is_v, ok, stratum) > 0.05  # within strata: nothing
+    members2 = members | (is_v & (rng.random(n) < 0.3))  # a real association within strata
+    assert cmh_greater(members2, is_v, ok, stratum) < 1e-6
+
+
+def test_continuous_strata_are_quintiles_with_missing_apart():
+    rd = confounded_region(n=100)
+    labels = stratum_labels(rd, "weight")
+    assert sorted(set(labels)) == ["0", "1", "2", "3", "4"]
+    assert all(15 <= (labels == b).sum() <= 25 for b in "01234")
