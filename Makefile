@@ -28,6 +28,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 lint: install
+	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
 

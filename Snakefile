@@ -2,6 +2,8 @@
 # Stages are one .smk each under workflow/rules/, in DAG order; logic lives in src/cohortlens/.
 from snakemake.utils import min_version, validate
 
+from cohortlens.config import check_config
+
 min_version("9.0")
 
 
@@ -12,6 +14,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# Every mistake at once, each naming its key, before any job; Snakemake's validate (which stops at the first)
+# then fills in the schema's defaults.
+check_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

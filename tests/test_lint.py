@@ -1,4 +1,4 @@
-"""The workflow's own hygiene: snakefmt formatting and `snakemake --lint` without findings."""
+"""The code's hygiene: snakefmt formatting, `snakemake --lint` without findings, ruff on the Python."""
 
 import subprocess
 import sys
@@ -23,3 +23,9 @@ def test_snakemake_lint_has_no_findings(tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Congratulations" in out, out
+
+
+def test_python_lint_is_clean():
+    """ruff's pyflakes rules (pyproject.toml [tool.ruff]): unused imports and variables, undefined names."""
+    proc = subprocess.run([str(BIN / "ruff"), "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -65,7 +65,11 @@ def test_reprobe_file_schema(mitigated):
     table = pl.read_parquet(mitigated["out"] / "reprobe.parquet")
     assert dict(table.schema) == REPROBE_SCHEMA
     assert set(table["method"].unique()) == {"leace", "inlp", "avae"}
-    assert set(table["probe"].unique()) == {"linear", "nonlinear"}
+    assert set(table["probe"].unique()) == {"linear", "rbf_svm", "mlp"}
+    # every after-value has its interval and its test against chance; every drop its paired interval
+    assert (table["ci_low"] <= table["value"]).all() and (table["value"] <= table["ci_high"]).all()
+    assert table["p_vs_chance"].is_between(0, 1).all()
+    assert (table["drop_ci_low"] <= table["drop_ci_high"]).all()
     assert set(table.filter(pl.col("attribute") == "sex")["role"].unique()) == {"protected"}
     assert set(table.filter(pl.col("attribute") == "age")["role"].unique()) == {"target"}
     # drop = performance lost: before - after for accuracies, after - before for errors
@@ -105,7 +109,7 @@ def test_leace_puts_the_sex_linear_probe_at_chance(mitigated):
 
 
 def test_leace_nonlinear_attack_is_reported(mitigated):
-    nonlinear = _rows(mitigated["reprobe"], "leace", "sex", "nonlinear", "balanced_accuracy")
+    nonlinear = _rows(mitigated["reprobe"], "leace", "sex", "rbf_svm", "balanced_accuracy")
     values = nonlinear["value"].to_numpy()
     assert np.isfinite(values).all() and ((values >= 0) & (values <= 1)).all()
     assert np.isfinite(nonlinear["value_before"].to_numpy()).all()
@@ -148,7 +152,7 @@ def test_adversarial_vae_reduces_sex_and_keeps_age(mitigated):
     assert linear["value"].mean() <= linear["value_before"].mean() - 0.2, linear
     age = _rows(table, "avae", "age", "linear", "mae")
     assert age["value"].mean() <= 0.4 * age["chance"].mean(), age
-    nonlinear = _rows(table, "avae", "sex", "nonlinear", "balanced_accuracy")
+    nonlinear = _rows(table, "avae", "sex", "mlp", "balanced_accuracy")
     assert np.isfinite(nonlinear["value"].to_numpy()).all()
     info = mitigated["info"]["avae"]
     assert info["epochs"] <= AVAE_TEST["max_epochs"] and info["input_dim"] == 384
@@ -208,6 +212,9 @@ def test_run_mitigation_writes_every_method(tmp_path):
     assert set(table["method"].unique()) == {"leace", "inlp", "avae"} and set(table["model"]) == {"ct-foundation"}
     leace = table.filter((pl.col("method") == "leace") & (pl.col("attribute") == "sex") & (pl.col("probe") == "linear"))
     assert leace["value_before"][0] >= 0.9 and abs(leace["value"][0] - 0.5) <= 0.02
+    # the adversarial VAE kept task heads for the target (paper 002) and logged their loss
+    log = pl.read_csv(tmp_path / "models/ct-foundation-avae/train_log.csv")
+    assert {"train_task", "val_task"} <= set(log.columns) and log["train_task"][-1] < log["train_task"][0]
 
 
 def test_adversarial_vae_is_deterministic_and_leaves_global_rng_alone():

@@ -5,7 +5,6 @@ and degrades to "not in this run" notes when a stage's inputs are missing."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -58,7 +58,9 @@ TINY_MODELS = {
 # what the training jobs ask SLURM for (config `resources`, read by the rules); gpu is left to the rules' default (1)
 TINY_TRAIN_RESOURCES = {"cpus_per_gpu": 1, "threads": 1, "mem_mb": 2000, "runtime": 10}
 SLURM_MODELS = tuple(os.environ.get("COHORTLENS_SLURM_MODELS", "vae").split(","))  # autoencoders run via SLURM
-BAD_PRESET = "no-such-preset"  # the corrupt config planted for one training job
+# the corrupt setting planted for one training job: a value the parse-time config check lets through (it checks
+# keys and types) and the trainer rejects when the job starts, so exactly that job fails
+BAD_VALUE = "bogus-slices"
 # size of the tiny demo cohort: >= 10 images of every site in every region (discover's per-site tests need them)
 N_SUBJECTS = int(os.environ.get("COHORTLENS_SLURM_SUBJECTS", "100"))
 
@@ -105,7 +107,7 @@ def tiny_demo_config() -> dict:
         resources[f"train_{m}"] = dict(TINY_TRAIN_RESOURCES)
         resources[f"embed_{m}"] = {"threads": 1}
     cfg["resources"] = resources
-    for key, value in {"project": {"methods": ["tsne"], "plots": {"png": False}}, "probe": {"n_bootstrap": 50},
+    for key, value in {"project": {"methods": ["tsne"], "plots": {"formats": []}}, "probe": {"n_bootstrap": 50},
                        "fairness": {"n_boot": 50}, "mitigate": {"methods": ["leace"]},
                        "discover": {"permutations": 19, "pocket_permutations": 49, "stability_runs": 3}}.items():
         if key in cfg:  # the stage exists in this checkout
@@ -405,7 +407,7 @@ def failing(baseline, tmp_path_factory):
     cfg = yaml.safe_load((workdir / "config.yaml").read_text())
     bad_model = models[0]
     force = ["--forcerun", "probe" if "probe" in rule_names() else "train_pca"]
-    cfg["models"][bad_model]["preset"] = BAD_PRESET
+    cfg["models"][bad_model]["train_slices"] = BAD_VALUE
     bad_rule = "train_autoencoder" if "train_autoencoder" in rule_names() else f"train_{bad_model}"
     bad_key = (bad_rule, bad_model if bad_rule == "train_autoencoder" else None)
     write_config(workdir, cfg)
@@ -530,7 +532,7 @@ def test_a_failing_job_is_reported_with_its_log_and_keep_going_finishes_the_rest
     assert f"SLURM-job '{bad_id}' failed" in run.out, run.tail()
     rule_logs = [p for p in (workdir / "results/logs").rglob("*.log") if "slurm" not in p.parts
                  and p.stat().st_mtime >= failing["started"]]
-    bad_logs = [p for p in rule_logs if BAD_PRESET in p.read_text()]
+    bad_logs = [p for p in rule_logs if BAD_VALUE in p.read_text()]
     assert bad_logs, f"no rule log names the corrupt setting: {rule_logs}"
     last = bad_logs[0].read_text().strip().splitlines()[-1]
     assert last in run.out, (last, run.tail())

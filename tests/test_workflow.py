@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +52,7 @@ def tiny_config(root: Path, manifest: Path) -> dict:
 def shrink_analysis(c: dict) -> dict:
     """A few subjects: the analysis stages run (and must cope with tiny regions); t-SNE is the one map and
     LEACE the one mitigation, to keep the suite short (the session's full demo runs everything)."""
-    c["project"].update(methods=["tsne"], plots={"png": False})
+    c["project"].update(methods=["tsne"], plots={"formats": []})
     c["probe"].update(n_bootstrap=50)
     c["fairness"].update(n_boot=50)
     c["mitigate"].update(methods=["leace"])

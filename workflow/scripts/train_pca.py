@@ -1,4 +1,3 @@
-from pathlib import Path
 
 from cohortlens.logs import to_rule_log
 from cohortlens.models.pca import fit_pca_from_files

@@ -7,8 +7,14 @@ What is cleanlab's and what is ours:
   the non-IID test (is the kNN graph related to the row order? cleanlab's p-value), with cleanlab's default
   thresholds.
 * ours: the inputs and the reading. Features are the region's reduced embedding (standardised, leading PCA
-  components). Class probabilities come from the probe stage's `out_of_fold_proba` (SVM, subject-grouped
-  folds, calibrated), so a label issue is "the recorded sex disagrees with what the image embedding says".
+  components). Class probabilities come from the probe stage's `out_of_fold_proba` (its RBF-kernel probe,
+  subject-grouped folds, calibrated), so a label issue is "the recorded diagnosis disagrees with what the
+  image embedding says". Only categorical attributes with role `target` are searched. For a protected
+  attribute the images whose embedding looks like the other sex are people who differ from their sex's
+  majority, not mislabelled ones (paper 003 checked its subgroup: the recorded sex was right); naming them
+  label errors would invite "correcting" a protected attribute to fit the model. They are the
+  discordant-subgroup finding (`discover_subgroups`), which reports the same images without calling their
+  labels wrong.
   For non-IID the rows are sorted by acquisition date, so the test asks whether images acquired close in
   time are close in embedding space (a drift); a significant drift that one site carries alone is named
   site×date, as everywhere in the discover stage. Each flagged set becomes one finding per region (and
@@ -26,6 +32,8 @@ from cohortlens.analysis.discover_core import Finding, RegionData, confine_to_st
 
 log = logging.getLogger(__name__)
 
+# Roles whose recorded categories can be wrong labels: annotations of a target, not who a person is.
+LABEL_ISSUE_ROLES = ("target",)
 ISSUES = {"outlier": "outliers of the embedding (isolated from their nearest neighbours)",
           "near_duplicate": "near-duplicates (almost identical embeddings)"}
 
@@ -41,7 +49,7 @@ def data_quality(rd: RegionData, cfg: dict, rng: np.random.Generator) -> list[Fi
     if rd.n < 20:
         return out
     out += feature_issues(rd, cfg)
-    for attribute in rd.attributes(roles=("protected", "target"), types=("categorical",)):
+    for attribute in rd.attributes(roles=LABEL_ISSUE_ROLES, types=("categorical",)):
         f = label_issues(rd, attribute, cfg)
         if f is not None:
             out.append(f)
@@ -145,7 +153,7 @@ def label_issues(rd: RegionData, attribute: str, cfg: dict) -> Finding | None:
     for r, p in zip(recorded[flagged], predicted[flagged]):
         swaps[f"{r}->{p}"] = swaps.get(f"{r}->{p}", 0) + 1
     summary = (f"cleanlab flags {len(ids)} of {len(uids)} {rd.region} images whose recorded {attribute} "
-               f"disagrees with the embedding (out-of-fold SVM probabilities): "
+               f"disagrees with the embedding (out-of-fold kernel-probe probabilities): "
                + ", ".join(f"recorded {k.split('->')[0]} but looks {k.split('->')[1]}: {v}"
                            for k, v in sorted(swaps.items())))
     details = {"source": "cleanlab Datalab label issues", "probabilities": "probe.out_of_fold_proba",

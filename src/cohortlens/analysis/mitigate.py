@@ -13,33 +13,30 @@ fixed_size_list<float32>[d], metadata with `model`, `dim`, `source_model` and a 
   regions with adversaries conditioned on region; the embedding is μ.
 
 `reprobe` compares the original embedding with each mitigated one: for protected attributes (should drop to
-chance) and target attributes (should be kept), a linear probe (logistic regression / ridge) and a nonlinear
-attack probe (RBF SVM), both trained on the train split and scored on the test split.
+chance) and target attributes (should be kept), the probes of `attack` — linear (what LEACE guarantees against),
+and two tuned attackers (RBF SVM and MLP, hyper-parameters by CV on the train split) — trained on the train
+split and scored on the test split, each with a bootstrap interval and a permutation test against chance.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import torch
 from concept_erasure import LeaceFitter
-from sklearn.compose import TransformedTargetRegressor
-from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
-from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score
-from sklearn.pipeline import make_pipeline
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import balanced_accuracy_score, r2_score
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC, SVR
-from threadpoolctl import threadpool_limits
 
 from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table, present
+from cohortlens.analysis.reprobe import REPROBE_SCHEMA, probe_scores, reprobe  # noqa: F401  (the stage's API)
+from cohortlens.analysis.threads import limit_threads, threaded  # noqa: F401
 from cohortlens.embed.parquet import EmbeddingWriter
 from cohortlens.io.tables import atomic_path, read_parquet_metadata, write_parquet
 from cohortlens.models.adversarial_vae import AdversarialVAEConfig, default_device, fit_adversarial_vae
@@ -47,15 +44,6 @@ from cohortlens.models.adversarial_vae import AdversarialVAEConfig, default_devi
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
-
-REPROBE_SCHEMA = {
-    "model": pl.Utf8, "region": pl.Utf8, "method": pl.Utf8, "erased": pl.Utf8, "attribute": pl.Utf8,
-    "role": pl.Utf8, "probe": pl.Utf8, "metric": pl.Utf8, "value": pl.Float64, "chance": pl.Float64,
-    "value_before": pl.Float64, "drop": pl.Float64, "n_train": pl.Int64, "n_test": pl.Int64,
-}
-# metrics where a larger value is better; for the others (MAE) the drop is value - value_before
-HIGHER_IS_BETTER = {"balanced_accuracy": True, "r2": True, "mae": False}
-
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -107,36 +95,9 @@ def _regions(table: AnalysisTable, per_region: bool) -> list[tuple[str, np.ndarr
     return [(r, region == r) for r in sorted(set(region.tolist()))]
 
 
-@contextlib.contextmanager
-def limit_threads(threads: int | None):
-    """Cap BLAS/OpenMP (threadpoolctl) and torch threads to the rule's `threads` for the duration. On a
-    shared 2-core machine an uncapped BLAS pool made each probe fit 30-60x slower (oversubscription)."""
-    if not threads:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        with threadpool_limits(limits=int(threads)):
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _threaded(fn):
-    """Adds a keyword `threads` (the rule's thread count) that caps BLAS and torch threads during the call."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, threads: int | None = None, **kwargs):
-        with limit_threads(threads):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
 # ------------------------------------------------------------------------------------------- LEACE
 
-@_threaded
+@threaded
 def erase_leace(
     embeddings: PathLike,
     subjects: PathLike,
@@ -201,7 +162,7 @@ def _inlp_step(X: np.ndarray, y: np.ndarray, spec: AttributeSpec, C: float, seed
     return W / scaler.scale_[None, :], float(excess)
 
 
-@_threaded
+@threaded
 def erase_inlp(
     embeddings: PathLike,
     subjects: PathLike,
@@ -276,7 +237,7 @@ def erase_inlp(
 
 # ------------------------------------------------------------------------------------------- adversarial VAE
 
-@_threaded
+@threaded
 def debias_adversarial_vae(
     embeddings: PathLike,
     subjects: PathLike,
@@ -291,14 +252,28 @@ def debias_adversarial_vae(
     log_path: PathLike | None = None,
     device: str | None = None,
     model: str | None = None,
+    keep: Sequence[str] = (),
 ) -> dict:
-    """Train the adversarial VAE against every attribute in `protected` (train split, early stop on val) and
+    """Train the adversarial VAE against every attribute in `protected`, with task heads for every attribute in
+    `keep` (paper 002: the clinical task stays decodable), train split, early stop on val, and
     write μ for every row to `out_path` (contract schema, dim = latent_dim). Accepts any input dimension
     (pca volumes, 1408-d CT foundation vectors). Optionally saves the model (`torch.load(weights_only=True)`)
     and the per-epoch history (`.csv` or Parquet by the file name)."""
     table = _load(embeddings, subjects, splits, images, attributes)
+    adversaries = _head_targets(table, protected)
+    tasks = _head_targets(table, keep)
+    regions = table.frame["region"].to_numpy()
+    region_names = sorted(set(regions.tolist()))
+    strata = np.searchsorted(np.asarray(region_names, dtype=object), regions)
+    fit = fit_adversarial_vae(table.X, adversaries, table.split_mask("train"), table.split_mask("val"), config,
+                              strata=strata, device=device or default_device(), task_targets=tasks)
+    return _write_avae(fit, table, embeddings, out_path, protected, keep, region_names, model_path, log_path, model)
+
+
+def _head_targets(table: AnalysisTable, names: Sequence[str]) -> dict:
+    """Attributes as the adversarial VAE's heads take them: class codes (-1 missing) or values (NaN missing)."""
     targets = {}
-    for name in protected:
+    for name in names:
         spec = table.spec(name)
         raw = table.values(name)
         ok = present(raw)
@@ -309,13 +284,14 @@ def debias_adversarial_vae(
             targets[name] = ("classification", np.array([lookup[v] if v is not None else -1 for v in raw]))
         else:
             targets[name] = ("regression", np.where(ok, raw, np.nan))
-    regions = table.frame["region"].to_numpy()
-    region_names = sorted(set(regions.tolist()))
-    strata = np.searchsorted(np.asarray(region_names, dtype=object), regions)
-    fit = fit_adversarial_vae(table.X, targets, table.split_mask("train"), table.split_mask("val"), config,
-                              strata=strata, device=device or default_device())
+    return targets
+
+
+def _write_avae(fit, table, embeddings, out_path, protected, keep, region_names, model_path, log_path,
+                model) -> dict:
     Z = fit.transform(table.X)
-    mitigation = {"method": "avae", "attributes": list(protected), "fit_split": "train", "early_stop_split": "val",
+    mitigation = {"method": "avae", "attributes": list(protected), "kept": list(keep), "fit_split": "train",
+                  "early_stop_split": "val",
                   "per_region": False, "strata": region_names, "best_epoch": fit.best_epoch,
                   "epochs": len(fit.history), "config": {k: v for k, v in fit.state()["config"].items()},
                   "input_dim": int(table.X.shape[1]), "device": fit.device}
@@ -332,122 +308,6 @@ def debias_adversarial_vae(
         else:
             write_parquet(history, log_path)
     return {"rows": int(Z.shape[0]), "dim": int(Z.shape[1]), **mitigation}
-
-
-# ------------------------------------------------------------------------------------------- re-probe
-
-def _probe(kind: str, probe: str, seed: int):
-    if kind == "classification":
-        if probe == "linear":
-            return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, class_weight="balanced",
-                                                                      random_state=seed))
-        return make_pipeline(StandardScaler(), SVC(kernel="rbf", class_weight="balanced", random_state=seed))
-    if probe == "linear":
-        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
-    # the target is standardised so one C suits ages in years and weights in kg alike
-    return TransformedTargetRegressor(make_pipeline(StandardScaler(), SVR(kernel="rbf", C=10.0, epsilon=0.1)),
-                                      transformer=StandardScaler())
-
-
-def probe_scores(X: np.ndarray, values: np.ndarray, spec: AttributeSpec, train: np.ndarray, test: np.ndarray,
-                 seed: int = 0) -> dict[str, dict[str, tuple[float, float]]]:
-    """probe (linear|nonlinear) → metric → (value, chance) on the test rows, trained on the train rows."""
-    ok = present(values)
-    train, test = train & ok, test & ok
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    if train.sum() < 3 or test.sum() < 2:
-        return out
-    if spec.is_categorical:
-        y_train, y_test = values[train].astype(str), values[test].astype(str)
-        classes = sorted(set(y_train))
-        if len(classes) < 2:
-            return out
-        keep = np.isin(y_test, classes)  # a class never seen in training cannot be predicted
-        for probe in ("linear", "nonlinear"):
-            pred = _probe("classification", probe, seed).fit(X[train], y_train).predict(X[test][keep])
-            out[probe] = {"balanced_accuracy": (float(balanced_accuracy_score(y_test[keep], pred)), 1.0 / len(classes))}
-        return out
-    y_train, y_test = values[train].astype(np.float64), values[test].astype(np.float64)
-    chance_mae = float(mean_absolute_error(y_test, np.full(len(y_test), y_train.mean())))
-    for probe in ("linear", "nonlinear"):
-        pred = _probe("regression", probe, seed).fit(X[train], y_train).predict(X[test])
-        out[probe] = {"mae": (float(mean_absolute_error(y_test, pred)), chance_mae),
-                      "r2": (float(r2_score(y_test, pred)), 0.0)}
-    return out
-
-
-def _method_label(path: PathLike) -> tuple[str, str]:
-    mitigation = read_parquet_metadata(path).get("mitigation") or {}
-    method = mitigation.get("method", Path(path).parent.name)
-    return str(method), "+".join(mitigation.get("attributes", []))
-
-
-@_threaded
-def reprobe(
-    original: PathLike,
-    mitigated: Sequence[PathLike] | Mapping[str, PathLike],
-    subjects: PathLike,
-    splits: PathLike,
-    protected: Sequence[str],
-    targets: Sequence[str],
-    out_path: PathLike | None = None,
-    *,
-    images: PathLike | None = None,
-    attributes: Mapping | None = None,
-    regions: Iterable[str] | None = None,
-    seed: int = 0,
-) -> pl.DataFrame:
-    """Probe the original and every mitigated embedding per region; one row per (region, method, attribute,
-    probe, metric) with the value before mitigation and the drop (positive = performance lost: before −
-    after for balanced accuracy and R², after − before for MAE). `mitigated` is a list of files (method from
-    their metadata) or a mapping label → file. Writes `out_path` (reprobe.parquet) when given."""
-    items = list(mitigated.items()) if isinstance(mitigated, Mapping) else [(None, p) for p in mitigated]
-    base = load_analysis_table(original, subjects, splits, images, attributes=attributes)
-    model = base.model or Path(original).parent.name
-    roles = [(a, "protected") for a in protected] + [(a, "target") for a in targets]
-    region_list = sorted(set(base.frame["region"].to_list())) if regions is None else list(regions)
-
-    def scores_of(table: AnalysisTable) -> dict:
-        reg = table.frame["region"].to_numpy()
-        train, test = table.split_mask("train"), table.split_mask("test")
-        result = {}
-        for region in region_list:
-            rows = reg == region
-            for attribute, _ in roles:
-                result[(region, attribute)] = (
-                    probe_scores(table.X[rows], table.values(attribute)[rows], table.spec(attribute),
-                                 train[rows], test[rows], seed),
-                    int((train[rows] & present(table.values(attribute)[rows])).sum()),
-                    int((test[rows] & present(table.values(attribute)[rows])).sum()),
-                )
-        return result
-
-    before = scores_of(base)
-    rows_out = []
-    for label, path in items:
-        method, erased = _method_label(path)
-        if label is not None:
-            method = label
-        table = load_analysis_table(path, subjects, splits, images, attributes=attributes)
-        if not table.frame["image_uid"].equals(base.frame["image_uid"]):
-            raise ValueError(f"{path}: rows differ from {original}; a mitigated file keeps the source's rows")
-        after = scores_of(table)
-        for (region, attribute), (scores, n_train, n_test) in after.items():
-            role = dict(roles)[attribute]
-            prior = before[(region, attribute)][0]
-            for probe, metrics in scores.items():
-                for metric, (value, chance) in metrics.items():
-                    value_before = prior.get(probe, {}).get(metric, (np.nan, np.nan))[0]
-                    drop = value_before - value if HIGHER_IS_BETTER[metric] else value - value_before
-                    rows_out.append({"model": model, "region": region, "method": method, "erased": erased,
-                                     "attribute": attribute, "role": role, "probe": probe, "metric": metric,
-                                     "value": value, "chance": chance, "value_before": value_before, "drop": drop,
-                                     "n_train": n_train, "n_test": n_test})
-    frame = pl.DataFrame(rows_out, schema=REPROBE_SCHEMA) if rows_out else pl.DataFrame(schema=REPROBE_SCHEMA)
-    if out_path is not None:
-        write_parquet(frame, out_path, metadata={"model": model, "protected": list(protected),
-                                                 "targets": list(targets), "seed": seed})
-    return frame
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -493,7 +353,7 @@ def run_mitigation(
         model_dir = Path(models_dir) / f"{src_model}-avae" if models_dir is not None else path.parent
         debias_adversarial_vae(embeddings, subjects, splits, protected, path, images=images, attributes=attributes,
                                config=avae, model_path=model_dir / "model.pt", log_path=model_dir / "train_log.csv",
-                               threads=threads)
+                               threads=threads, keep=targets)
         outputs.append(path)
     return reprobe(embeddings, outputs, subjects, splits, protected, targets, reprobe_out, images=images,
                    attributes=attributes, seed=seed, threads=threads)

@@ -1,11 +1,11 @@
-"""The probe stage: how much of each attribute an embedding holds, measured with SVM probes (paper 003).
+"""The probe stage: how much of each attribute an embedding holds, measured with RBF-kernel probes (paper 003).
 
 Per model × region × attribute: categorical attributes are classified (RBF SVC → balanced accuracy, ROC AUC
 one-vs-rest macro), continuous ones and dates regressed (RBF SVR → MAE). Features are standardised on the
 train split, C and γ are tuned on the val split, scores are taken on the test split with 95% bootstrap CIs
-that resample test *subjects* (a subject's images are not independent). Training is balanced: class weights
-for classification, range-balanced resampling for regression (equal samples per bin of the target range;
-without it the regressor learns to predict the mean age).
+that resample test *subjects* (a subject's images are not independent). Training is balanced by weights on
+every training row (`balance`): class weights for classification, capped inverse-density weights of the target
+for regression (without them the regressor learns to predict the mean age). No row is copied.
 
 Three backends, chosen by `backend="auto"`:
 - `cuml`: cuML SVC/SVR when cuML and a CUDA device are present (thin, untested without a GPU);
@@ -13,12 +13,13 @@ Three backends, chosen by `backend="auto"`:
 - `approx`: above that, PCA (fitted on ≤ `pca_fit_rows` train rows) → Nyström RBF features → a weighted
   ridge (least-squares SVM) whose solution for every C comes from one eigendecomposition per γ, so the whole
   C×γ grid costs about as much as a single fit. `bench/probe.py` compares it with exact SVC.
+The backend that ran is recorded per metric (`backend` column) and named in the model table (`BACKEND_NAMES`):
+an approx result is a kernel ridge, not an SVM.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html as _html
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,22 @@ import scipy.linalg
 import scipy.sparse
 
 from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table, present, regions_of
+from cohortlens.analysis.balance import (
+    DEFAULT_WEIGHT_CAP,
+    balanced_sample,
+    class_weights,
+    density_weights,
+    range_bins,
+    stratified_subsample,
+    weighted_mean_sd,
+)
+from cohortlens.analysis.model_table import (  # noqa: F401  (Table 1, importable from here as before)
+    BACKEND_NAMES,
+    TABLE_METRICS,
+    model_table,
+    model_table_html,
+    probe_names,
+)
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
 
 log = logging.getLogger(__name__)
@@ -41,7 +58,7 @@ ALL_REGIONS = "all"
 METRICS_SCHEMA = {
     "model": pl.Utf8, "region": pl.Utf8, "attribute": pl.Utf8, "kind": pl.Utf8, "metric": pl.Utf8,
     "value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "n_train": pl.Int64, "n_test": pl.Int64,
-    "chance": pl.Float64,
+    "chance": pl.Float64, "backend": pl.Utf8,
 }
 PREDICTIONS_SCHEMA = {
     "model": pl.Utf8, "region": pl.Utf8, "attribute": pl.Utf8, "subject_id": pl.Utf8, "image_uid": pl.Utf8,
@@ -61,7 +78,9 @@ class ProbeSettings:
     seed: int = 0
     backend: str = "auto"  # auto | cuml | exact | approx
     n_bootstrap: int = 1000
-    n_bins: int = 10  # regression: bins over the target range for range-balanced resampling
+    n_bins: int = 10  # regression: equal-width bins over the target range, the density of the balancing weights
+    weight_cap: float = DEFAULT_WEIGHT_CAP  # regression: largest / smallest balancing weight
+    balance_regression: bool = True  # False: every training row weight 1 (the probe drifts to the mean)
     C_grid: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)
     gamma_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # multiples of 1/(n_features · var), sklearn's 'scale'
     epsilon: float = 0.1  # SVR tube in standard deviations of the target
@@ -85,43 +104,6 @@ class ProbeSettings:
             if key in cfg:
                 cfg[key] = tuple(float(v) for v in cfg[key])
         return cls(**cfg)
-
-
-# ------------------------------------------------------------------------------------------- balancing
-
-def range_bins(y: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index (0..n_bins-1) of each value in equal-width bins over [min, max] of y."""
-    lo, hi = float(np.min(y)), float(np.max(y))
-    if hi <= lo:
-        return np.zeros(len(y), dtype=np.int64)
-    edges = np.linspace(lo, hi, n_bins + 1)[1:-1]
-    return np.searchsorted(edges, y, side="right").astype(np.int64)
-
-
-def balanced_sample(groups: np.ndarray, n_per_group: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices with exactly n_per_group rows from every non-empty group: without replacement where the group
-    is large enough, with replacement (duplicates) where it is smaller."""
-    out = []
-    for g in np.unique(groups):
-        members = np.flatnonzero(groups == g)
-        out.append(rng.choice(members, n_per_group, replace=len(members) < n_per_group))
-    return np.sort(np.concatenate(out)) if out else np.empty(0, dtype=np.int64)
-
-
-def range_balanced_sample(y: np.ndarray, n_bins: int, rng: np.random.Generator, n_total: int | None = None) -> np.ndarray:
-    """Resample a regression target so every occupied bin of its range holds the same number of rows (paper
-    003: otherwise the probe predicts the mean). The total stays about len(y) unless n_total is given."""
-    bins = range_bins(y, n_bins)
-    occupied = len(np.unique(bins))
-    per_bin = max(1, int(np.ceil((n_total or len(y)) / occupied)))
-    return balanced_sample(bins, per_bin, rng)
-
-
-def class_weights(y_codes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Per-row weights giving every class the same total weight (sklearn's 'balanced'), mean weight 1."""
-    counts = np.bincount(y_codes, minlength=n_classes).astype(np.float64)
-    per_class = np.where(counts > 0, len(y_codes) / (np.count_nonzero(counts) * np.maximum(counts, 1)), 0.0)
-    return per_class[y_codes]
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -309,7 +291,7 @@ class _Task:
     """One attribute's training problem on a FeatureSpace."""
 
     kind: str  # classification | regression
-    fit_rows: np.ndarray  # rows of the feature matrix (may repeat: range-balanced resampling)
+    fit_rows: np.ndarray  # distinct rows of the feature matrix (balance is in the weights, nothing is copied)
     target: np.ndarray  # classification: class codes; regression: standardised target; aligned with fit_rows
     weights: np.ndarray  # aligned with fit_rows
     n_classes: int = 0
@@ -330,7 +312,7 @@ def _ridge_path(Phi: np.ndarray, task: _Task, C_grid: Sequence[float], chunk: in
     The penalty is trace(G)/(m·C): scale-free, and larger C means less regularisation as for an SVM.
     The Gram matrix is accumulated over row chunks (float32 products summed in float64), so memory stays
     at m² plus one chunk even for 240k training rows."""
-    # duplicated rows (resampling) become integer weights
+    # rows sorted (sequential reads of Phi); a row given twice would have its weights summed
     rows, first, inv = np.unique(task.fit_rows, return_index=True, return_inverse=True)
     w = np.bincount(inv, weights=task.weights)
     w = (w / w.mean()).astype(np.float32)
@@ -392,7 +374,7 @@ def _svm_decisions(space: FeatureSpace, task: _Task, gamma: float, Cs: Sequence[
     """Decision values of exact SVMs for each C. On the CPU the RBF kernel of the training rows is computed
     once per γ and passed precomputed: libsvm then looks kernel values up instead of recomputing
     6144-dim distances in every SMO step, and every C reuses it."""
-    # duplicated rows (resampling) become integer sample weights: the same SVM objective, a smaller kernel
+    # sorted distinct rows; a row given twice would have its weights summed (the same SVM objective)
     uniq, first, inv = np.unique(task.fit_rows, return_index=True, return_inverse=True)
     w = np.bincount(inv, weights=task.weights)
     y = task.target[first]
@@ -502,10 +484,14 @@ def _make_task(prep: _Prepared, fit_rows: np.ndarray, settings: ProbeSettings, r
             fit_rows, codes = fit_rows[keep], codes[keep]
         return _Task("classification", fit_rows, codes, class_weights(codes, k), k), 0.0, 1.0
     y = prep.values[fit_rows]
-    pick = range_balanced_sample(y, settings.n_bins, rng, n_total=min(len(y), cap) if cap else None)
-    rows, y = fit_rows[pick], y[pick]
-    mu, sd = float(y.mean()), float(y.std() or 1.0)
-    return _Task("regression", rows, (y - mu) / sd, np.ones(len(rows))), mu, sd
+    if cap and len(fit_rows) > cap:
+        # exact SVR cannot take every row: a subsample favouring the sparse parts of the range, no row twice
+        keep = stratified_subsample(range_bins(y, settings.n_bins), cap, rng)
+        fit_rows, y = fit_rows[keep], y[keep]
+    w = density_weights(y, settings.n_bins, settings.weight_cap) if settings.balance_regression else np.ones(len(y))
+    # standardised under the weights: the SVR tube (epsilon, in sd) refers to the distribution it is fitted to
+    mu, sd = weighted_mean_sd(y, w)
+    return _Task("regression", fit_rows, (y - mu) / sd, w), mu, sd
 
 
 def _tuning_split(table: AnalysisTable, prep: _Prepared, settings: ProbeSettings) -> tuple[np.ndarray, np.ndarray, str]:
@@ -592,7 +578,8 @@ def probe_attribute(
         rows.append(("mae", v, lo, hi, baseline))
     metrics = pl.DataFrame(
         [{"model": model, "region": region, "attribute": attribute, "kind": prep.kind, "metric": m, "value": v,
-          "ci_low": lo, "ci_high": hi, "n_train": n_train, "n_test": len(test), "chance": ch}
+          "ci_low": lo, "ci_high": hi, "n_train": n_train, "n_test": len(test), "chance": ch,
+          "backend": space.backend}
          for m, v, lo, hi, ch in rows],
         schema=METRICS_SCHEMA,
     )
@@ -733,7 +720,6 @@ def out_of_fold_proba(
     prep = _prepare(table, attribute)
     if prep is None or prep.kind != "classification":
         raise ValueError(f"out_of_fold_proba needs a categorical attribute with ≥ 2 classes in train: {attribute!r}")
-    train_all = np.flatnonzero(table.split_mask("train"))
     if space is None:
         space = feature_space(table, settings)
     train = prep.rows["train"]
@@ -817,81 +803,3 @@ def oof_wide(long: pl.DataFrame, region: str, attribute: str) -> pl.DataFrame:
     wide = part.pivot(on="class", index=["image_uid", "subject_id", "region", "attribute", "split", "fold", "label"],
                       values="proba")
     return wide.select("image_uid", "subject_id", "region", "attribute", "split", "fold", "label", *classes)
-
-
-# ------------------------------------------------------------------------------------------- table 1
-
-_METRIC_LABEL = {"balanced_accuracy": ("balanced accuracy", "↑"), "mae": ("MAE", "↓"), "roc_auc": ("ROC AUC", "↑")}
-TABLE_METRICS = {"classification": "balanced_accuracy", "regression": "mae"}
-
-
-def _column_label(attribute: str, metric: str) -> str:
-    name, arrow = _METRIC_LABEL[metric]
-    return f"{attribute} {name} {arrow}"
-
-
-def model_table(metrics: pl.DataFrame | Iterable[PathLike]) -> pl.DataFrame:
-    """Models × regions against attributes in the layout of paper 003's Table 1: balanced accuracy (↑) for
-    categorical attributes, MAE (↓) for continuous ones; one row per (model, region), column names carry
-    the metric and its direction. Region classification sits in the 'all' row."""
-    if not isinstance(metrics, pl.DataFrame):
-        metrics = pl.concat([pl.read_parquet(p) for p in metrics])
-    chosen = metrics.filter(
-        ((pl.col("kind") == "classification") & (pl.col("metric") == TABLE_METRICS["classification"]))
-        | ((pl.col("kind") == "regression") & (pl.col("metric") == TABLE_METRICS["regression"]))
-    )
-    order = (["region"] if "region" in chosen["attribute"].to_list() else []) + [
-        a for a in dict.fromkeys(chosen.filter(pl.col("kind") == "classification")["attribute"].to_list()) if a != "region"
-    ] + list(dict.fromkeys(chosen.filter(pl.col("kind") == "regression")["attribute"].to_list()))
-    label = {a: _column_label(a, m) for a, m in chosen.select("attribute", "metric").unique().iter_rows()}
-    # attributes become columns; a prefix keeps the 'region' attribute apart from the region key column
-    wide = chosen.with_columns(("attr:" + pl.col("attribute")).alias("attribute")).pivot(
-        on="attribute", index=["model", "region"], values="value")
-    wide = wide.rename({c: c[5:] for c in wide.columns if c.startswith("attr:") and c[5:] != "region"})
-    wide = wide.rename({"attr:region": "region_attribute"} if "attr:region" in wide.columns else {})
-    cols = [("region_attribute" if a == "region" else a) for a in order
-            if ("region_attribute" if a == "region" else a) in wide.columns]
-    label["region_attribute"] = label.get("region", "")
-    regions = list(dict.fromkeys(metrics["region"].to_list()))
-    wide = wide.with_columns(pl.col("region").cast(pl.Enum(regions))).sort("region", "model").with_columns(
-        pl.col("region").cast(pl.Utf8))
-    return wide.select("model", "region", *cols).rename({a: label[a] for a in cols})
-
-
-def model_table_html(metrics: pl.DataFrame | Iterable[PathLike], digits: int = 3) -> str:
-    """Model comparison table as an HTML fragment: value [95% CI] per cell, the best model per region and
-    column in bold."""
-    if not isinstance(metrics, pl.DataFrame):
-        metrics = pl.concat([pl.read_parquet(p) for p in metrics])
-    table = model_table(metrics)
-    value_cols = table.columns[2:]
-    ci = {(m, r, a): (lo, hi) for m, r, a, metric, lo, hi in metrics.select(
-        "model", "region", "attribute", "metric", "ci_low", "ci_high").iter_rows()
-        if metric in TABLE_METRICS.values()}
-    attr_of = {_column_label(a, m): a for a, m in metrics.select("attribute", "metric").unique().iter_rows()
-               if m in TABLE_METRICS.values()}
-    best = {}
-    for col in value_cols:
-        lower_better = col.endswith("↓")
-        for region, part in table.group_by("region"):
-            vals = part[col].drop_nulls()
-            if len(vals) > 1:
-                best[(region[0], col)] = vals.min() if lower_better else vals.max()
-    head = "".join(f"<th>{_html.escape(c)}</th>" for c in table.columns)
-    body = []
-    for row in table.iter_rows(named=True):
-        cells = [f"<td>{_html.escape(row['model'])}</td>", f"<td>{_html.escape(row['region'])}</td>"]
-        for col in value_cols:
-            v = row[col]
-            if v is None:
-                cells.append("<td></td>")
-                continue
-            lo, hi = ci.get((row["model"], row["region"], attr_of[col]), (None, None))
-            text = f"{v:.{digits}f}"
-            if lo is not None and np.isfinite(lo):
-                text += f" <span class='muted'>[{lo:.{digits}f}, {hi:.{digits}f}]</span>"
-            if best.get((row["region"], col)) == v:
-                text = f"<b>{text}</b>"
-            cells.append(f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f"<table class='model-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")

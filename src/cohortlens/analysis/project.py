@@ -230,7 +230,7 @@ def _hover(frame: pl.DataFrame, attributes: Iterable[str]) -> tuple[np.ndarray, 
                     for v in frame[c].to_list()], dtype=object)
         for c in cols
     ])
-    lines = [f"<b>%{{customdata[0]}}</b>", "region: %{customdata[1]}"]
+    lines = ["<b>%{customdata[0]}</b>", "region: %{customdata[1]}"]
     lines += [f"{_html.escape(c)}: %{{customdata[{i}]}}" for i, c in enumerate(cols) if i >= 2]
     return data, "<br>".join(lines) + "<extra></extra>"
 

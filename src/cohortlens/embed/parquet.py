@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import polars as pl

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import polars as pl
 
 from cohortlens.embed.parquet import config_hash, write_embeddings
 from cohortlens.models.pca import SlicePCA

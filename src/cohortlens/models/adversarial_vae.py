@@ -4,7 +4,8 @@ embeddings to a latent space where age, sex and race are no longer decodable, ke
 Encoder → (μ, log σ²) → decoder reconstructs the standardised input embedding. One adversary head per
 protected attribute reads the latent through a gradient-reversal layer: the head learns to predict the
 attribute, the encoder receives the negated gradient and learns to hide it. Loss = reconstruction + β·KL +
-λ·Σ adversary losses. The debiased embedding is μ.
+λ·Σ adversary losses + τ·Σ task losses (task heads keep the attributes the embedding is for, paper 002's
+clinical task). The debiased embedding is μ.
 
 Choices that the demo measurements forced (numbers in the mitigate stage's report):
 - The adversaries read μ, not the sampled z: μ is what is released, and information below the sampling
@@ -33,6 +34,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cohortlens.models.adversarial_heads import (
+    AdversaryHead,
+    adversary_losses,
+    chance_loss,
+    confusion_losses,
+    encode_targets,
+    held_out_linear_leakage,
+    linear_leakage,
+)
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,15 +65,6 @@ def reverse_gradient(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return _ReverseGradient.apply(x, scale)
 
 
-@dataclass(frozen=True)
-class AdversaryHead:
-    """What one adversary predicts: `n_outputs` classes (classification) or 1 value (regression)."""
-
-    name: str
-    kind: str  # classification | regression
-    n_outputs: int
-
-
 @dataclass
 class AdversarialVAEConfig:
     latent_dim: int = 64
@@ -79,6 +81,10 @@ class AdversarialVAEConfig:
     adversary_objective: str = "reverse"  # reverse (gradient reversal) | confusion (pull heads to chance)
     linear_adversary_weight: float = 10.0
     linear_adversary_ridge: float = 0.01  # relative to the mean latent variance
+    # paper 002 keeps the clinical task: task heads read μ with plain gradients, so the encoder must keep what
+    # the targets need while hiding the protected attributes (weight of their loss; 0 = no task heads)
+    task_weight: float = 1.0
+    task_hidden: int = 64
     learning_rate: float = 3e-3
     weight_decay: float = 1e-5
     batch_size: int = 1024
@@ -108,7 +114,8 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class AdversarialVAE(nn.Module):
-    def __init__(self, input_dim: int, heads: list[AdversaryHead], cfg: AdversarialVAEConfig, n_strata: int = 1):
+    def __init__(self, input_dim: int, heads: list[AdversaryHead], cfg: AdversarialVAEConfig, n_strata: int = 1,
+                 tasks: list[AdversaryHead] = ()):
         super().__init__()
         h, k = cfg.hidden_dim, cfg.latent_dim
         self.input_dim = input_dim
@@ -121,6 +128,7 @@ class AdversarialVAE(nn.Module):
         strata_in = n_strata if n_strata > 1 else 0
         hidden = [cfg.adversary_hidden] * cfg.adversary_layers
         self.heads = nn.ModuleDict({hd.name: _mlp([k + strata_in, *hidden, hd.n_outputs]) for hd in heads})
+        self.tasks = nn.ModuleDict({t.name: _mlp([k + strata_in, cfg.task_hidden, t.n_outputs]) for t in tasks})
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.encoder(x)
@@ -137,120 +145,11 @@ class AdversarialVAE(nn.Module):
             inp = torch.cat([inp, F.one_hot(strata, self.n_strata).to(mu.dtype)], dim=1)
         return {name: head(inp) for name, head in self.heads.items()}
 
-
-def _recorded(y: torch.Tensor, head: AdversaryHead) -> torch.Tensor:
-    return y >= 0 if head.kind == "classification" else torch.isfinite(y)
-
-
-def _adversary_losses(outputs: dict, targets: dict, heads: dict[str, AdversaryHead]) -> dict[str, torch.Tensor]:
-    """Per head: cross-entropy (label -1 = missing) or MSE on the standardised value (NaN = missing)."""
-    losses = {}
-    for name, out in outputs.items():
-        y, head = targets[name], heads[name]
-        keep = _recorded(y, head)
-        if not keep.any():
-            losses[name] = out.sum() * 0.0
-        elif head.kind == "classification":
-            losses[name] = F.cross_entropy(out[keep], y[keep])
-        else:
-            losses[name] = F.mse_loss(out[keep, 0], y[keep])
-    return losses
-
-
-def _confusion_losses(outputs: dict, targets: dict, heads: dict[str, AdversaryHead], priors: dict) -> dict:
-    """How far each head's output is from the chance prediction (train prior / train mean)."""
-    losses = {}
-    for name, out in outputs.items():
-        y, head = targets[name], heads[name]
-        keep = _recorded(y, head)
-        if not keep.any():
-            losses[name] = out.sum() * 0.0
-        elif head.kind == "classification":
-            losses[name] = -(priors[name] * F.log_softmax(out[keep], dim=1)).sum(1).mean()
-        else:
-            losses[name] = out[keep, 0].pow(2).mean()
-    return losses
-
-
-def _linear_leakage(mu: torch.Tensor, strata: torch.Tensor, targets: dict, heads: dict[str, AdversaryHead],
-                    ridge: float) -> torch.Tensor:
-    """R² of the closed-form ridge read-out of each attribute from μ within each stratum of the batch
-    (row-weighted mean over strata, summed over attributes). Differentiable; always the best linear
-    adversary for this batch, so the encoder cannot outrun it."""
-    total = mu.new_zeros(())
-    for name, head in heads.items():
-        y = targets[name]
-        keep = _recorded(y, head)
-        parts, weights = [], []
-        for s in torch.unique(strata[keep]):
-            rows = keep & (strata == s)
-            if rows.sum() < 4:
-                continue
-            M = mu[rows] - mu[rows].mean(0)
-            if head.kind == "classification":
-                Y = F.one_hot(y[rows], head.n_outputs).to(mu.dtype)
-            else:
-                Y = y[rows].to(mu.dtype)[:, None]
-            Y = Y - Y.mean(0)
-            denom = Y.pow(2).sum()
-            if denom <= 0:
-                continue
-            gram = M.T @ M
-            # scale-free ridge: relative to the mean latent variance, so shrinking μ buys nothing
-            alpha = ridge * torch.trace(gram).detach() / M.shape[1] + 1e-6
-            eye = torch.eye(M.shape[1], device=M.device, dtype=M.dtype)
-            coef = torch.linalg.solve(gram + alpha * eye, M.T @ Y)
-            parts.append((M @ coef).pow(2).sum() / denom)
-            weights.append(float(rows.sum()))
-        if parts:
-            w = torch.tensor(weights, device=mu.device, dtype=mu.dtype)
-            total = total + (torch.stack(parts) * w).sum() / w.sum()
-    return total
-
-
-def _held_out_linear_leakage(mu_fit, s_fit, y_fit, mu_eval, s_eval, y_eval, heads: dict[str, AdversaryHead],
-                             ridge: float) -> float:
-    """What a linear probe fitted on the train latents reads on held-out latents: per attribute, the pooled
-    R² (floored at 0) on the eval rows of ridge read-outs fitted per stratum on the fit rows. The train-side
-    leakage can be driven to zero by an encoder that memorises the train rows; this is the number the
-    re-probe will see, so early stopping watches it."""
-    total = 0.0
-    for name, head in heads.items():
-        sse, sst = 0.0, 0.0
-        for s in torch.unique(s_eval):
-            fit_rows = (s_fit == s) & _recorded(y_fit[name], head)
-            eval_rows = (s_eval == s) & _recorded(y_eval[name], head)
-            if fit_rows.sum() < 4 or eval_rows.sum() < 1:
-                continue
-            if head.kind == "classification":
-                Yf = F.one_hot(y_fit[name][fit_rows], head.n_outputs).to(mu_fit.dtype)
-                Ye = F.one_hot(y_eval[name][eval_rows], head.n_outputs).to(mu_fit.dtype)
-            else:
-                Yf = y_fit[name][fit_rows].to(mu_fit.dtype)[:, None]
-                Ye = y_eval[name][eval_rows].to(mu_fit.dtype)[:, None]
-            centre, y_centre = mu_fit[fit_rows].mean(0), Yf.mean(0)
-            M = mu_fit[fit_rows] - centre
-            gram = M.T @ M
-            alpha = ridge * torch.trace(gram) / M.shape[1] + 1e-6
-            coef = torch.linalg.solve(gram + alpha * torch.eye(M.shape[1], device=M.device, dtype=M.dtype),
-                                      M.T @ (Yf - y_centre))
-            pred = (mu_eval[eval_rows] - centre) @ coef + y_centre
-            sse += float((Ye - pred).pow(2).sum())
-            sst += float((Ye - y_centre).pow(2).sum())
-        if sst > 0:
-            total += max(0.0, 1.0 - sse / sst)
-    return total
-
-
-def _chance_loss(y: np.ndarray, head: AdversaryHead, train_mask: np.ndarray) -> float:
-    """The loss of the best constant predictor (train label frequencies / train mean): what a fully
-    debiased latent leaves the adversary."""
-    if head.kind == "classification":
-        labels = y[train_mask & (y >= 0)]
-        p = np.bincount(labels, minlength=head.n_outputs) / max(len(labels), 1)
-        p = p[p > 0]
-        return float(-(p * np.log(p)).sum())
-    return 1.0  # standardised regression target: variance 1 around the train mean
+    def task_outputs(self, mu: torch.Tensor, strata: torch.Tensor) -> dict:
+        inp = mu
+        if self.n_strata > 1:
+            inp = torch.cat([mu, F.one_hot(strata, self.n_strata).to(mu.dtype)], dim=1)
+        return {name: head(inp) for name, head in self.tasks.items()}
 
 
 @dataclass
@@ -261,8 +160,10 @@ class FitResult:
     config: AdversarialVAEConfig
     heads: list[AdversaryHead]
     history: list[dict]
+
     best_epoch: int
     device: str
+    tasks: list[AdversaryHead] = field(default_factory=list)
 
     def transform(self, X: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         """The debiased embedding μ for every row of X (float32)."""
@@ -284,27 +185,10 @@ class FitResult:
             "scale": torch.from_numpy(self.scale),
             "config": asdict(self.config),
             "heads": [asdict(h) for h in self.heads],
+            "tasks": [asdict(t) for t in self.tasks],
             "n_strata": self.model.n_strata,
             "best_epoch": self.best_epoch,
         }
-
-
-def _encode_targets(adversary_targets: dict, train_mask: np.ndarray) -> tuple[list[AdversaryHead], dict]:
-    heads, encoded = [], {}
-    for name, (kind, values) in adversary_targets.items():
-        if kind == "classification":
-            codes = np.asarray(values, dtype=np.int64)
-            heads.append(AdversaryHead(name, kind, int(max(codes.max(initial=0) + 1, 2))))
-            encoded[name] = codes
-        elif kind == "regression":
-            v = np.asarray(values, dtype=np.float64)
-            tv = v[train_mask & np.isfinite(v)]
-            centre, spread = (tv.mean(), tv.std()) if len(tv) else (0.0, 1.0)
-            encoded[name] = ((v - centre) / (spread if spread > 0 else 1.0)).astype(np.float32)
-            heads.append(AdversaryHead(name, kind, 1))
-        else:
-            raise ValueError(f"adversary {name}: kind must be classification or regression, not {kind!r}")
-    return heads, encoded
 
 
 def fit_adversarial_vae(
@@ -315,12 +199,14 @@ def fit_adversarial_vae(
     config: AdversarialVAEConfig | dict | None = None,
     strata: np.ndarray | None = None,
     device: str | torch.device | None = None,
+    task_targets: dict[str, tuple[str, np.ndarray]] | None = None,
 ) -> FitResult:
     """Train on the rows in `train_mask`, early-stop on `val_mask`, return the fitted model.
 
     adversary_targets: name → ("classification", int codes, -1 = missing) or ("regression", float values,
     NaN = missing; standardised on the train rows). strata: int codes (e.g. region) the adversaries are
-    conditioned on. Deterministic for a given seed, device and thread count; the caller's global torch
+    conditioned on. task_targets: the attributes to keep (same format), read by task heads with plain gradients
+    (paper 002's clinical task); their val loss is part of the early-stopping criterion. Deterministic for a given seed, device and thread count; the caller's global torch
     random state is left untouched.
 
     Early stopping monitors validation reconstruction + β·KL + λ·head leakage + λ_linear·held-out linear
@@ -345,14 +231,16 @@ def fit_adversarial_vae(
     scale = np.where(scale > 1e-6 * max(float(scale.max()), 1e-12), scale, 1.0).astype(np.float32)
     Xs = ((X - mean) / scale).astype(np.float32)
 
-    heads, encoded = _encode_targets(adversary_targets, train_mask)
+    heads, encoded = encode_targets(adversary_targets, train_mask)
     head_by_name = {h.name: h for h in heads}
-    chance = {h.name: _chance_loss(encoded[h.name], h, train_mask) for h in heads}
+    tasks, task_encoded = encode_targets(dict(task_targets or {}) if cfg.task_weight > 0 else {}, train_mask)
+    task_by_name = {t.name: t for t in tasks}
+    chance = {h.name: chance_loss(encoded[h.name], h, train_mask) for h in heads}
 
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
-        model = AdversarialVAE(X.shape[1], heads, cfg, n_strata).to(device)
+        model = AdversarialVAE(X.shape[1], heads, cfg, n_strata, tasks).to(device)
         order_gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
@@ -363,10 +251,11 @@ def fit_adversarial_vae(
         def rows(mask):
             idx = np.flatnonzero(mask)
             return (torch.from_numpy(Xs[idx]).to(device), torch.from_numpy(strata[idx]).to(device),
-                    {name: torch.from_numpy(v[idx]).to(device) for name, v in encoded.items()})
+                    {name: torch.from_numpy(v[idx]).to(device) for name, v in encoded.items()},
+                    {name: torch.from_numpy(v[idx]).to(device) for name, v in task_encoded.items()})
 
-        x_train, s_train, y_train = rows(train_mask)
-        x_val, s_val, y_val = rows(val_mask) if val_mask is not None else (None, None, None)
+        x_train, s_train, y_train, t_train = rows(train_mask)
+        x_val, s_val, y_val, t_val = rows(val_mask) if val_mask is not None else (None, None, None, None)
         priors = {}
         for h in heads:
             if h.kind == "classification":
@@ -382,17 +271,18 @@ def fit_adversarial_vae(
         for epoch in range(cfg.max_epochs):
             model.train()
             order = torch.randperm(n_train, generator=order_gen).to(device)
-            sums = {"recon": 0.0, "kl": 0.0, "adversary": 0.0, "linear_leakage": 0.0}
+            sums = {"recon": 0.0, "kl": 0.0, "adversary": 0.0, "linear_leakage": 0.0, "task": 0.0}
             for start in range(0, n_train, cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
                 xb, sb = x_train[idx], s_train[idx]
                 yb = {name: t[idx] for name, t in y_train.items()}
+                tb = {name: t[idx] for name, t in t_train.items()}
                 if heads:
                     with torch.no_grad():
                         mu_frozen, _ = model.encode(xb)
                     for _ in range(cfg.adversary_steps):
                         outputs = model.adversaries(mu_frozen, sb, None)
-                        head_loss = sum(_adversary_losses(outputs, yb, head_by_name).values())
+                        head_loss = sum(adversary_losses(outputs, yb, head_by_name).values())
                         opt_heads.zero_grad(set_to_none=True)
                         head_loss.backward()
                         opt_heads.step()
@@ -402,18 +292,22 @@ def fit_adversarial_vae(
                 recon = F.mse_loss(model.decoder(mu + torch.exp(0.5 * logvar) * eps), xb)
                 kl = kl_term(mu, logvar, xb.shape[1])
                 loss = recon + cfg.beta * kl
+                task = mu.new_zeros(())
+                if tasks:
+                    task = sum(adversary_losses(model.task_outputs(mu, sb), tb, task_by_name).values())
+                    loss = loss + cfg.task_weight * task
                 adv_total = mu.new_zeros(())
                 linear = mu.new_zeros(())
                 if heads:
                     if cfg.adversary_objective == "reverse":
                         # heads descend their loss, the encoder ascends it through the reversal
-                        adv_total = sum(_adversary_losses(model.adversaries(mu, sb, 1.0), yb, head_by_name).values())
+                        adv_total = sum(adversary_losses(model.adversaries(mu, sb, 1.0), yb, head_by_name).values())
                     else:
-                        adv_total = sum(_confusion_losses(model.adversaries(mu, sb, None), yb, head_by_name,
+                        adv_total = sum(confusion_losses(model.adversaries(mu, sb, None), yb, head_by_name,
                                                           priors).values())
                     loss = loss + cfg.adversary_weight * adv_total
                     if cfg.linear_adversary_weight > 0:
-                        linear = _linear_leakage(mu, sb, yb, head_by_name, cfg.linear_adversary_ridge)
+                        linear = linear_leakage(mu, sb, yb, head_by_name, cfg.linear_adversary_ridge)
                         loss = loss + cfg.linear_adversary_weight * linear
                 opt_vae.zero_grad(set_to_none=True)
                 opt_heads.zero_grad(set_to_none=True)
@@ -422,7 +316,8 @@ def fit_adversarial_vae(
                 if cfg.adversary_objective == "reverse":
                     opt_heads.step()
                 w = xb.shape[0] / n_train
-                for key, value in (("recon", recon), ("kl", kl), ("adversary", adv_total), ("linear_leakage", linear)):
+                for key, value in (("recon", recon), ("kl", kl), ("adversary", adv_total), ("linear_leakage", linear),
+                                   ("task", task)):
                     sums[key] += float(value.detach()) * w
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in sums.items()}}
 
@@ -432,17 +327,19 @@ def fit_adversarial_vae(
                     mu, logvar = model.encode(x_val)
                     recon = float(F.mse_loss(model.decoder(mu), x_val))
                     kl = float(kl_term(mu, logvar, x_val.shape[1]))
-                    val_adv = _adversary_losses(model.adversaries(mu, s_val, None), y_val, head_by_name)
+                    val_adv = adversary_losses(model.adversaries(mu, s_val, None), y_val, head_by_name)
                     mu_train, _ = model.encode(x_train)
-                    held_out = _held_out_linear_leakage(mu_train, s_train, y_train, mu, s_val, y_val, head_by_name,
+                    held_out = held_out_linear_leakage(mu_train, s_train, y_train, mu, s_val, y_val, head_by_name,
                                                         cfg.linear_adversary_ridge)
+                    val_task = float(sum(adversary_losses(model.task_outputs(mu, s_val), t_val,
+                                                          task_by_name).values())) if tasks else 0.0
                 leakage = sum(max(0.0, chance[name] - float(v)) for name, v in val_adv.items())
                 score = (recon + cfg.beta * kl + cfg.adversary_weight * leakage
-                         + cfg.linear_adversary_weight * held_out)
+                         + cfg.linear_adversary_weight * held_out + cfg.task_weight * val_task)
                 row.update(val_recon=recon, val_kl=kl, val_leakage=leakage, val_linear_leakage=held_out,
-                           val_criterion=score)
+                           val_task=val_task, val_criterion=score)
             else:
-                score = row["train_recon"] + cfg.beta * row["train_kl"]
+                score = row["train_recon"] + cfg.beta * row["train_kl"] + cfg.task_weight * row["train_task"]
             history.append(row)
 
             if epoch + 1 >= cfg.min_epochs:
@@ -457,4 +354,4 @@ def fit_adversarial_vae(
             model.load_state_dict(best_state)
     model.eval()
     return FitResult(model=model, mean=mean.astype(np.float32), scale=scale, config=cfg, heads=heads,
-                     history=history, best_epoch=best_epoch, device=str(device))
+                     history=history, best_epoch=best_epoch, device=str(device), tasks=tasks)

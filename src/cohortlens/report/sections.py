@@ -139,19 +139,25 @@ def _read(paths: Iterable[PathLike]) -> pl.DataFrame:
 def model_table_section(metrics: Sequence[PathLike]) -> str:
     if not metrics:
         return not_run("probes")
-    from cohortlens.analysis.probe import model_table_html
+    from cohortlens.analysis.model_table import BACKEND_NAMES, model_table_html
 
     frame = _read(metrics)
     if frame.height == 0:
         return "<p class='muted'>the probes produced no metrics</p>"
-    parts = ["<p>SVM probes on each model's embedding (test split, 95% bootstrap CI): balanced "
-             "accuracy ↑ for categorical attributes, MAE ↓ for continuous ones; best model per region in bold "
-             "(layout of Table 1, paper 003).</p>", model_table_html(frame)]
+    # the probes are not all SVMs: each row names the estimator that produced it
+    parts = [f"<p>RBF-kernel probes on each model's embedding (test split, 95% bootstrap CI): balanced "
+             f"accuracy ↑ for categorical attributes, MAE ↓ for continuous ones; best model per region in bold "
+             f"(layout of Table 1, paper 003). The probe column names the estimator that ran (backend auto): "
+             f"{html.escape(BACKEND_NAMES['exact'])} up to the probe's <code>exact_max_train</code> training "
+             f"rows, {html.escape(BACKEND_NAMES['approx'])} (kernel approximation, a least-squares kernel "
+             f"machine rather than an SVM) above it, {html.escape(BACKEND_NAMES['cuml'])} on a GPU.</p>",
+             model_table_html(frame)]
     extra = frame.filter(pl.col("metric") == "roc_auc")
     if extra.height:
         parts.append("<details><summary>ROC AUC (one-vs-rest macro) and chance levels</summary>")
-        parts.append(table(extra.select("model", "region", "attribute", "value", "ci_low", "ci_high", "chance",
-                                        "n_test").sort("attribute", "region", "model"), 500))
+        cols = ["model", "region", "attribute", "value", "ci_low", "ci_high", "chance", "n_test", "backend"]
+        parts.append(table(extra.select([c for c in cols if c in extra.columns]).sort("attribute", "region", "model"),
+                           500))
         parts.append("</details>")
     return "".join(parts)
 
@@ -277,6 +283,21 @@ def _evidence_path(entry: str, dirs: Sequence[Path]) -> Path | None:
     return None
 
 
+def label_issue_note(frame: pl.DataFrame) -> str:
+    """One line on what the label-issue search covers: cleanlab's label issues are looked for in target
+    attributes only (discover_quality.LABEL_ISSUE_ROLES); for protected attributes, images that look like
+    another category are discordant subgroups, whose labels were not shown to be wrong."""
+    disc = frame.filter(pl.col("kind") == "discordant_subgroup") if "kind" in frame.columns else frame.clear()
+    by_attr: dict[str, list[str]] = {}
+    for row in disc.iter_rows(named=True):
+        by_attr.setdefault(row["attribute"], []).append(row["finding_id"])
+    pointer = ("; ".join(f"{html.escape(a)}: {html.escape(', '.join(ids))}" for a, ids in by_attr.items())
+               if by_attr else "none significant in this run")
+    return ("<p class='muted'>Label issues (cleanlab) are searched in target attributes only. In protected attributes "
+            "(e.g. sex) the labels were not shown to be wrong: images whose embedding looks like another category "
+            f"are reported as discordant subgroups instead ({pointer}).</p>")
+
+
 def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], finding_dirs: Sequence[PathLike],
                      cfg: dict) -> str:
     if not findings:
@@ -300,10 +321,11 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
                 summary = t.group_by("kind").agg(pl.len().alias("tests"), sig.sum().alias("significant")).sort("kind")
                 parts.append(f"<p class='muted'>tests run (α = {alpha}):</p>" + table(summary, 50))
         if frame.height == 0:
-            parts.append("<p class='muted'>no significant findings</p>")
+            parts.append("<p class='muted'>no significant findings</p>" + label_issue_note(frame))
             continue
         frame = frame.sort(pl.col("effect_size").abs(), descending=True, nulls_last=True)
         parts.append(table(frame.select([c for c in _FINDING_COLS if c in frame.columns]), 500, cls="findings"))
+        parts.append(label_issue_note(frame))
         cards = []
         for row in frame.iter_rows(named=True):
             for entry in row.get("evidence") or []:

@@ -1,0 +1,327 @@
+"""The config check: every mistake stops the run before any job, naming its key (and the closest valid name)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, demo_config
+
+from cohortlens.config import ConfigValidationError, SchemaError, check_config, config_problems, full_schema
+from cohortlens.declared_settings import declared_keys, declared_value
+
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def problems_of(cfg: dict) -> list[str]:
+    return config_problems(cfg, SCHEMA)
+
+
+def one_problem(cfg: dict) -> str:
+    found = problems_of(cfg)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture
+def cfg() -> dict:
+    return copy.deepcopy(demo_config())
+
+
+# ------------------------------------------------------------------------------------------------ clean configs
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "chexpert.yaml"])
+def test_shipped_configs_are_clean(name):
+    check_config(yaml.safe_load((REPO / "config" / name).read_text()), SCHEMA)
+
+
+def test_snakemake_validate_still_fills_the_schema_defaults(cfg):
+    from snakemake.utils import validate
+
+    del cfg["report"]
+    validate(cfg, str(SCHEMA))
+    assert cfg["report"]["title"] == "cohortlens report"
+    assert cfg["project"]["plots"]["engine"] == "matplotlib"
+
+
+# ------------------------------------------------------------------------------------------------ unknown keys
+
+
+def test_unknown_top_level_key(cfg):
+    cfg["probes"] = {"n_bootstrap": 10}
+    assert one_problem(cfg) == "config key probes is not known; did you mean probe?"
+
+
+@pytest.mark.parametrize("section, typo, meant", [
+    ("probe", "n_bootstrapp", "n_bootstrap"),
+    ("fairness", "min_group_sise", "min_group_size"),
+    ("discover", "alpah", "alpha"),
+    ("mitigate", "method", "methods"),
+    ("report", "max_pointz", "max_points"),
+])
+def test_unknown_key_in_a_section(cfg, section, typo, meant):
+    cfg.setdefault(section, {})[typo] = 1
+    assert one_problem(cfg) == f"config key {section}.{typo} is not known; did you mean {section}.{meant}?"
+
+
+@pytest.mark.parametrize("path, typo, meant", [
+    (("mitigate", "inlp"), "n_iteration", "n_iterations"),
+    (("mitigate", "avae"), "latnet_dim", "latent_dim"),
+    (("models", "vae"), "hessian_wieght", "hessian_weight"),  # a key of the model (BetaVAE)
+    (("models", "vae"), "checkpoint_evry", "checkpoint_every"),  # a key of the trainer (TrainSettings)
+    (("models", "dae"), "base_channel", "base_channels"),  # a key of the model (dae.DEFAULT_CONFIG)
+    (("cohort", "split"), "stratiffy", "stratify"),
+    (("resources", "train_vae"), "mem", "mem_mb"),
+])
+def test_unknown_nested_key(cfg, path, typo, meant):
+    section = cfg
+    for part in path:
+        section = section.setdefault(part, {})
+    section[typo] = 1
+    key = ".".join(path)
+    assert one_problem(cfg) == f"config key {key}.{typo} is not known; did you mean {key}.{meant}?"
+
+
+def test_unknown_key_without_a_close_name_lists_the_known_ones(cfg):
+    cfg["discover"]["zzz"] = 1
+    problem = one_problem(cfg)
+    assert problem.startswith("config key discover.zzz is not known (known: alpha, seed,")
+
+
+def test_unknown_model(cfg):
+    cfg["models"]["vea"] = {"preset": "demo"}
+    assert one_problem(cfg) == "config key models.vea is not known; did you mean models.vae?"
+
+
+def test_unknown_preset(cfg):
+    cfg["models"]["dae"]["preset"] = "dmeo"
+    problem = one_problem(cfg)
+    assert problem.startswith("config key models.dae.preset = 'dmeo' is not one of [")
+    assert problem.endswith("did you mean demo?")
+
+
+@pytest.mark.parametrize("path, key, why", [
+    (("models", "vae"), "image_size", "set crop"),
+    (("mitigate", "inlp"), "seed", "set mitigate.seed"),
+])
+def test_key_set_elsewhere(cfg, path, key, why):
+    section = cfg
+    for part in path:
+        section = section.setdefault(part, {})
+    section[key] = 1
+    problem = one_problem(cfg)
+    assert problem.startswith(f"config key {'.'.join(path)}.{key} cannot be set here") and why in problem
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+def _set(cfg: dict, path: tuple, value) -> None:
+    for part in path[:-1]:
+        cfg = cfg.setdefault(part, {})
+    cfg[path[-1]] = value
+
+
+@pytest.mark.parametrize("path, value, key", [
+    (("mitigate", "protected"), ["sex", "heigth"], "mitigate.protected[1]"),
+    (("mitigate", "targets"), ["heigth"], "mitigate.targets[0]"),
+    (("fairness", "targets"), ["heigth"], "fairness.targets[0]"),
+    (("fairness", "protected"), ["age", "heigth"], "fairness.protected[1]"),
+    (("fairness", "bins"), {"heigth": 3}, "fairness.bins.heigth"),
+    (("fairness", "positive"), {"heigth": "tall"}, "fairness.positive.heigth"),
+    (("cohort", "split", "stratify"), ["heigth"], "cohort.split.stratify[0]"),
+])
+def test_unknown_attribute(cfg, path, value, key):
+    _set(cfg, path, value)
+    problem = one_problem(cfg)
+    assert problem.startswith(f"config key {key}: 'heigth' is not one of the attributes (")
+    assert problem.endswith("did you mean height?")
+
+
+def test_a_default_naming_a_missing_attribute(cfg):
+    """mitigate.protected defaults to [sex]: a cohort without sex must set it, and is told so before any job."""
+    del cfg["mitigate"]
+    cfg["attributes"]["gender"] = cfg["attributes"].pop("sex")
+    cfg["cohort"]["split"]["stratify"] = ["age"]
+    cfg["fairness"]["targets"] = ["gender"]
+    assert one_problem(cfg).startswith("config key mitigate.protected[0]: 'sex' is not one of the attributes")
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    (("mitigate", "models"), ["vea"], "config key mitigate.models[0]: 'vea' is not one of the models (pca, vae, dae); "
+                                      "did you mean vae?"),
+    (("report", "interactive_regions"), ["all", "nek"], "config key report.interactive_regions[1]: 'nek' is not one "
+                                                        "of the map regions (neck, chest, lumbar, all); did you mean "
+                                                        "neck?"),
+    (("resources", "train_vea"), {"gpu": 1}, "config key resources.train_vea: 'train_vea' is not one of the jobs ("),
+])
+def test_other_names(cfg, path, value, expected):
+    _set(cfg, path, value)
+    assert one_problem(cfg).startswith(expected)
+
+
+def test_interactive_method_must_be_a_map_method(cfg):
+    cfg["project"]["methods"] = ["tsne"]
+    cfg["report"]["interactive_methods"] = ["umap"]
+    assert one_problem(cfg) == "config key report.interactive_methods[0]: 'umap' is not one of the map methods (tsne)"
+
+
+# ------------------------------------------------------------------------------------------------ types and values
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    (("preprocess", "threads"), 0, "config key preprocess.threads: 0 is less than the minimum of 1"),
+    (("probe", "n_bootstrap"), "many", "config key probe.n_bootstrap = 'many' is not of type integer"),
+    (("models", "vae", "lr"), "1e-3", "config key models.vae.lr = '1e-3' is not of type number (YAML reads 1e-3 as "
+                                      "text; write it with a dot, e.g. 1.0e-3)"),
+    (("fairness", "alpha"), 1.5, "config key fairness.alpha: 1.5 is greater than or equal to the maximum of 1"),
+    (("mitigate", "methods"), ["leac"], "config key mitigate.methods[0] = 'leac' is not one of ['leace', 'inlp', "
+                                        "'avae']; did you mean leace?"),
+    (("cohort",), {"split": {}}, "config key cohort.manifest is missing"),
+])
+def test_wrong_type_or_value(cfg, path, value, expected):
+    _set(cfg, path, value)
+    assert one_problem(cfg) == expected
+
+
+def test_every_mistake_is_reported_together(cfg):
+    cfg["probe"]["n_bootstrapp"] = 10
+    cfg["models"]["vae"]["hessian_wieght"] = 1e-6
+    cfg["mitigate"]["protected"] = ["sexx"]
+    cfg["preprocess"]["threads"] = "two"
+    with pytest.raises(ConfigValidationError) as caught:
+        check_config(cfg, SCHEMA)
+    assert len(caught.value.problems) == 4
+    text = str(caught.value)
+    assert text.startswith("4 config mistakes (nothing was run):")
+    for key in ("probe.n_bootstrapp", "models.vae.hessian_wieght", "mitigate.protected[0]", "preprocess.threads"):
+        assert f"config key {key}" in text
+
+
+def test_the_check_does_not_change_the_config(cfg):
+    del cfg["report"]
+    before = copy.deepcopy(cfg)
+    check_config(cfg, SCHEMA)
+    assert cfg == before
+
+
+# ------------------------------------------------------------------------------------------------ the real dry run
+
+
+def test_snakemake_dry_run_stops_on_a_typo(tmp_path, cfg):
+    cfg["probe"]["n_bootstrapp"] = 10
+    cfg["models"]["vae"]["hessian_wieght"] = 1e-6
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    proc = subprocess.run([snakemake, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                           "--configfile", str(config), "--cores", "1", "-n"],
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "config key probe.n_bootstrapp is not known; did you mean probe.n_bootstrap?" in out
+    assert "config key models.vae.hessian_wieght is not known; did you mean models.vae.hessian_weight?" in out
+    assert "Building DAG" not in out  # stopped while parsing, before any job was planned
+
+
+# ------------------------------------------------------------------------------------------------ the schema itself
+
+
+def test_resource_jobs_of_the_schema_are_those_the_rules_read():
+    text = "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
+    jobs = set(re.findall(r'(?<![\w])res\("(\w+)"', text))
+    model_jobs = set(re.findall(r'model_res\("(\w+)"', text))
+    resources = yaml.safe_load(SCHEMA.read_text())["properties"]["resources"]
+    assert set(resources["x-jobs"]) == jobs
+    assert set(resources["x-model-jobs"]) == model_jobs
+
+
+def test_models_of_the_schema_are_pca_and_the_registered_ones():
+    models = yaml.safe_load(SCHEMA.read_text())["properties"]["models"]["properties"]
+    assert set(models) == {"pca", *declared_value("cohortlens.models.registry:MODELS")}
+
+
+def test_a_schema_constraint_on_a_key_the_library_lacks_is_a_schema_error(tmp_path):
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump({"type": "object", "properties": {"discover": {
+        "type": "object", "x-settings": "cohortlens.analysis.discover_core:DEFAULTS",
+        "properties": {"alpah": {"minimum": 0}}}}}))
+    with pytest.raises(SchemaError, match="alpah"):
+        full_schema(schema)
+
+
+def test_library_sections_have_no_defaults_in_the_schema():
+    """Their defaults live in the library only: Snakemake's validate must not fill in a second copy."""
+    def defaults_under(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "default" and value not in ({}, None):
+                    yield value
+                yield from defaults_under(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from defaults_under(item)
+
+    def library_sections(node):
+        if isinstance(node, dict):
+            if "x-settings" in node:
+                yield node
+            for value in node.values():
+                yield from library_sections(value)
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+    sections = list(library_sections(schema))
+    assert len(sections) == 8  # probe, fairness, discover, mitigate.inlp, mitigate.avae, vae, dae, report
+    for section in sections:
+        declared = {k for ref in ([section["x-settings"]] if isinstance(section["x-settings"], str)
+                                  else section["x-settings"]) for k in declared_keys(ref)}
+        for key, sub in section.get("properties", {}).items():
+            if key in declared:
+                assert not list(defaults_under(sub)), (section["x-settings"], key)
+
+
+# ------------------------------------------------------------------------------------------------ the reading
+
+
+def test_declarations_read_from_source_match_the_imported_settings():
+    from cohortlens.analysis import discover_core, fairness, probe
+    from cohortlens.report import sections
+
+    assert set(declared_keys("cohortlens.analysis.probe:ProbeSettings")) == {
+        f.name for f in dataclasses.fields(probe.ProbeSettings)}
+    assert set(declared_keys("cohortlens.analysis.fairness:FairnessSettings")) == {
+        f.name for f in dataclasses.fields(fairness.FairnessSettings)}
+    assert set(declared_keys("cohortlens.analysis.discover_core:DEFAULTS")) == set(discover_core.DEFAULTS)
+    assert set(declared_keys("cohortlens.report.sections:DEFAULTS")) == set(sections.DEFAULTS)
+
+
+def test_model_declarations_read_from_source_match_the_imported_ones():
+    """Imports torch and MONAI (seconds): what the Snakefile avoids at every parse."""
+    from cohortlens.analysis.mitigate import erase_inlp
+    from cohortlens.embed.autoencoder import NORMALISATIONS
+    from cohortlens.models import dae, registry, training, vae
+    from cohortlens.models.adversarial_vae import AdversarialVAEConfig
+
+    def with_default(fn):
+        return {n for n, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty and n not in ("self", "threads")}
+
+    assert set(declared_keys("cohortlens.models.training:TrainSettings")) == {
+        f.name for f in dataclasses.fields(training.TrainSettings)}
+    assert set(declared_keys("cohortlens.models.vae:BetaVAE.__init__")) == with_default(vae.BetaVAE.__init__)
+    assert set(declared_keys("cohortlens.models.dae:DEFAULT_CONFIG")) == set(dae.DEFAULT_CONFIG)
+    assert set(declared_keys("cohortlens.analysis.mitigate:erase_inlp")) == with_default(erase_inlp)
+    assert set(declared_keys("cohortlens.models.adversarial_vae:AdversarialVAEConfig")) == {
+        f.name for f in dataclasses.fields(AdversarialVAEConfig)}
+    for model in registry.MODELS:
+        assert set(declared_value(f"cohortlens.models.registry:PRESETS.{model}")) == set(registry.PRESETS[model])
+    assert declared_value("cohortlens.embed.autoencoder:NORMALISATIONS") == NORMALISATIONS
