@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dicom-fraction", type=float, default=0.1)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--scenario", choices=("demo", "confounded", "null"), default="demo",
+                      help="demo: the demo cohort; confounded / null: the test cohorts of docs/demo-cohort.md "
+                           "(they also write OUT/attributes.yaml)")
     sub.add_parser("chexpert-manifest", help="convert CheXpert train.csv into a manifest", add_help=False)
     if argv[:1] == ["chexpert-manifest"]:
         from cohortlens.io.chexpert import main as chexpert_main
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = generate_demo_cohort(
             args.out_dir, n_subjects=args.subjects, size=args.size, n_slices=args.slices,
-            dicom_fraction=args.dicom_fraction, seed=args.seed, workers=args.workers,
+            dicom_fraction=args.dicom_fraction, seed=args.seed, workers=args.workers, scenario=args.scenario,
         )
         print(summary)
     return 0

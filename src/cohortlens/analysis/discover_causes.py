@@ -11,10 +11,13 @@ recorded attribute B (protected and acquisition; continuous ones in quintile bin
   permuted labels as on the real ones.
 * **cluster / pocket enrichment**: a one-sided Cochran–Mantel–Haenszel test of (member, A = a) stratified by
   B. Its null is "within every stratum of B, A = a is no more common in the group than outside it".
-* **date effects within a stratum** (date within site S, date within scanner X): the within-stratum date leak
-  re-run without the images of another significant date stratum. When the protocol change of site S is the
-  cause, "date within scanner X" vanishes once site S's images are left out, while site S's effect does not
-  vanish without scanner X's other images.
+* **date effects within a stratum** (date within site S, date within scanner X; leaks, cluster comparisons and
+  cleanlab's non-IID alike): the within-stratum date leak re-run (a) without the images of another
+  significant date stratum — when the protocol change of site S is the cause, "date within scanner X"
+  vanishes once site S's images are left out, while site S's effect does not vanish without scanner X's other
+  images — and (b) with dates permuted within another acquisition attribute's values inside the stratum
+  (null: the date is no more predictable than the other attribute's values make it). Attributes that are
+  mostly a function of the date (a half-yearly batch, η² ≥ 0.5) are never used to condition a date effect.
 
 A finding is an **echo of B** when its conditional test given B is no longer significant (p > alpha), B has a
 significant finding of its own in that region, and B's effect survives conditioning on A (the asymmetry that
@@ -185,62 +188,124 @@ def _stratum_of(f: Finding) -> tuple[str, str, str]:
     return stratum, str(value).split(",")[0], date_attr
 
 
-def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
-    rd = reg.rd
-    cache: dict[tuple, float] = {}
+def date_proxies(rd: RegionData, date_attr: str, threshold: float = 0.5) -> set[str]:
+    """Categorical attributes that are mostly a function of the date (a processing batch per half-year): the
+    share of the date's variance between their values (η²) is at least `threshold`. Such an attribute cannot
+    stratify a date effect: within one batch the date barely varies, so conditioning on it removes any date
+    effect, real or not."""
+    days = rd.values(date_attr)
+    ok = np.isfinite(days)
+    out = set()
+    for b in rd.attributes(types=("categorical",)):
+        labels = stratum_labels(rd, b)[ok]
+        d = days[ok]
+        total = ((d - d.mean()) ** 2).sum()
+        if total <= 0:
+            continue
+        between = sum((labels == v).sum() * (d[labels == v].mean() - d.mean()) ** 2 for v in np.unique(labels))
+        if between / total >= threshold:
+            out.add(b)
+    return out
 
-    def p_without(s1, v1, s2, v2, date_attr) -> float | None:
-        key = (s1, v1, s2, v2, date_attr)
+
+def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
+    """A date effect within stratum S = s is re-tested (as a within-stratum date leak)
+
+    * given each other acquisition attribute B (dates permuted within B's values, inside S = s): when B's
+      values explain it (e.g. date within scanner X, explained by site: a site's protocol change, or a site's
+      own look plus its recruitment period), and B has a finding of its own;
+    * without the images of each other significant date stratum B = b: when it vanishes and B = b's effect does
+      not vanish without S = s's images, B = b is the cause. A stratum that lies (almost) inside another is
+      the more specific one and is not explained by it.
+    """
+    rd = reg.rd
+    cache: dict[tuple, float | None] = {}
+
+    def leak_p(date_attr, keep, strata=None) -> float | None:
+        if keep.sum() < reg.cfg["interaction_min_site"]:
+            return None
+        res = _run(rd, date_attr, reg.cfg, np.random.default_rng(reg.seed), keep=keep, conditional=False,
+                   strata=strata)
+        return None if res is None else float(res["p"])
+
+    def without(s1, v1, s2, v2, date_attr) -> float | None:
+        key = ("without", s1, v1, s2, v2, date_attr)
         if key not in cache:
-            keep = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
-            if keep.sum() < reg.cfg["interaction_min_site"]:
-                cache[key] = None
-            else:
-                res = _run(rd, date_attr, reg.cfg, np.random.default_rng(reg.seed), keep=keep, conditional=False)
-                cache[key] = None if res is None else float(res["p"])
+            cache[key] = leak_p(date_attr, (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2))
         return cache[key]
 
-    strata = {(_stratum_of(f)) for f in interactions}
+    def given(s1, v1, b, date_attr) -> float | None:
+        key = ("given", s1, v1, b, date_attr)
+        if key not in cache:
+            cache[key] = leak_p(date_attr, stratum_labels(rd, s1) == v1, stratum_labels(rd, b))
+        return cache[key]
+
+    significant = {_stratum_of(f) for f in interactions}
     for f in interactions:
         s1, v1, date_attr = _stratum_of(f)
-        rivals = [(s2, v2) for s2, v2, d2 in strata if s2 != s1 and d2 == date_attr]
+        n1 = int((stratum_labels(rd, s1) == v1).sum())
+        proxies = date_proxies(rd, date_attr)
+        # 1. without another significant date stratum's images
         tested = {}
-        for s2, v2 in rivals:
-            overlap = ((stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) == v2)).sum()
-            if overlap == 0:
+        for s2, v2, d2 in sorted(significant):
+            if s2 == s1 or d2 != date_attr or s2 in proxies and s1 not in proxies:
                 continue
-            p1 = p_without(s1, v1, s2, v2, date_attr)
+            p1 = without(s1, v1, s2, v2, date_attr)
             tested[f"{s2}={v2}"] = p1
-            if p1 is not None and p1 <= reg.alpha:
-                continue  # survives without the rival's images
-            p2 = p_without(s2, v2, s1, v1, date_attr)
-            n1 = (stratum_labels(rd, s1) == v1).sum()
-            n2 = (stratum_labels(rd, s2) == v2).sum()
-            if p2 is None or p2 <= reg.alpha:
-                # the rival survives without this stratum's images (or lies inside it): it is the cause
-                _mark(f, s2, v2, "within-stratum date leak without the rival stratum",
-                      1.0 if p1 is None else p1, p2)
-                break
-            if n2 < n1:  # neither survives the other: the more specific (smaller) stratum is the cause
-                _mark(f, s2, v2, "within-stratum date leak without the rival stratum",
-                      1.0 if p1 is None else p1, p2, inseparable=True)
+            if p1 is None or p1 <= reg.alpha:
+                continue  # inside the rival (the more specific one), or survives without it
+            p2 = without(s2, v2, s1, v1, date_attr)
+            n2 = int((stratum_labels(rd, s2) == v2).sum())
+            if p2 is None or p2 <= reg.alpha or n2 < n1:
+                _mark(f, s2, v2, "within-stratum date leak without the rival stratum", p1, p2,
+                      inseparable=p2 is not None and p2 > reg.alpha)
                 break
         f.details["p_without_rival"] = tested
+        if f.explained_by is not None:
+            continue
+        # 2. given another acquisition attribute's values (not a date proxy: it would remove any date effect)
+        p_given = {}
+        for b in stratum_attributes_of(rd):
+            if b == s1 or b in proxies:
+                continue
+            p = given(s1, v1, b, date_attr)
+            if p is not None:
+                p_given[b] = p
+        f.details["p_given"] = {b: round(p, 4) for b, p in p_given.items()}
+        for b in sorted((b for b, p in p_given.items() if p > reg.alpha), key=p_given.get, reverse=True):
+            own = [v for s2, v, d2 in significant if s2 == b and d2 == date_attr]
+            if own:
+                # B has date strata of its own: the cause is one of them unless it vanishes given S as well
+                reverse = [given(b, v, s1, date_attr) for v in own]
+                if all(r is not None and r > reg.alpha for r in reverse) and min(
+                        int((stratum_labels(rd, b) == v).sum()) for v in own) > n1:
+                    continue  # both vanish given the other, this stratum is the smaller: it is the root
+                _mark(f, b, own[0], "date leak within the stratum, permuted within the other attribute",
+                      p_given[b], min((r for r in reverse if r is not None), default=None))
+                break
+            if reg.has_effect(b):
+                _mark(f, b, reg.root_value(b), "date leak within the stratum, permuted within the other attribute",
+                      p_given[b], None)
+                break
         if f.explained_by is None:
-            f.details["survives_conditioning"] = sorted(tested)
+            f.details["survives_conditioning"] = sorted(tested) + sorted(p_given)
+
+
+def stratum_attributes_of(rd: RegionData) -> list[str]:
+    return rd.attributes(roles=("acquisition",), types=("categorical",))
 
 
 def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> None:
     """Sets `explained_by` on every significant leak, cluster and interaction finding that another attribute
     explains (in place). Run after the correction: only findings are re-tested."""
     for rd in regions:
-        sig = [f for f in tests if f.region == rd.region and f.kind in ("attribute_leak", "cluster")
-               and f.is_finding(cfg["alpha"])]
+        sig = [f for f in tests if f.region == rd.region and f.is_finding(cfg["alpha"])
+               and (f.kind in ("attribute_leak", "cluster") or (f.kind == "non_iid" and _is_interaction(f)))]
         if not sig:
             continue
         reg = _Region(rd, sig, cfg, rng)
         for f in sig:
-            if _is_interaction(f) or f.attribute not in rd.specs:
+            if _is_interaction(f) or f.attribute not in rd.specs or f.kind == "non_iid":
                 continue
             if f.kind == "attribute_leak":
                 explain_leak(reg, f)

@@ -227,7 +227,7 @@ def site_date_leaks(rd: RegionData, cfg: dict, rng) -> list[Finding]:
                 days = rd.values(date_attr)[res["mask"]]
                 ids = rd.image_uids[res["mask"]]
                 cp = change_point(days, res["pred"], rd.subjects[res["mask"]], permutations=cfg["permutations"],
-                                  bootstraps=cfg["onset_bootstraps"], alpha=cfg["alpha"],
+                                  bootstraps=cfg["onset_bootstraps"],
                                   rng=np.random.default_rng(int(rng.integers(2**31))))
                 if cp["onset"] is not None and cp["shape"] == "step":
                     after = days >= np.datetime64(cp["onset"], "D").astype(int)

@@ -10,13 +10,15 @@ two ways:
   percentile, so each side keeps at least 5 % of the images);
 * **drift**: a straight line in the date.
 
-The onset is the t of the least-squares step. Its **p-value** tests "step beyond drift": the null is a linear
-drift with exchangeable residuals, so the residuals of the drift fit are permuted (Freedman–Lane) and the best
-step is searched again on drift + permuted residuals; p = share of permutations whose step explains at least as
-much of the drift's residual variance. This null is not the one that selected the stratum (that was "no date
-effect at all"), so selection does not make it small by construction. The **interval** is the 2.5–97.5 %
-range of the onset over subject bootstrap resamples. The shape is reported as a step when p ≤ alpha, as a
-gradual drift otherwise.
+The onset is the t of the least-squares step. The **shape** is the model with the lower BIC (step: two means
+and t, 3 parameters; drift: intercept and slope, 2), so a step is called only when its extra parameter pays for
+itself. The **p-value** `p_step` tests "step beyond drift" and is reported beside it: the null is a linear drift
+with exchangeable residuals, so the residuals of the drift fit are permuted (Freedman–Lane) and the best step is
+searched again on them; p = share of permutations whose step explains at least as much of the drift's residual
+variance. This null is not the one that selected the stratum (that was "no date effect at all"), so selection
+does not make it small by construction; in a small stratum (tens of images) it has little power, which is why
+the shape is chosen by BIC rather than by this test. The **interval** is the 2.5–97.5 % range of the onset over
+subject bootstrap resamples.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _step_gains(days: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 
 def change_point(days: np.ndarray, score: np.ndarray, units: np.ndarray | None = None, *,
-                 permutations: int = 199, bootstraps: int = 200, alpha: float = 0.05,
+                 permutations: int = 199, bootstraps: int = 200,
                  rng: np.random.Generator | None = None) -> dict:
     """Onset of a date effect from (date, date score) pairs of one stratum.
 
@@ -106,9 +108,13 @@ def change_point(days: np.ndarray, score: np.ndarray, units: np.ndarray | None =
             boot.append(t)
     lo, hi = (np.quantile(boot, [0.025, 0.975]) if boot else (np.nan, np.nan))
     _, gain_raw = best_step(days, score)
+    sse_step, sse_drift = max(sst - gain_raw, 1e-12), max(float((resid ** 2).sum()), 1e-12)
+    bic_step = n * np.log(sse_step / n) + 3 * np.log(n)
+    bic_drift = n * np.log(sse_drift / n) + 2 * np.log(n)
     return {
         "onset": date_str(onset), "interval": [date_str(lo), date_str(hi)] if boot else None,
-        "p_step": p_step, "shape": "step" if p_step <= alpha else "drift",
+        "p_step": p_step, "shape": "step" if bic_step < bic_drift else "drift",
+        "bic_step": float(bic_step), "bic_drift": float(bic_drift),
         "r2_step": gain_raw / sst, "r2_drift": float(((fitted - score.mean()) ** 2).sum() / sst),
         "permutations": int(permutations), "bootstraps": len(boot), "n": int(n),
     }
@@ -123,4 +129,4 @@ def describe(cp: dict) -> str:
         iv = cp.get("interval") or ["?", "?"]
         return (f"a step from {cp['onset']} (95 % interval {iv[0]} … {iv[1]}; step beyond drift "
                 f"p = {cp['p_step']:.2g})")
-    return f"a gradual drift (no step beyond a linear trend, p = {cp['p_step']:.2g})"
+    return f"a gradual drift (a line fits as well as a step; step beyond drift p = {cp['p_step']:.2g})"

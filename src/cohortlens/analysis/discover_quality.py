@@ -28,7 +28,7 @@ import logging
 import numpy as np
 
 from cohortlens.analysis._data import AnalysisTable
-from cohortlens.analysis.discover_core import Finding, RegionData, confine_to_stratum, interaction_name
+from cohortlens.analysis.discover_core import Finding, RegionData, confine_to_any_stratum, interaction_name
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,12 @@ def feature_issues(rd: RegionData, cfg: dict) -> list[Finding]:
         def rerun(keep):
             return _non_iid_p(np.ascontiguousarray(features[keep[order]]))
 
-        site, p_without = confine_to_stratum(rerun, strata, cfg["alpha"], test_within=rerun)
-        details["p_without_site"] = p_without
+        stratum, site, p_without = confine_to_any_stratum(rd, rerun, cfg["alpha"], test_within=rerun)
+        details["p_without_stratum"] = p_without
         if site is not None:
-            attribute, value = interaction_name(rd.strata_name, date_attr), site
-            summary += f"; carried by site {site} alone (without it p = {p_without[site]:.2g})"
+            attribute, value = interaction_name(stratum, date_attr), site
+            details["stratum"] = stratum
+            summary += f"; carried by {stratum} {site} alone (without it p = {p_without[stratum][site]:.2g})"
     out.append(Finding("non_iid", rd.region, attribute, value, score, "cleanlab_non_iid_score", p,
                        rd.n, [], summary, details))
     return out

@@ -7,8 +7,8 @@ untested flags, when it exists):
 
 * effect without `value` (sex, age, weight, height): an `attribute_leak` of that attribute in *every* listed
   region.
-* effect with `value` (a site): a `cluster` of that attribute and value in a listed region with an enrichment
-  ratio of at least `min_enrichment`. Clusters of the same value in regions the effect does not list are
+* effect with `value` (a site): a `cluster` of that attribute and value (or of one of its `complement_values`)
+  in a listed region with an enrichment ratio of at least `min_enrichment`. Clusters of the same value in regions the effect does not list are
   returned as `unexpected_ids` (the site effects are neck-only).
   With `interaction` (the Neubrandenburg flat neck from `from_date` on): additionally a `site×date` finding
   for that site in a listed region whose estimated onset is `from` a date within `onset_tolerance_days` of
@@ -20,6 +20,28 @@ untested flags, when it exists):
   count: the detectors name a date effect `date` only when no single site carries it
   (`discover_core.confine_to_stratum`), because the control's claim is "no effect of date alone", and the
   demo does plant a date effect inside Neubrandenburg.
+
+Root causes, echoes and false findings (the test scenarios of `cohortlens.demo.scenarios`, whose
+ground_truth.json adds `echoes`: associations a marginal detector sees that one root cause explains).
+The discover stage names, per finding, the root cause that explains it (`explained_by`, "attribute=value" or
+"attribute"; null when the finding survives conditioning on the other attributes; an absent column reads as
+all null). Every significant finding gets one verdict (`classify_findings`), first rule that applies:
+
+1. `data_quality`: cleanlab's outlier, near-duplicate and label-issue flags (about images, not attributes).
+2. `folded`: `explained_by` is set. The finding is folded under that root cause and is no finding of its own:
+   it neither counts as recall of an effect nor as a false finding.
+3. `planted`: it is (part of) a planted effect: an attribute leak of an attribute with an effect in that
+   region; a cluster of the effect's value (or of an attribute without a value, or of a `complement_values`
+   value: the other vendor's images are the same effect); a `<stratum>×<interaction>` finding whose stratum
+   value is the effect's; a discordant subgroup of the subgroup's attribute.
+4. `false`: its attribute is exactly a negative control's.
+5. `unexplained_echo`: it matches a listed echo (kind, attribute, value, region) but names no root cause.
+6. `false`: anything else.
+
+Recall rows (`ground_truth_recall`) are computed from the findings that are not folded; the table gains
+`row_type`, `explained_ids` (folded under that row), `unexplained_echoes` and `false_findings` counts, and,
+for a ground truth with `echoes`, a row per echo and one "false findings" row (the demo's table keeps its
+rows). `ground_truth_summary` gives recall, false findings and unexplained echoes with the offending ids.
 """
 
 from __future__ import annotations
@@ -40,11 +62,36 @@ RECALL_SCHEMA = {
     "effect": pl.Utf8, "attribute": pl.Utf8, "regions": pl.List(pl.Utf8), "expected": pl.Boolean,
     "found": pl.Boolean, "finding_ids": pl.List(pl.Utf8), "unexpected_ids": pl.List(pl.Utf8),
     "precision": pl.Float64, "recall": pl.Float64, "detail": pl.Utf8,
+    "row_type": pl.Utf8, "explained_ids": pl.List(pl.Utf8), "unexplained_echoes": pl.Int64,
+    "false_findings": pl.Int64,
+}
+DATA_QUALITY_KINDS = ("outlier", "near_duplicate", "label_issue")
+# Kinds that say "the attribute is readable from the images" (non_iid: ordered along the date).
+_LEAK_KINDS = ("attribute_leak", "non_iid")
+VERDICTS = ("planted", "folded", "unexplained_echo", "false", "data_quality")
+VERDICT_SCHEMA = {
+    "finding_id": pl.Utf8, "kind": pl.Utf8, "region": pl.Utf8, "attribute": pl.Utf8, "value": pl.Utf8,
+    "explained_by": pl.Utf8, "verdict": pl.Utf8, "root_cause": pl.Utf8, "echo": pl.Utf8, "reason": pl.Utf8,
 }
 
 
 def _significant(findings: pl.DataFrame, alpha: float) -> pl.DataFrame:
     return findings.filter(pl.col("p_adjusted").is_null() | (pl.col("p_adjusted") < alpha))
+
+
+def _with_explained_by(findings: pl.DataFrame) -> pl.DataFrame:
+    """The `explained_by` column, null where absent or empty (older findings files have none)."""
+    if "explained_by" not in findings.columns:
+        return findings.with_columns(pl.lit(None, dtype=pl.Utf8).alias("explained_by"))
+    col = pl.col("explained_by").cast(pl.Utf8)
+    return findings.with_columns(pl.when(col.str.strip_chars() == "").then(None).otherwise(col).alias("explained_by"))
+
+
+def _load(findings: pl.DataFrame | PathLike, ground_truth_json: PathLike | Mapping) -> tuple[pl.DataFrame, dict]:
+    frame = findings if isinstance(findings, pl.DataFrame) else pl.read_parquet(findings)
+    truth = ground_truth_json if isinstance(ground_truth_json, Mapping) else json.loads(
+        Path(ground_truth_json).read_text())
+    return _with_explained_by(frame), dict(truth)
 
 
 def _details(row: Mapping) -> dict:
@@ -58,21 +105,38 @@ def ground_truth_recall(findings: pl.DataFrame | PathLike, ground_truth_json: Pa
                         alpha: float = 0.05, min_enrichment: float = 1.5,
                         onset_tolerance_days: int = 120) -> pl.DataFrame:
     """Match findings (a findings frame or parquet) against the planted effects of ground_truth.json."""
-    frame = findings if isinstance(findings, pl.DataFrame) else pl.read_parquet(findings)
-    truth = ground_truth_json if isinstance(ground_truth_json, Mapping) else json.loads(
-        Path(ground_truth_json).read_text())
+    frame, truth = _load(findings, ground_truth_json)
     sig = _significant(frame, alpha)
+    own = sig.filter(pl.col("explained_by").is_null())  # folded findings are no findings of their own
+    verdicts = classify_findings(frame, truth, alpha=alpha).to_dicts()
+
+    def ids(verdict: str, **match) -> list[str]:
+        return [v["finding_id"] for v in verdicts
+                if v["verdict"] == verdict and all(v[k] == x for k, x in match.items())]
+
     rows = []
     for effect in truth.get("effects", []):
         if isinstance(effect.get("subjects"), Mapping):
-            rows.append(_subgroup_row(sig, effect))
+            row = _subgroup_row(own, effect)
         elif "value" in effect:
-            rows.append(_cluster_row(sig, effect, min_enrichment, onset_tolerance_days))
+            row = _cluster_row(own, effect, min_enrichment, onset_tolerance_days)
         else:
-            rows.append(_leak_row(sig, effect))
+            row = _leak_row(own, effect)
+        rows.append({**row, "row_type": "effect", "explained_ids": ids("folded", root_cause=effect["name"]),
+                     "unexplained_echoes": len(ids("unexplained_echo", root_cause=effect["name"]))})
     for control in truth.get("negative_controls", []):
-        rows.append(_control_row(sig, control))
-    return pl.DataFrame(rows, schema=RECALL_SCHEMA)
+        row = _control_row(own, control)
+        rows.append({**row, "row_type": "negative_control", "false_findings": len(row["finding_ids"]),
+                     "explained_ids": ids("folded", attribute=control["attribute"])})
+    if "echoes" in truth:
+        for echo in truth["echoes"]:
+            rows.append(_echo_row(echo, ids("unexplained_echo", echo=echo["name"]), ids("folded", echo=echo["name"])))
+        false = [v for v in verdicts if v["verdict"] == "false"]
+        rows.append(_row("false findings", "", [], False, bool(false), [v["finding_id"] for v in false],
+                         "; ".join(f"{v['finding_id']}: {v['reason']}" for v in false) or "none")
+                    | {"row_type": "false_findings", "false_findings": len(false)})
+    defaults = {"row_type": "effect", "explained_ids": [], "unexplained_echoes": 0, "false_findings": 0}
+    return pl.DataFrame([{**defaults, **r} for r in rows], schema=RECALL_SCHEMA)
 
 
 def _row(effect, attribute, regions, expected, found, ids, detail, unexpected=(), precision=None, recall=None):
@@ -95,8 +159,10 @@ def _leak_row(sig: pl.DataFrame, effect: Mapping) -> dict:
 
 def _cluster_row(sig: pl.DataFrame, effect: Mapping, min_enrichment: float, tolerance: int) -> dict:
     attr, value, regions = effect["attribute"], str(effect["value"]), list(effect.get("regions", []))
+    # a two-valued attribute's other value clusters as the rest of the same effect (the other vendor)
+    values = [value, *map(str, effect.get("complement_values") or [])]
     clusters = sig.filter((pl.col("kind") == "cluster") & (pl.col("attribute") == attr)
-                          & (pl.col("value") == value) & (pl.col("effect_size") >= min_enrichment))
+                          & pl.col("value").is_in(values) & (pl.col("effect_size") >= min_enrichment))
     inside = clusters.filter(pl.col("region").is_in(regions))
     unexpected = clusters.filter(~pl.col("region").is_in(regions))["finding_id"].to_list()
     ids = inside["finding_id"].to_list()
@@ -168,3 +234,182 @@ def _control_row(sig: pl.DataFrame, control: Mapping) -> dict:
     hits = sig.filter(pl.col("attribute") == attr)
     detail = "; ".join(hits["description"].to_list()) or f"no finding names {attr} alone"
     return _row(f"negative control: {attr}", attr, [], False, hits.height > 0, hits["finding_id"].to_list(), detail)
+
+
+def _echo_row(echo: Mapping, unexplained: list[str], folded: list[str]) -> dict:
+    cause = echo.get("explained_by") or {}
+    name = echo["attribute"] + (f"{INTERACTION_SEP}{echo['interaction']}" if echo.get("interaction") else "")
+    root = cause.get("attribute", "?") + (f"={cause['value']}" if cause.get("value") is not None else "")
+    value = echo.get("value")
+    what = f"{echo.get('kind')} of {name}" + (f" = {value}" if value is not None else "")
+    detail = f"{what}, explained by {root}: {len(unexplained)} unexplained, {len(folded)} folded"
+    return _row(f"echo: {echo['name']}", name, echo.get("regions", []), False, bool(unexplained), unexplained,
+                detail) | {"row_type": "echo", "explained_ids": folded, "unexplained_echoes": len(unexplained)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one verdict per significant finding
+
+
+def _parse_cause(text: str | None) -> tuple[str, str | None] | None:
+    """Parse an `explained_by`: "site=Essen" -> ("site", "Essen"); "height" -> ("height", None); null -> None."""
+    if text is None or not str(text).strip():
+        return None
+    attribute, sep, value = str(text).partition("=")
+    return attribute.strip(), (value.strip() if sep else None)
+
+
+def _values(spec) -> list[str] | None:
+    if spec is None:
+        return None
+    return [str(v) for v in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
+
+
+def _in_regions(region: str | None, regions) -> bool:
+    return not regions or region == ALL_REGIONS or region in regions
+
+
+def _split_name(attribute: str) -> tuple[list[str], str | None]:
+    """Stratum attributes and interaction: "site|vendor×date" -> (["site", "vendor"], "date");
+    "sex" -> (["sex"], None)."""
+    base, sep, inter = str(attribute).partition(INTERACTION_SEP)
+    return base.split("|"), (inter if sep else None)
+
+
+def _stratum_values(strata: list[str], value: str | None) -> dict[str, str]:
+    """Values per stratum attribute: "Hamburg|Y, from 2015-10-03" under [site, vendor] -> {site: Hamburg, vendor: Y}."""
+    if value is None:
+        return {}
+    parts = str(value).split(", ")[0].split("|")
+    if len(parts) != len(strata):
+        return {strata[0]: parts[0]}
+    return dict(zip(strata, parts))
+
+
+def _cause_effect(cause: tuple[str, str | None], effects) -> str | None:
+    """The planted effect an `explained_by` names (attribute, and value where both have one)."""
+    attribute, value = cause
+    strata, inter = _split_name(attribute)  # a cause named like a finding: "site×date=Hamburg"
+    if inter is not None:
+        stratum = _stratum_values(strata, value)
+        return next((e["name"] for e in effects if e.get("interaction") == inter
+                     and stratum.get(e.get("attribute")) in (_values(e.get("value")) or [])), None)
+    for e in effects:
+        if e.get("attribute") != attribute:
+            continue
+        accepted = _values(e.get("value"))
+        if value is None or accepted is None or value in accepted + _values(e.get("complement_values") or []):
+            return e["name"]
+    return None
+
+
+def _planted(f: Mapping, effects) -> str | None:
+    strata, inter = _split_name(f["attribute"])
+    for e in effects:
+        if not _in_regions(f["region"], e.get("regions")):
+            continue
+        accepted = _values(e.get("value"))
+        if inter is not None:
+            if e.get("interaction") == inter and accepted and \
+                    _stratum_values(strata, f["value"]).get(e["attribute"]) in accepted:
+                return e["name"]
+            continue
+        if f["attribute"] != e.get("attribute"):
+            continue
+        if f["kind"] == "discordant_subgroup":
+            if isinstance(e.get("subjects"), Mapping):
+                return e["name"]
+        elif f["kind"] != "cluster" or accepted is None or \
+                str(f["value"]) in accepted + _values(e.get("complement_values") or []):
+            return e["name"]
+    return None
+
+
+def _echo(f: Mapping, echoes) -> Mapping | None:
+    strata, inter = _split_name(f["attribute"])
+    for echo in echoes:
+        if not _in_regions(f["region"], echo.get("regions")):
+            continue
+        wanted, kind = _values(echo.get("value")), echo.get("kind")
+        if kind == "interaction":
+            ok = inter is not None and inter == echo.get("interaction", inter) and echo["attribute"] in strata and (
+                wanted is None or _stratum_values(strata, f["value"]).get(echo["attribute"]) in wanted)
+        elif inter is not None or f["attribute"] != echo["attribute"]:
+            ok = False
+        elif kind == "attribute_leak":
+            ok = f["kind"] in _LEAK_KINDS
+        else:  # cluster, discordant_subgroup: the same kind, and the value where the echo names one
+            ok = f["kind"] == kind and (wanted is None or str(f["value"]) in wanted)
+        if ok:
+            return echo
+    return None
+
+
+def classify_findings(findings: pl.DataFrame | PathLike, ground_truth_json: PathLike | Mapping,
+                      alpha: float = 0.05) -> pl.DataFrame:
+    """One verdict per significant finding (rules in the module docstring), with the root cause it belongs
+    to (a planted effect's name; for an echo, its explaining root cause), the echo it matches, and why."""
+    frame, truth = _load(findings, ground_truth_json)
+    effects, echoes = truth.get("effects", []), truth.get("echoes", [])
+    controls = {c["attribute"] for c in truth.get("negative_controls", [])}
+    rows = []
+    for f in _significant(frame, alpha).iter_rows(named=True):
+        cause = _parse_cause(f["explained_by"])
+        echo = _echo(f, echoes)
+        echo_root = _cause_effect(_parse_cause_dict(echo.get("explained_by")), effects) if echo else None
+        if f["kind"] in DATA_QUALITY_KINDS:
+            verdict, root, reason = "data_quality", None, "cleanlab data-quality flag"
+        elif cause is not None:
+            root = _cause_effect(cause, effects)
+            verdict, reason = "folded", (f"explained by {f['explained_by']}" if root else
+                                         f"explained by {f['explained_by']}, which is no planted root cause")
+        elif (planted := _planted(f, effects)) is not None:
+            verdict, root, reason = "planted", planted, f"part of {planted}"
+        elif f["attribute"] in controls:
+            verdict, root, reason = "false", None, f"negative control {f['attribute']}"
+        elif echo is not None:
+            verdict, root, reason = "unexplained_echo", echo_root, f"echo {echo['name']} without explained_by"
+        else:
+            verdict, root, reason = "false", None, "matches no planted effect or echo"
+        what = f"{f['kind']} {f['attribute']}" + (f"={f['value']}" if f["value"] is not None else "")
+        rows.append({"finding_id": f["finding_id"], "kind": f["kind"], "region": f["region"],
+                     "attribute": f["attribute"], "value": f["value"], "explained_by": f["explained_by"],
+                     "verdict": verdict, "root_cause": root, "echo": echo["name"] if echo else None,
+                     "reason": f"{what} ({f['region']}): {reason}"})
+    return pl.DataFrame(rows, schema=VERDICT_SCHEMA)
+
+
+def _parse_cause_dict(cause: Mapping | None) -> tuple[str, str | None]:
+    cause = cause or {}
+    return str(cause.get("attribute", "")), (None if cause.get("value") is None else str(cause["value"]))
+
+
+def ground_truth_summary(findings: pl.DataFrame | PathLike, ground_truth_json: PathLike | Mapping,
+                         alpha: float = 0.05, **kw) -> dict:
+    """Recall of the planted effects, false findings and unexplained echoes, with the offending finding ids.
+
+    `recall` = found / expected effects (None without effects); `kw` goes to `ground_truth_recall`."""
+    frame, truth = _load(findings, ground_truth_json)
+    recall = ground_truth_recall(frame, truth, alpha=alpha, **kw)
+    verdicts = classify_findings(frame, truth, alpha=alpha)
+    effects = recall.filter(pl.col("row_type") == "effect")
+
+    def ids(verdict: str) -> list[str]:
+        return verdicts.filter(pl.col("verdict") == verdict)["finding_id"].to_list()
+
+    folded = verdicts.filter(pl.col("verdict") == "folded")
+    found = int(effects["found"].sum())
+    return {
+        "recall": found / effects.height if effects.height else None,
+        "found": found,
+        "expected": effects.height,
+        "missed": effects.filter(~pl.col("found"))["effect"].to_list(),
+        "false_findings": len(ids("false")),
+        "unexplained_echoes": len(ids("unexplained_echo")),
+        "folded": folded.height,
+        "false_finding_ids": ids("false"),
+        "unexplained_echo_ids": ids("unexplained_echo"),
+        "folded_ids": folded["finding_id"].to_list(),
+        # folded under something that is no planted root cause: not counted, but worth a look
+        "explained_by_non_root_ids": folded.filter(pl.col("root_cause").is_null())["finding_id"].to_list(),
+    }

@@ -6,6 +6,9 @@ give -- so a subject's attributes and images depend only on the seed and its
 index: not on the worker count, the chunking, or ``n_subjects`` (a smaller
 cohort's subjects and voxels are a prefix of a larger one's with the same seed;
 only the choice of DICOM subjects depends on the cohort size).
+
+``generate_demo_cohort(..., scenario=...)`` also writes the test scenarios of
+``scenarios.py`` (confounded, null) with the same renderer and writers.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import gzip
 import json
 import math
 import multiprocessing
-import struct
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -26,6 +28,7 @@ from typing import Iterable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from .dicom import write_dicom_series
 from .phantom import (
     EFFECTS,
     FOV_MM,
@@ -49,11 +52,10 @@ DISCORDANT_REGION_P = 0.75
 MANIFEST_COLUMNS = ("subject_id", "image", "region", "sex", "age", "height", "weight", "site", "date")
 
 # SeedSequence stream numbers below the subject index.
-_ATTR_STREAM, _IDENT_STREAM = 0, 4  # region r renders from stream 1 + r
+# region r renders from stream 1 + r; identifiers (dicom.py) from 4; scenario attributes (scenarios.py) from 5
+_ATTR_STREAM, _IDENT_STREAM = 0, 4
 _DICOM_PICK_ENTROPY = 0x44434D  # separate entropy word: never collides with a subject key
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-_BODY_PART = {"neck": "CSPINE", "chest": "TSPINE", "lumbar": "LSPINE"}
 
 
 def subject_id(index: int) -> str:
@@ -111,9 +113,17 @@ def dicom_subject_indices(n_subjects: int, dicom_fraction: float, seed: int) -> 
     return sorted(int(i) for i in rng.choice(n_subjects, size=k, replace=False)) if k else []
 
 
-def render_subject(subject: Mapping, region: str, size: int, n_slices: int, seed: int) -> np.ndarray:
-    """Exactly the array the generator writes for this subject and region."""
-    return phantom_volume(subject, region, size, n_slices, region_rng(seed, subject["index"], region))
+def render_subject(subject: Mapping, region: str, size: int, n_slices: int, seed: int,
+                   effects: Mapping | None = None) -> np.ndarray:
+    """Exactly the array the generator writes for this subject and region.
+
+    A scenario subject may carry ``render``: values that drive the image but differ from the recorded
+    ones (the null scenario's true site and date, the confounded scenario's latent body fat); ``effects``
+    is the scenario's effect table (default: the demo's).
+    """
+    params = {**subject, **subject["render"]} if subject.get("render") else subject
+    return phantom_volume(params, region, size, n_slices, region_rng(seed, subject["index"], region),
+                          effects=effects)
 
 
 # ---------------------------------------------------------------------------
@@ -139,183 +149,12 @@ def write_nifti(path: Path, vol: np.ndarray, size: int, n_slices: int) -> None:
     path.write_bytes(gzip.compress(_nifti_header(size, n_slices) + data, compresslevel=1, mtime=0))
 
 
-def _identifiers(seed: int, subject: Mapping) -> dict:
-    """Synthetic identifying header values (they must never reach the manifest)."""
-    rng = np.random.default_rng(_seq(seed, subject["index"], _IDENT_STREAM))
-
-    def digits(n: int) -> str:
-        return "".join(str(d) for d in rng.integers(0, 10, n))
-
-    acq = dt.date.fromisoformat(subject["date"])
-    birth = acq - dt.timedelta(days=int(round(float(subject["age"]) * 365.25)))
-    minutes = int(rng.integers(7 * 60, 19 * 60))
-    return dict(
-        PatientName=f"DEMO^PATIENT{digits(6)}",
-        PatientID=f"PID{digits(8)}",
-        AccessionNumber=f"ACC{digits(9)}",
-        StudyID=f"ST{digits(6)}",
-        PatientBirthDate=birth.strftime("%Y%m%d"),
-        InstitutionName=f"{subject['site']} Imaging Centre",
-        StudyDate=acq.strftime("%Y%m%d"),
-        StudyTime=f"{minutes // 60:02d}{minutes % 60:02d}00",
-    )
-
-
-_PER_SLICE_TAGS = (0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)
-
-
-def _encode(ds) -> bytes:
-    """Explicit VR little endian encoding of a (partial) dataset, no preamble or meta."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds, parent_encoding="ISO_IR 100")
-    return fp.getvalue()
-
-
-def _ds(value: float) -> str:
-    """Decimal string within the 16-character DS limit."""
-    return f"{value:.10g}"
-
-
-def _element(tag: int, vr: str, value: bytes) -> bytes:
-    """One explicit-VR little-endian data element (the handful of VRs used per slice)."""
-    if len(value) % 2:
-        value += b"\0" if vr in ("UI", "OB", "OW") else b" "
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
-    if vr in ("OB", "OW"):
-        return head + struct.pack("<HI", 0, len(value)) + value
-    return head + struct.pack("<H", len(value)) + value
-
-
-def _file_meta(sop_uid: str) -> bytes:
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-
-    body = b"".join((
-        _element(0x00020001, "OB", b"\0\1"),
-        _element(0x00020002, "UI", MR_IMAGE_STORAGE.encode()),
-        _element(0x00020003, "UI", sop_uid.encode()),
-        _element(0x00020010, "UI", str(ExplicitVRLittleEndian).encode()),
-        _element(0x00020012, "UI", str(PYDICOM_IMPLEMENTATION_UID).encode()),
-        _element(0x00020013, "SH", b"COHORTLENS_DEMO"),
-    ))
-    return _element(0x00020000, "UL", struct.pack("<I", len(body))) + body
-
-
-def write_dicom_series(folder: Path, vol: np.ndarray, subject: Mapping, region: str,
-                       size: int, n_slices: int, seed: int) -> None:
-    """One MR series, one file per sagittal slice, files in shuffled order.
-
-    Geometry matches the NIfTI affine: RAS voxel (i, j, k) maps to pixel
-    (row = size-1-k, col = size-1-j) of slice i, with row cosine +P and column
-    cosine -S in LPS. InstanceNumber follows an interleaved acquisition
-    (even slices first), so only ImagePositionPatient gives the spatial order.
-
-    pydicom spends ~5 ms encoding a 70-element dataset, which would dominate
-    generation time, so the series-constant elements are encoded once by
-    pydicom and the file meta and five per-slice elements are encoded here and
-    spliced in at their tag-sorted positions (tests check the result is
-    byte-identical to pydicom's own ``save_as``).
-    """
-    from pydicom.dataset import Dataset
-    from pydicom.tag import Tag
-    from pydicom.uid import generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.dcm"):
-        stale.unlink()
-    ident = _identifiers(seed, subject)
-    sx, sy, sz = spacing(size, n_slices)
-    origin = affine(size, n_slices)[:3, 3]
-    sid, rix = subject["subject_id"], REGIONS.index(region)
-    ent = [str(seed), sid]
-    acquisition = list(range(0, n_slices, 2)) + list(range(1, n_slices, 2))
-    instance_number = {sl: k + 1 for k, sl in enumerate(acquisition)}
-    rng = np.random.default_rng(_seq(seed, subject["index"], _IDENT_STREAM, 1 + rix))
-    file_order = rng.permutation(n_slices)
-    pix = np.ascontiguousarray(vol[:, ::-1, ::-1].transpose(0, 2, 1)).astype("<u2")
-
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NORM"]
-    ds.SOPClassUID = MR_IMAGE_STORAGE
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ident["StudyDate"]
-    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = ident["StudyTime"]
-    ds.AccessionNumber = ident["AccessionNumber"]
-    ds.Modality = "MR"
-    ds.Manufacturer = "cohortlens phantom"
-    ds.InstitutionName = ident["InstitutionName"]
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "DEMO spine"
-    ds.SeriesDescription = f"t2_tse_sag_{region}"
-    ds.PatientName = ident["PatientName"]
-    ds.PatientID = ident["PatientID"]
-    ds.PatientBirthDate = ident["PatientBirthDate"]
-    ds.PatientSex = subject["sex"]
-    ds.PatientAge = f"{int(float(subject['age'])):03d}Y"
-    ds.PatientSize = f"{float(subject['height']):.2f}"
-    ds.PatientWeight = f"{float(subject['weight']):.1f}"
-    ds.BodyPartExamined = _BODY_PART[region]
-    ds.ScanningSequence = "SE"
-    ds.SequenceVariant = ["SK", "SP"]
-    ds.ScanOptions = ""
-    ds.MRAcquisitionType = "2D"
-    ds.SliceThickness = _ds(sx)
-    ds.SpacingBetweenSlices = _ds(sx)
-    ds.RepetitionTime = "3500"
-    ds.EchoTime = "100"
-    ds.EchoTrainLength = "16"
-    ds.MagneticFieldStrength = "3"
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=ent + ["study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=ent + [region, "series"])
-    ds.StudyID = ident["StudyID"]
-    ds.SeriesNumber = 1 + rix
-    ds.AcquisitionNumber = 1
-    ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
-    ds.FrameOfReferenceUID = generate_uid(entropy_srcs=ent + [region, "frame"])
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pix.shape[1], pix.shape[2]
-    ds.PixelSpacing = [_ds(sz), _ds(sy)]  # row spacing (S), column spacing (P)
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.WindowCenter = "500"
-    ds.WindowWidth = "1000"
-
-    # Constant elements grouped by the gaps between the per-slice tags.
-    cuts = [Tag(t) for t in _PER_SLICE_TAGS]
-    groups = [Dataset() for _ in range(len(cuts) + 1)]
-    for tag in ds.keys():
-        groups[sum(tag > c for c in cuts)].add(ds[tag])
-    const = [_encode(g) for g in groups]
-
-    for name_no, i in enumerate(file_order):
-        i = int(i)
-        sop_uid = generate_uid(entropy_srcs=ent + [region, "instance", str(i)])
-        x_ras = origin[0] + i * sx
-        position = (-x_ras, -(origin[1] + (size - 1) * sy), origin[2] + (size - 1) * sz)
-        per_slice = (
-            _element(_PER_SLICE_TAGS[0], "UI", sop_uid.encode()),
-            _element(_PER_SLICE_TAGS[1], "IS", str(instance_number[i]).encode()),
-            _element(_PER_SLICE_TAGS[2], "DS", "\\".join(_ds(v) for v in position).encode()),
-            _element(_PER_SLICE_TAGS[3], "DS", _ds(x_ras).encode()),
-            _element(_PER_SLICE_TAGS[4], "OW", pix[i].tobytes()),
-        )
-        body = b"".join(c + v for c, v in zip(const, per_slice)) + const[-1]
-        (folder / f"{name_no:04d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + _file_meta(sop_uid) + body)
-
-
 def _render_chunk(task: tuple) -> int:
-    out_dir, seed, size, n_slices, subjects = task
+    out_dir, seed, size, n_slices, subjects, effects = task
     out = Path(out_dir)
     for subject in subjects:
         for region in REGIONS:
-            vol = render_subject(subject, region, size, n_slices, seed)
+            vol = render_subject(subject, region, size, n_slices, seed, effects)
             rel = image_path(subject, region)
             if subject["dicom"]:
                 write_dicom_series(out / rel, vol, subject, region, size, n_slices, seed)
@@ -462,19 +301,26 @@ def plant_bad_inputs(out: Path, *, size: int, n_slices: int, seed: int) -> tuple
     return rows, expected
 
 
-def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_slices: int = 16,
-                         dicom_fraction: float = 0.1, seed: int = 0, workers: int = 2,
-                         bad_inputs: bool = False) -> dict:
-    """Write the demo cohort (images, manifest.csv, ground_truth.json) into ``out_dir``.
+def _manifest_value(subject: Mapping, column: str) -> str:
+    if column in ("age", "weight"):
+        return f"{subject[column]:.1f}"
+    if column == "height":
+        return f"{subject[column]:.2f}"
+    return subject[column]
 
-    Returns ``{n_subjects, n_images, n_dicom_series, manifest, ground_truth, out_dir}``.
-    When ``workers > 1`` images are rendered in a process pool (forked on
-    Linux; elsewhere the calling script needs an ``if __name__ == "__main__":``
-    guard).
+
+def write_cohort(out_dir, subjects: list[dict], *, size: int, n_slices: int, dicom_fraction: float,
+                 seed: int, workers: int, bad_inputs: bool, effects: Mapping | None = None,
+                 columns: Sequence[str] = MANIFEST_COLUMNS, bad_row_fill: Mapping | None = None) -> dict:
+    """Images, manifest.csv and (optionally) the planted bad inputs of a sampled cohort.
+
+    Marks each subject's ``dicom`` flag; returns the summary plus ``expected_quarantine``. The bad rows
+    get ``bad_row_fill`` for columns the demo does not have (they are quarantined before any attribute is
+    used, but a manifest needs every column).
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    subjects = sample_subjects(n_subjects, seed)
+    n_subjects = len(subjects)
     on_dicom = set(dicom_subject_indices(n_subjects, dicom_fraction, seed))
     for s in subjects:
         s["dicom"] = s["index"] in on_dicom
@@ -483,7 +329,7 @@ def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_sl
 
     workers = max(1, int(workers or 1))
     chunk = max(1, min(100, math.ceil(n_subjects / (4 * workers))))
-    tasks = [(str(out), seed, size, n_slices, list(c)) for c in _chunks(subjects, chunk)]
+    tasks = [(str(out), seed, size, n_slices, list(c), effects) for c in _chunks(subjects, chunk)]
     if workers == 1 or len(tasks) == 1:
         for t in tasks:
             _render_chunk(t)
@@ -497,30 +343,54 @@ def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_sl
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as fh:
         wr = csv.writer(fh)
-        wr.writerow(MANIFEST_COLUMNS)
+        wr.writerow(columns)
         for s in subjects:
             for region in REGIONS:
-                wr.writerow([s["subject_id"], image_path(s, region), region, s["sex"],
-                             f"{s['age']:.1f}", f"{s['height']:.2f}", f"{s['weight']:.1f}",
-                             s["site"], s["date"]])
-        wr.writerows(bad_rows)
-    gt_path = out / "ground_truth.json"
-    gt = ground_truth(subjects, seed=seed, size=size, n_slices=n_slices, dicom_fraction=dicom_fraction)
-    gt["expected_quarantine"] = expected_quarantine
-    gt_path.write_text(json.dumps(gt, indent=1))
+                row = {"image": image_path(s, region), "region": region}
+                wr.writerow([row[c] if c in row else _manifest_value(s, c) for c in columns])
+        for bad in bad_rows:
+            row = {**(bad_row_fill or {}), **dict(zip(MANIFEST_COLUMNS, bad))}
+            wr.writerow([row[c] for c in columns])
     return {
         "n_subjects": n_subjects,
         "n_images": n_subjects * len(REGIONS) + len(bad_rows),
         "n_dicom_series": len(on_dicom) * len(REGIONS),
         "manifest": str(manifest),
-        "ground_truth": str(gt_path),
+        "ground_truth": str(out / "ground_truth.json"),
         "out_dir": str(out),
+        "expected_quarantine": expected_quarantine,
     }
+
+
+def generate_demo_cohort(out_dir, *, n_subjects: int = 300, size: int = 64, n_slices: int = 16,
+                         dicom_fraction: float = 0.1, seed: int = 0, workers: int = 2,
+                         bad_inputs: bool = False, scenario: str = "demo") -> dict:
+    """Write the demo cohort (images, manifest.csv, ground_truth.json) into ``out_dir``.
+
+    ``scenario`` "confounded" or "null" writes one of the test cohorts of ``scenarios.py`` instead (plus
+    ``attributes.yaml``). Returns ``{n_subjects, n_images, n_dicom_series, manifest, ground_truth,
+    out_dir}`` (+ ``scenario`` and ``attributes`` for the test scenarios).
+    When ``workers > 1`` images are rendered in a process pool (forked on
+    Linux; elsewhere the calling script needs an ``if __name__ == "__main__":``
+    guard).
+    """
+    kw = dict(size=size, n_slices=n_slices, dicom_fraction=dicom_fraction, seed=seed, workers=workers,
+              bad_inputs=bad_inputs)
+    if scenario != "demo":
+        from .scenarios import generate_scenario
+
+        return generate_scenario(out_dir, scenario, n_subjects=n_subjects, **kw)
+    subjects = sample_subjects(n_subjects, seed)
+    summary = write_cohort(out_dir, subjects, **kw)
+    gt = ground_truth(subjects, seed=seed, size=size, n_slices=n_slices, dicom_fraction=dicom_fraction)
+    gt["expected_quarantine"] = summary.pop("expected_quarantine")
+    Path(summary["ground_truth"]).write_text(json.dumps(gt, indent=1))
+    return summary
 
 
 __all__ = [
     "EFFECTS", "MANIFEST_COLUMNS", "REGIONS", "SITES", "dicom_subject_indices",
     "generate_demo_cohort", "ground_truth", "image_path", "region_rng", "render_subject",
-    "sample_subject", "sample_subjects", "study_year", "subject_id", "write_dicom_series",
+    "sample_subject", "sample_subjects", "study_year", "subject_id", "write_cohort", "write_dicom_series",
     "write_nifti",
 ]

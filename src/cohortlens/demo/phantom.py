@@ -12,7 +12,10 @@ volume so that small matrices do not alias.
 The planted cohort effects (sex, age, BMI, height, site and site x date) are
 all read from ``params`` + :data:`EFFECTS` inside :func:`phantom_volume`, which
 is the single place that decides how an attribute changes the image. The
-generator records the same :data:`EFFECTS` in ``ground_truth.json``.
+generator records the same :data:`EFFECTS` in ``ground_truth.json``. The test
+scenarios (``scenarios.py``) pass their own effect table: without the two site
+effects, and with the optional ``vendor_bias_field`` and ``site_protocol_change``
+(:data:`SCENARIO_EFFECT_KEYS`), which the demo table leaves out.
 """
 
 from __future__ import annotations
@@ -156,8 +159,14 @@ def affine(size: int, n_slices: int) -> np.ndarray:
     return aff
 
 
+# Effects only the test scenarios plant; absent from EFFECTS, so the demo renders as before.
+SCENARIO_EFFECT_KEYS = ("vendor_bias_field", "site_protocol_change")
+
+
 def fov_shift_voxels(size: int, effects: Mapping = EFFECTS) -> int:
     """Essen superior shift in whole voxels, so that it is an exact image translation."""
+    if "site_fov_shift" not in effects:
+        return 0
     return int(round(effects["site_fov_shift"]["fov_fraction"] * size))
 
 
@@ -190,10 +199,23 @@ def _nearest_period(u, offset, period):
     return np.abs(r - np.round(r)) * period
 
 
+def _site_from_date(eff: Mapping | None, params: Mapping, region: str) -> bool:
+    """Does a step change of one site from a date on (an effect entry, or None) apply to this image?"""
+    return bool(eff) and (region in eff["regions"] and params["site"] == eff["site"]
+                          and str(params["date"])[:10] >= eff["from_date"])
+
+
 def _flatten_neck(params: Mapping, region: str, effects: Mapping) -> bool:
-    eff = effects["site_flat_neck"]
-    return (region in eff["regions"] and params["site"] == eff["site"]
-            and str(params["date"])[:10] >= eff["from_date"])
+    return _site_from_date(effects.get("site_flat_neck"), params, region)
+
+
+def _vendor_log_field(params: Mapping, region: str, effects: Mapping, yn, zn):
+    """Extra log bias field of one scanner vendor (its receive chain), or None."""
+    eff = effects.get("vendor_bias_field")
+    if not eff or region not in eff["regions"] or params.get("vendor") != eff["vendor"]:
+        return None
+    c = eff["log_field"]
+    return c["y"] * yn + c["z"] * zn + c["z2"] * zn ** 2
 
 
 def phantom_volume(params: Mapping, region: str, size: int = 64, n_slices: int = 16,
@@ -251,7 +273,8 @@ def phantom_volume(params: Mapping, region: str, size: int = 64, n_slices: int =
     if _flatten_neck(params, region, effects):
         curve_amp *= effects["site_flat_neck"]["lordosis_factor"]
     z_shift = 0.0
-    if region in effects["site_fov_shift"]["regions"] and params["site"] == effects["site_fov_shift"]["site"]:
+    fov_eff = effects.get("site_fov_shift")
+    if fov_eff and region in fov_eff["regions"] and params["site"] == fov_eff["site"]:
         z_shift = fov_shift_voxels(size, effects) * vox  # anatomy moves superiorly in the FOV
 
     # ---- 2-D mid-sagittal template ------------------------------------------
@@ -367,12 +390,19 @@ def phantom_volume(params: Mapping, region: str, size: int = 64, n_slices: int =
                * _step(t - (t_arch - an["spinous_length"]), w) * _step(t_arch + 3.0 - t, w) * valid)
     paint(spinous, 0.85 * marrow, 5.0)
 
-    # ---- acquisition: receive-coil profile, smooth bias field, gain, Rician noise
+    # ---- acquisition: sequence contrast, receive-coil profile, smooth bias field, gain, Rician noise
+    protocol = effects.get("site_protocol_change")
+    if _site_from_date(protocol, params, region):
+        # New sequence parameters change the T2 contrast of every tissue (a monotone signal curve).
+        vol = (1000.0 * (np.maximum(vol, 0.0) / 1000.0) ** protocol["contrast_gamma"]).astype(np.float32)
     yn = coords[:, None] / (0.5 * FOV_MM)
     zn = coords[None, :] / (0.5 * FOV_MM)
     xn = x_scan[:, None, None] / (0.5 * FOV_MM)  # fields belong to the scanner, not the subject
     coil = 0.8 + 0.35 * np.exp(-(yn + 1.0) / 0.85)  # posterior spine coil
     poly2d = bias_c[0] * yn + bias_c[1] * zn + bias_c[2] * yn ** 2 + bias_c[3] * zn ** 2 + bias_c[4] * yn * zn
+    vendor_field = _vendor_log_field(params, region, effects, yn, zn)
+    if vendor_field is not None:
+        poly2d = poly2d + vendor_field
     field = (gain * coil * np.exp(poly2d)).astype(np.float32)[None] * np.exp(bias_c[5] * xn).astype(np.float32)
     vol *= field
     if noise:
@@ -383,6 +413,7 @@ def phantom_volume(params: Mapping, region: str, size: int = 64, n_slices: int =
 def effects_for_size(size: int, effects: Mapping = EFFECTS) -> dict:
     """Copy of the effect parameters with size-dependent values resolved."""
     out = copy.deepcopy(dict(effects))
-    out["site_fov_shift"]["shift_voxels"] = fov_shift_voxels(size, effects)
-    out["site_fov_shift"]["shift_mm"] = fov_shift_voxels(size, effects) * FOV_MM / size
+    if "site_fov_shift" in out:
+        out["site_fov_shift"]["shift_voxels"] = fov_shift_voxels(size, effects)
+        out["site_fov_shift"]["shift_mm"] = fov_shift_voxels(size, effects) * FOV_MM / size
     return out

@@ -40,7 +40,7 @@ DEFAULTS = {
     "static_map_width": 480,  # static map PNGs are shrunk to this width (pixels) on the page
     "max_findings_images": 60,  # explanation PNGs inlined (largest effects first)
     "max_table_rows": 200,  # rows of the long tables (fairness groups, tests); the Parquet has all
-    "chance_tolerance": 0.02,  # a protected attribute's linear-probe BA counts as erased within this of chance
+    "alpha": 0.05,  # mitigation: an attacker beats chance below this permutation p-value
 }
 
 
@@ -298,6 +298,22 @@ def label_issue_note(frame: pl.DataFrame) -> str:
             f"are reported as discordant subgroups instead ({pointer}).</p>")
 
 
+def split_echoes(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(root findings, echoes): an echo has `explained_by` set (discover_causes); files written before the
+    column existed have no echoes."""
+    if "explained_by" not in frame.columns:
+        return frame.with_columns(pl.lit(None, dtype=pl.Utf8).alias("explained_by")), frame.clear()
+    is_echo = pl.col("explained_by").is_not_null() & (pl.col("explained_by") != "")
+    return frame.filter(~is_echo), frame.filter(is_echo)
+
+
+def _cause_names(row: Mapping) -> list[str]:
+    """The `explained_by` strings that name this finding's attribute (and value) as the cause."""
+    attribute = str(row["attribute"]).split("×")[0]
+    value = None if row.get("value") is None else str(row["value"]).split(",")[0]
+    return [attribute] + ([f"{attribute}={value}"] if value is not None else [])
+
+
 def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], finding_dirs: Sequence[PathLike],
                      cfg: dict) -> str:
     if not findings:
@@ -324,8 +340,22 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
             parts.append("<p class='muted'>no significant findings</p>" + label_issue_note(frame))
             continue
         frame = frame.sort(pl.col("effect_size").abs(), descending=True, nulls_last=True)
-        parts.append(table(frame.select([c for c in _FINDING_COLS if c in frame.columns]), 500, cls="findings"))
+        roots, echoes = split_echoes(frame)
+        roots = roots.with_columns(pl.Series("echoes", [
+            echoes.filter((pl.col("region") == r["region"]) & pl.col("explained_by").is_in(_cause_names(r))).height
+            for r in roots.iter_rows(named=True)], dtype=pl.Int64))
+        parts.append(f"<p>{roots.height} root findings; {echoes.height} echoes folded under the attribute that "
+                     "explains them (each finding was re-tested conditional on every other attribute; see "
+                     "docs/findings.md).</p>")
+        parts.append(table(roots.select([c for c in [*_FINDING_COLS, "echoes"] if c in roots.columns]), 500,
+                           cls="findings"))
+        if echoes.height:
+            parts.append(f"<details><summary>{echoes.height} echoes, folded under their root causes</summary>"
+                         + table(echoes.sort("explained_by", "region").select(
+                             [c for c in ["explained_by", *_FINDING_COLS] if c in echoes.columns]), 500,
+                             cls="findings") + "</details>")
         parts.append(label_issue_note(frame))
+        frame = roots
         cards = []
         for row in frame.iter_rows(named=True):
             for entry in row.get("evidence") or []:
@@ -372,20 +402,25 @@ def fairness_section(summaries: Sequence[PathLike], groups: Sequence[PathLike], 
 # ---------------------------------------------------------------------------------------- mitigation
 
 _REPROBE_COLS = ["model", "region", "method", "erased", "attribute", "role", "probe", "metric", "value_before",
-                 "value", "chance", "drop", "check"]
+                 "value", "ci_low", "ci_high", "chance", "p_vs_chance", "drop", "drop_ci_low", "drop_ci_high", "check"]
+_ATTACKERS = ("rbf_svm", "mlp")
 
 
-def reprobe_check(frame: pl.DataFrame, tolerance: float) -> pl.DataFrame:
-    """A `check` column: a protected attribute's linear balanced accuracy 'near chance' (within tolerance) or
-    'above chance'; the nonlinear attack and targets are reported, not judged."""
-    linear_ba = ((pl.col("role") == "protected") & (pl.col("probe") == "linear")
-                 & (pl.col("metric") == "balanced_accuracy"))
-    near = (pl.col("value") - pl.col("chance")).abs() <= tolerance
+def reprobe_check(frame: pl.DataFrame, alpha: float = 0.05) -> pl.DataFrame:
+    """A `check` column. Protected attributes are judged by the tuned attackers (RBF SVM, MLP): 'at chance'
+    when the attacker's test predictions do not beat chance (permutation p > alpha), else 'readable'. The
+    linear probe is what LEACE and INLP defeat by construction, so it is shown but never judged. Targets:
+    'kept' when the drop's interval includes 0 or lies below it, else 'lost'."""
+    if "p_vs_chance" not in frame.columns:  # a table from before the attackers: report, do not judge
+        return frame.with_columns(pl.lit("not judged").alias("check"))
+    protected, attacker = pl.col("role") == "protected", pl.col("probe").is_in(list(_ATTACKERS))
     return frame.with_columns(
-        pl.when(linear_ba & near).then(pl.lit("near chance"))
-        .when(linear_ba).then(pl.lit("above chance"))
-        .when(pl.col("role") == "protected").then(pl.lit("attack"))
-        .otherwise(pl.lit("target")).alias("check")
+        pl.when(protected & attacker & (pl.col("p_vs_chance") > alpha)).then(pl.lit("at chance"))
+        .when(protected & attacker).then(pl.lit("readable"))
+        .when(protected).then(pl.lit("linear: not a verdict"))
+        .when(pl.col("drop_ci_low") <= 0).then(pl.lit("kept"))
+        .when(pl.col("drop_ci_low").is_not_null()).then(pl.lit("lost"))
+        .otherwise(pl.lit("not judged")).alias("check")
     )
 
 
@@ -395,30 +430,34 @@ def mitigation_section(reprobes: Sequence[PathLike], cfg: dict) -> str:
     frame = _read(reprobes)
     if frame.height == 0:
         return "<p class='muted'>the re-probe table is empty</p>"
-    frame = reprobe_check(frame, cfg["chance_tolerance"])
-    tol = cfg["chance_tolerance"]
-    lin = frame.filter(pl.col("check").is_in(["near chance", "above chance"]))
-    ok = lin.filter(pl.col("check") == "near chance").height
-    parts = [f"<p>Re-probe after erasing the protected attribute(s): before → after per method and region. "
-             f"Protected attributes: linear-probe balanced accuracy should sit within {tol:.2f} of chance "
-             f"(<span class='{'ok' if ok == lin.height else 'bad'}'>{ok} of {lin.height} near chance</span>); the "
-             f"nonlinear attack probe is reported as is. Targets: drop = performance lost (positive = worse).</p>"]
+    frame = reprobe_check(frame, cfg["alpha"])
+    judged = frame.filter(pl.col("check").is_in(["at chance", "readable"]))
+    ok = judged.filter(pl.col("check") == "at chance").height
+    parts = [f"<p>Re-probe after erasing the protected attribute(s): before → after per method and region, on the "
+             f"test split, with 95 % bootstrap intervals. Protected attributes are judged by tuned attackers (RBF "
+             f"SVM and MLP, hyper-parameters by cross-validation on the train split): <i>at chance</i> when their "
+             f"predictions do not beat chance (permutation test, p &gt; {cfg['alpha']}) — "
+             f"<span class='{'ok' if ok == judged.height else 'bad'}'>{ok} of {judged.height} attacks at "
+             f"chance</span>. The linear probe is listed but not judged: LEACE and INLP defeat it by "
+             f"construction. Targets: drop = performance lost (positive = worse) with its paired interval; "
+             f"<i>kept</i> when the interval reaches 0 or below.</p>"]
     frame = frame.sort("model", "method", "role", "attribute", "region", "probe", "metric")
     parts.append(table(frame.select([c for c in _REPROBE_COLS if c in frame.columns]), 1000,
-                       row_class=lambda r: {"near chance": "good", "above chance": "flag"}.get(r["check"])))
+                       row_class=lambda r: {"at chance": "good", "kept": "good", "readable": "flag",
+                                            "lost": "flag"}.get(r["check"])))
     return "".join(parts)
 
 
 # -------------------------------------------------------------------------------------- ground truth
 
 def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[PathLike]) -> tuple[str, dict]:
-    """Recall of every model's findings against the planted effects; returns (html, {model: (found, expected,
-    control_flagged)})."""
+    """Recall of every model's findings against the planted effects, with false findings and unexplained echoes;
+    returns (html, {model: (found, expected, false findings + unexplained echoes)})."""
     if not ground_truth:
         return not_run("ground truth (demo cohorts only)"), {}
     if not findings:
         return "<p class='muted'>ground truth present, but no findings to match</p>", {}
-    from cohortlens.analysis.discover_truth import ground_truth_recall
+    from cohortlens.analysis.discover_truth import ground_truth_recall, ground_truth_summary
 
     truth = ground_truth[0]
     parts, summary = [], {}
@@ -426,18 +465,22 @@ def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[Pa
         alpha = read_parquet_metadata(path).get("alpha", 0.05)
         recall = ground_truth_recall(path, truth, alpha=alpha)
         recall = recall.with_columns((pl.col("found") == pl.col("expected")).alias("as expected"))
-        planted = recall.filter(pl.col("expected"))
-        controls = recall.filter(~pl.col("expected"))
-        found = int(planted["found"].sum())
-        flagged = int(controls["found"].sum())
-        summary[model] = (found, planted.height, flagged)
-        good = found == planted.height and flagged == 0
-        control_names = ", ".join(controls["attribute"].to_list()) or "none"
-        parts.append(f"<h3>{html.escape(model)}</h3><p class='{'ok' if good else 'bad'}'>{found} of {planted.height} "
-                     f"planted effects found; negative control ({html.escape(control_names)}) "
-                     f"{'not flagged' if flagged == 0 else 'FLAGGED'}.</p>")
-        parts.append(table(recall.select("effect", "attribute", "regions", "expected", "found", "as expected",
-                                         "finding_ids", "precision", "recall", "detail"), 100,
+        score = ground_truth_summary(path, truth, alpha=alpha)
+        wrong = score["false_findings"] + score["unexplained_echoes"]
+        summary[model] = (score["found"], score["expected"], wrong)
+        good = score["found"] == score["expected"] and wrong == 0
+        controls = recall.filter(pl.col("row_type") == "control")["attribute"].to_list()
+        parts.append(f"<h3>{html.escape(model)}</h3><p class='{'ok' if good else 'bad'}'>{score['found']} of "
+                     f"{score['expected']} planted effects found; {score['false_findings']} false findings "
+                     f"(negative controls: {html.escape(', '.join(controls) or 'none')}); "
+                     f"{score['unexplained_echoes']} unexplained echoes; {score['folded']} echoes folded under "
+                     f"their root cause.</p>")
+        if score["false_finding_ids"] or score["unexplained_echo_ids"]:
+            parts.append("<p class='bad'>" + html.escape(", ".join(score["false_finding_ids"]
+                                                                   + score["unexplained_echo_ids"])) + "</p>")
+        parts.append(table(recall.select("row_type", "effect", "attribute", "regions", "expected", "found",
+                                         "as expected", "finding_ids", "explained_ids", "precision", "recall",
+                                         "detail"), 100,
                            row_class=lambda r: "good" if r["as expected"] else "flag"))
     return "".join(parts), summary
 
