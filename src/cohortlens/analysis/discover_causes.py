@@ -17,7 +17,8 @@ recorded attribute B (protected and acquisition; continuous ones in quintile bin
   vanishes once site S's images are left out, while site S's effect does not vanish without scanner X's other
   images — and (b) with dates permuted within another acquisition attribute's values inside the stratum
   (null: the date is no more predictable than the other attribute's values make it). Attributes that are
-  mostly a function of the date (a half-yearly batch, η² ≥ 0.5) are never used to condition a date effect.
+  largely a function of the date (a half-yearly batch: η² of the date by its values ≥ 0.3) are never used to
+  condition a date effect, nor as a rival stratum of one that is not.
 
 A finding is an **echo of B** when its conditional test given B is no longer significant (p > alpha), B has a
 significant finding of its own in that region, and B's effect survives conditioning on A (the asymmetry that
@@ -188,7 +189,7 @@ def _stratum_of(f: Finding) -> tuple[str, str, str]:
     return stratum, str(value).split(",")[0], date_attr
 
 
-def date_proxies(rd: RegionData, date_attr: str, threshold: float = 0.5) -> set[str]:
+def date_proxies(rd: RegionData, date_attr: str, threshold: float = 0.3) -> set[str]:
     """Categorical attributes that are mostly a function of the date (a processing batch per half-year): the
     share of the date's variance between their values (η²) is at least `threshold`. Such an attribute cannot
     stratify a date effect: within one batch the date barely varies, so conditioning on it removes any date
@@ -214,9 +215,10 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
     * given each other acquisition attribute B (dates permuted within B's values, inside S = s): when B's
       values explain it (e.g. date within scanner X, explained by site: a site's protocol change, or a site's
       own look plus its recruitment period), and B has a finding of its own;
-    * without the images of each other significant date stratum B = b: when it vanishes and B = b's effect does
-      not vanish without S = s's images, B = b is the cause. A stratum that lies (almost) inside another is
-      the more specific one and is not explained by it.
+    * without the images of each other significant date stratum B = b: when it vanishes, B = b's effect does
+      not vanish without S = s's images, and B = b's effect survives dates permuted within S's values, B = b
+      is the cause. A stratum that lies mostly inside another is the more specific one and is not explained
+      by it.
     """
     rd = reg.rd
     cache: dict[tuple, float | None] = {}
@@ -250,12 +252,18 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
         for s2, v2, d2 in sorted(significant):
             if s2 == s1 or d2 != date_attr or s2 in proxies and s1 not in proxies:
                 continue
+            inside = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) == v2)
+            if inside.sum() >= 0.5 * n1:
+                continue  # mostly inside the rival: the more specific one, and too little left to test without it
             p1 = without(s1, v1, s2, v2, date_attr)
             tested[f"{s2}={v2}"] = p1
             if p1 is None or p1 <= reg.alpha:
-                continue  # inside the rival (the more specific one), or survives without it
+                continue  # survives without the rival's images
             p2 = without(s2, v2, s1, v1, date_attr)
             n2 = int((stratum_labels(rd, s2) == v2).sum())
+            rival_given = given(s2, v2, s1, date_attr)
+            if rival_given is not None and rival_given > reg.alpha:
+                continue  # the rival is itself explained by this stratum's attribute: it cannot be the cause
             if p2 is None or p2 <= reg.alpha or n2 < n1:
                 _mark(f, s2, v2, "within-stratum date leak without the rival stratum", p1, p2,
                       inseparable=p2 is not None and p2 > reg.alpha)

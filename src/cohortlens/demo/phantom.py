@@ -73,6 +73,10 @@ EFFECTS: dict = {
         # Vertebral body height multiplied by (height / reference) ** exponent.
         "reference_height_m": REFERENCE_HEIGHT_M,
         "exponent": 1.0,
+        # taller people have larger vertebrae in every direction (depth and width too), not only taller ones:
+        # with height acting on the vertebral height alone, the within-sex spread of height (±4 %) changed the
+        # images less than the per-subject size jitter, and no embedding showed height beyond sex
+        "body_size_exponent": 1.5,
     },
     "site_fov_shift": {
         "site": "Essen",
@@ -256,6 +260,8 @@ def phantom_volume(params: Mapping, region: str, size: int = 64, n_slices: int =
     vox = FOV_MM / size
     w = max(0.5 * vox, 1.0)  # edge softness ~ one voxel of partial volume
     size_f = 1.0 + JITTER["size_factor"] * j[3]
+    size_f *= (height / effects["height_vertebrae"]["reference_height_m"]) \
+        ** effects["height_vertebrae"].get("body_size_exponent", 0.0)
     h_v = an["vert_height"] * size_f * (height / effects["height_vertebrae"]["reference_height_m"]) \
         ** effects["height_vertebrae"]["exponent"]
     h_d = an["disc_height"] * size_f * max(0.3, 1.0 + age_eff["disc_height_fraction_per_year"] * age_years)
