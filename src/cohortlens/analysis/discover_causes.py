@@ -8,7 +8,9 @@ recorded attribute B (protected and acquisition; continuous ones in quintile bin
 
 * **leaks**: the same permutation test with A's labels permuted only *within strata of B*. Its null is "the
   embedding knows nothing of A beyond what it knows of B"; a probe that reads B alone scores as well on the
-  permuted labels as on the real ones.
+  permuted labels as on the real ones. A number given a number (weight given height) keeps B's linear part of
+  A and permutes only the residuals (Freedman–Lane): bins of a strong covariate leave residual confounding.
+  cleanlab's non-IID drift along the date is re-tested as a date leak given B.
 * **cluster / pocket enrichment**: a one-sided Cochran–Mantel–Haenszel test of (member, A = a) stratified by
   B. Its null is "within every stratum of B, A = a is no more common in the group than outside it".
 * **date effects within a stratum** (date within site S, date within scanner X; leaks, cluster comparisons and
@@ -113,8 +115,17 @@ class _Region:
         the acquisition strata it is always tested in)."""
         key = (attribute, given)
         if key not in self._leak_cache:
+            spec, gspec = self.rd.specs[attribute], self.rd.specs[given]
+            numeric = not spec.is_categorical and spec.type != "date" and not gspec.is_categorical
+            if numeric:
+                # a number given a number: Freedman–Lane on the linear fit (quintile strata would leave the
+                # covariate's variation within each bin, and with it residual confounding)
+                res = _run(self.rd, attribute, self.cfg, np.random.default_rng(self.seed),
+                           covariate=np.asarray(self.rd.values(given), float))
+                self._leak_cache[key] = 1.0 if res is None else float(res["p"])
+                return self._leak_cache[key]
             strata = stratum_labels(self.rd, given)
-            if self.rd.specs[attribute].type == "date" and self.rd.strata() is not None:
+            if spec.type == "date" and self.rd.strata() is not None:
                 strata = np.array([f"{a}|{b}" for a, b in zip(self.rd.strata(), strata)], dtype=object)
             res = _run(self.rd, attribute, self.cfg, np.random.default_rng(self.seed), strata=strata)
             self._leak_cache[key] = 1.0 if res is None else float(res["p"])
@@ -308,14 +319,14 @@ def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, r
     explains (in place). Run after the correction: only findings are re-tested."""
     for rd in regions:
         sig = [f for f in tests if f.region == rd.region and f.is_finding(cfg["alpha"])
-               and (f.kind in ("attribute_leak", "cluster") or (f.kind == "non_iid" and _is_interaction(f)))]
+               and f.kind in ("attribute_leak", "cluster", "non_iid")]
         if not sig:
             continue
         reg = _Region(rd, sig, cfg, rng)
         for f in sig:
-            if _is_interaction(f) or f.attribute not in rd.specs or f.kind == "non_iid":
+            if _is_interaction(f) or f.attribute not in rd.specs:
                 continue
-            if f.kind == "attribute_leak":
+            if f.kind in ("attribute_leak", "non_iid"):  # a drift along the date is re-tested as a date leak
                 explain_leak(reg, f)
             elif f.value is not None:
                 explain_cluster(reg, f)

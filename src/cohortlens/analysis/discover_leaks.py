@@ -105,10 +105,16 @@ def classification_leak(Z, y, folds, perm_idx) -> dict:
             "auc": aucs, "recall": {str(c): float(recall[i, 0]) for i, c in enumerate(classes)}}
 
 
-def regression_leak(Z, y, folds, perm_idx) -> dict:
-    """R² of out-of-fold ridge predictions for the observed and every permuted target."""
+def regression_leak(Z, y, folds, perm_idx, fitted: np.ndarray | None = None) -> dict:
+    """R² of out-of-fold ridge predictions for the observed and every permuted target. With `fitted` (the
+    target's fit on a covariate) the null targets are fitted + permuted residuals (Freedman–Lane): the
+    covariate's part of the target is kept, only what it leaves is permuted."""
     y = np.asarray(y, float)
-    Y = np.column_stack([y, *(y[idx] for idx in perm_idx)])
+    if fitted is None:
+        Y = np.column_stack([y, *(y[idx] for idx in perm_idx)])
+    else:
+        resid = y - fitted
+        Y = np.column_stack([y, *(fitted + resid[idx] for idx in perm_idx)])
     P = oof_ridge(Z, Y, folds)
     sst = ((Y - Y.mean(0)) ** 2).sum(0)
     r2 = 1.0 - ((Y - P) ** 2).sum(0) / np.maximum(sst, 1e-12)
@@ -121,9 +127,12 @@ def p_from_null(stat: float, null: np.ndarray) -> float:
 
 
 def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None = None,
-         conditional: bool = True, strata: np.ndarray | None = None) -> dict | None:
+         conditional: bool = True, strata: np.ndarray | None = None,
+         covariate: np.ndarray | None = None) -> dict | None:
     """One leak test. Labels are permuted within `strata` when given (a conditional test: what the embedding
-    knows of the attribute beyond those strata), else dates within the acquisition strata, others freely."""
+    knows of the attribute beyond those strata), else dates within the acquisition strata, others freely. A
+    numeric attribute with a numeric `covariate` is tested beyond it by Freedman–Lane (rows where it is missing
+    are left out)."""
     spec = rd.specs[attribute]
     y = rd.values(attribute)
     mask = present(y) if keep is None else (present(y) & keep)
@@ -135,6 +144,10 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
             return None
     if mask.sum() < 3 * cfg["folds"]:
         return None
+    if covariate is not None:
+        mask &= np.isfinite(covariate)
+        if mask.sum() < 3 * cfg["folds"]:
+            return None
     Z, yy, units = rd.Z[mask], y[mask], rd.subjects[mask]
     if strata is not None:
         strata = np.asarray(strata, dtype=object)[mask]
@@ -145,7 +158,14 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
     folds = cv_folds(len(yy), units, cfg["folds"], seed)
     perm = permutation_index(len(yy), cfg["permutations"], np.random.default_rng(seed), strata,
                              units if spec.level == "subject" else None)
-    res = classification_leak(Z, yy, folds, perm) if spec.is_categorical else regression_leak(Z, yy, folds, perm)
+    if spec.is_categorical:
+        res = classification_leak(Z, yy, folds, perm)
+    else:
+        fitted = None
+        if covariate is not None:
+            c = covariate[mask]
+            fitted = np.polyval(np.polyfit(c, yy.astype(float), 1), c) if np.std(c) > 0 else None
+        res = regression_leak(Z, yy, folds, perm, fitted)
     res["p"] = p_from_null(res["stat"], res["null"])
     res["mask"], res["y"], res["n_folds"] = mask, yy, len(folds)
     return res
