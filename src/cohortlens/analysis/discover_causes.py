@@ -264,7 +264,7 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
             if s2 == s1 or d2 != date_attr or s2 in proxies and s1 not in proxies:
                 continue
             inside = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) == v2)
-            if inside.sum() >= 0.5 * n1:
+            if inside.sum() >= 0.8 * n1:
                 continue  # mostly inside the rival: the more specific one, and too little left to test without it
             p1 = without(s1, v1, s2, v2, date_attr)
             tested[f"{s2}={v2}"] = p1
