@@ -100,34 +100,64 @@ def metric_values(kind: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float
     return {"mae": float(mean_absolute_error(y, pred)), "r2": float(r2_score(y, pred))}
 
 
-def _metric(metric: str, y: np.ndarray, pred: np.ndarray) -> float:
+def _metric_rows(metric: str, Y: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """The metric of every row of (resamples, n) label and prediction arrays at once (numpy; thousands of
+    resamples per re-probe row made sklearn's per-call overhead the mitigate stage's main cost)."""
     if metric == "balanced_accuracy":
-        return float(balanced_accuracy_score(y, pred))
+        classes = np.unique(Y)
+        recalls, present = [], []
+        for c in classes:
+            is_c = Y == c
+            n_c = is_c.sum(1)
+            recalls.append(np.where(n_c > 0, (is_c & (P == c)).sum(1) / np.maximum(n_c, 1), 0.0))
+            present.append(n_c > 0)
+        present = np.array(present)
+        return np.array(recalls).sum(0) / np.maximum(present.sum(0), 1)
+    Y, P = Y.astype(float), P.astype(float)
     if metric == "mae":
-        return float(np.mean(np.abs(y - pred)))
-    sst = float(((y - y.mean()) ** 2).sum())
-    return float(1.0 - ((y - pred) ** 2).sum() / sst) if sst > 0 else 0.0
+        return np.abs(Y - P).mean(1)
+    sst = ((Y - Y.mean(1, keepdims=True)) ** 2).sum(1)
+    return np.where(sst > 0, 1.0 - ((Y - P) ** 2).sum(1) / np.maximum(sst, 1e-300), 0.0)
+
+
+def _metric(metric: str, y: np.ndarray, pred: np.ndarray) -> float:
+    return float(_metric_rows(metric, y[None, :], pred[None, :])[0])
+
+
+def _codes(metric: str, y, *preds):
+    """Labels and predictions as integer codes for balanced accuracy (object comparisons are slow)."""
+    if metric != "balanced_accuracy":
+        return (np.asarray(y), *(None if p is None else np.asarray(p) for p in preds))
+    classes = np.unique(np.concatenate([np.asarray(y, dtype=object).astype(str),
+                                        *(np.asarray(p, dtype=object).astype(str) for p in preds if p is not None)]))
+    code = {c: i for i, c in enumerate(classes)}
+
+    def enc(a):
+        return None if a is None else np.array([code[str(v)] for v in a], dtype=np.int64)
+
+    return (enc(y), *(enc(p) for p in preds))
 
 
 def bootstrap_ci(metric: str, y: np.ndarray, pred: np.ndarray, pred_before: np.ndarray | None = None,
                  n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """95 % percentile intervals of the metric (and of the drop before → after, paired) over test rows."""
+    """95 % percentile intervals of the metric (and of the drop before → after, paired) over test rows.
+    Resamples in which a class is missing are dropped for balanced accuracy (it is undefined there)."""
     rng = np.random.default_rng(seed)
-    n = len(y)
-    vals, drops = [], []
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        if metric == "balanced_accuracy" and len(np.unique(y[idx])) < 2:
-            continue
-        v = _metric(metric, y[idx], pred[idx])
-        vals.append(v)
-        if pred_before is not None:
-            drops.append(sign * (_metric(metric, y[idx], pred_before[idx]) - v))
+    y, pred, pred_before = _codes(metric, y, pred, pred_before)
+    idx = rng.integers(0, len(y), (n_boot, len(y)))
+    if metric == "balanced_accuracy":
+        n_classes = len(np.unique(y))
+        seen = np.zeros((n_boot, int(y.max()) + 1), dtype=bool)
+        seen[np.arange(n_boot)[:, None], y[idx]] = True
+        idx = idx[seen.sum(1) == n_classes]
     out = {"ci_low": np.nan, "ci_high": np.nan, "drop_ci_low": np.nan, "drop_ci_high": np.nan}
-    if vals:
-        out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(vals, [0.025, 0.975]))
-    if drops:
+    if not len(idx):
+        return out
+    vals = _metric_rows(metric, y[idx], pred[idx])
+    out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(vals, [0.025, 0.975]))
+    if pred_before is not None:
+        sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+        drops = sign * (_metric_rows(metric, y[idx], pred_before[idx]) - vals)
         out["drop_ci_low"], out["drop_ci_high"] = (float(q) for q in np.quantile(drops, [0.025, 0.975]))
     return out
 
@@ -135,7 +165,9 @@ def bootstrap_ci(metric: str, y: np.ndarray, pred: np.ndarray, pred_before: np.n
 def p_vs_chance(metric: str, y: np.ndarray, pred: np.ndarray, n_perm: int = 999, seed: int = 0) -> float:
     """Permutation p-value that the predictions beat chance: test labels permuted, predictions fixed."""
     rng = np.random.default_rng(seed)
+    y, pred = _codes(metric, y, pred)
     observed = _metric(metric, y, pred)
-    null = np.array([_metric(metric, y[rng.permutation(len(y))], pred) for _ in range(n_perm)])
+    perms = np.stack([rng.permutation(len(y)) for _ in range(n_perm)])
+    null = _metric_rows(metric, y[perms], np.broadcast_to(pred, perms.shape))
     better = null >= observed - 1e-12 if HIGHER_IS_BETTER[metric] else null <= observed + 1e-12
     return float((1 + better.sum()) / (1 + n_perm))
