@@ -6,8 +6,10 @@
   (`discover_leaks`; ours, on sklearn's RidgeCV);
 * cluster — HDBSCAN density clusters and kNN neighbourhood pockets, Fisher / permutation enrichment,
   site×date onset (`discover_clusters`; ours, on sklearn's HDBSCAN and scipy.stats);
-* discordant_subgroup — kNN majority in the attribute's discriminant subspace per region, and co-occurrence
-  across regions (`discover_subgroups`; ours, on sklearn's LDA + kNN and scipy.stats);
+* discordant_subgroup — subjects whose images look like the other sex beyond what the recorded covariates
+  and the per-region classifier's error explain: cross-fitted evidence per region, combined per subject, a
+  null fitted per sex on the cohort, BH over subjects (`discover_subgroups`, `discover_subgroup_null`; ours,
+  on sklearn's LDA); paper 003's independence comparison is kept in the text;
 * label_issue — recorded label vs out-of-fold probe probabilities (cleanlab Datalab's confident learning);
 * outlier, near_duplicate — kNN distances in the reduced embedding (cleanlab Datalab);
 * non_iid — the kNN graph vs the acquisition-date order (cleanlab Datalab, its p-value);

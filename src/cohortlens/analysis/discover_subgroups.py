@@ -1,57 +1,50 @@
-"""Discordant subgroups: images whose embedding neighbourhood carries the other value of a protected attribute
-(paper 003, section 3.1: "411 thoracic (3.7%), 347 lumbar (3.1%) and 211 cervical (1.9%) images were
-classified towards the opposite sex"), counted per region, and their co-occurrence within subjects against
-the count expected if regions were independent (paper 003: 141 subjects with two discordant regions vs 26.6
-expected, 34 with three vs 0.24).
+"""Discordant subgroups: subjects whose images look like the other value of a protected attribute (paper 003,
+Graf et al. 2024: a subgroup of German National Cohort subjects whose spine MRIs are embedded with the opposite
+sex, co-occurring across neck, chest and lumbar), beyond what the per-region classifier's error and the subjects'
+recorded covariates explain.
 
-Neighbourhood: the k nearest neighbours of an image among the *other folds'* images (cross-fitted,
-subject-grouped), in the attribute's linear-discriminant subspace of the standardised embedding (LDA fitted
-on those other folds, so the image's own label never shapes its neighbourhood). An image is discordant
-when its neighbours' majority has another value than its recorded one. Why the discriminant subspace and not
-the raw standardised embedding: there the neighbours are chosen by whatever varies most (in the demo: age,
-weight, body size), and the sex majority of a raw 15-NN neighbourhood disagrees with the recorded sex for
-10-40% of the images with 3-30% precision against the planted subgroup; in the discriminant subspace the
-neighbourhood is what the paper's t-SNE showed: the sex cluster an image falls into.
+The flagged subgroup (`discover_subgroup_null`): cross-fitted per-region log-likelihood ratios of "another value
+than recorded" given the recorded covariates (age, height, weight, site), combined per subject as a region-wise
+mixture likelihood ratio, tested against a null fitted robustly to the cohort's bulk per recorded value (covariate
+location + between-region covariance), Benjamini-Hochberg over subjects.
 
-Tests: per region, does discordance in this region go with discordance in another region of the same subject
-(one-sided Fisher exact test)? Across regions: subjects with >= 2 discordant regions, observed vs expected
-under independence (Poisson-binomial with the per-region rates), p-value from permuting each region's flags
-across subjects (exact for independence given the per-region counts).
+What paper 003 did is kept beside it: per region, the images an embedding-only classifier puts on the other side
+(paper 003, 3.1: "411 thoracic (3.7%), 347 lumbar (3.1%) and 211 cervical (1.9%) images were classified towards
+the opposite sex"), and subjects with such images in >= 2 regions vs the count expected if regions were
+independent (Poisson-binomial with the per-region rates; paper 003: 141 subjects with two vs 26.6 expected, 34
+with three vs 0.24). That comparison is not a test of a subgroup: any recorded trait that moves all regions the
+same way (men are taller; a tall woman's neck, chest and lumbar all look taller, i.e. more male) makes regions
+dependent without a subgroup. It is reported in the details and text ("what the paper did"); the flagged set,
+the sample ids and the p-values come from the calibrated procedure.
+
+Findings per protected categorical attribute: one `discordant_subgroup` per region (sample ids: the flagged
+subjects' images of that region that lean to the other value; effect: their share of the region's images; p: the
+region's own count of subjects beyond its null's upper 2.5% point, and the same count among the subjects that the
+other regions flag, binomial tests Bonferroni-combined) and one across regions (region `all`, value
+`co-occurrence`; sample ids: the flagged subjects' leaning images of every region; p: Simes' test over the
+subjects' p-values, i.e. the smallest BH-adjusted p, below alpha exactly when somebody is flagged; effect size:
+the paper's observed / expected-if-independent ratio, which `discover_truth` prints as such; details: the flagged
+subjects, who they are by recorded attributes, the fitted nulls and the paper's counts).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import binom, fisher_exact
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
+import polars as pl
+from scipy.stats import binom
 
-from cohortlens.analysis._data import present
-from cohortlens.analysis.discover_core import ALL_REGIONS, Finding, RegionData, pct, value_counts
+from cohortlens.analysis.discover_core import ALL_REGIONS, Finding, RegionData, fmt_p, pct
+from cohortlens.analysis.discover_subgroup_null import (
+    MIXTURE_Q,
+    calibrated_subgroup,
+    covariate_matrix,
+    covariate_names,
+    region_evidence,
+    simes,
+    subject_folds,
+)
 
-
-def discordant_votes(rd: RegionData, attribute: str, cfg: dict, seed: int) -> dict | None:
-    """Cross-fitted kNN vote of every image with a recorded value: (mask, labels, own-label share, flags)."""
-    y = rd.values(attribute)
-    ok = present(y)
-    counts = value_counts(y[ok])
-    kept = {c for c, k in counts.items() if k >= 2 * cfg["discordant_folds"]}
-    ok &= np.array([str(v) in kept for v in y])
-    if len(kept) < 2:
-        return None
-    labels = y[ok].astype(str)
-    k = int(min(cfg["discordant_k"], ok.sum() // 4))
-    model = make_pipeline(LinearDiscriminantAnalysis(), KNeighborsClassifier(n_neighbors=k))
-    folds = int(min(cfg["discordant_folds"], min(counts[c] for c in kept)))
-    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    proba = cross_val_predict(model, rd.Z[ok], labels, cv=cv, groups=rd.subjects[ok], method="predict_proba")
-    classes = np.unique(labels)
-    own = proba[np.arange(len(labels)), np.searchsorted(classes, labels)]
-    majority = classes[np.argmax(proba, axis=1)]
-    return {"mask": ok, "labels": labels, "own_share": own, "flags": majority != labels, "k": k, "folds": folds,
-            "classes": classes}
+PAPER_PERMUTATIONS = 999
 
 
 def discordant_subgroups(regions: list[RegionData], cfg: dict, rng: np.random.Generator) -> list[Finding]:
@@ -62,21 +55,189 @@ def discordant_subgroups(regions: list[RegionData], cfg: dict, rng: np.random.Ge
     attributes = [a for a, s in specs.items() if s.role == "protected" and s.is_categorical
                   and all(a in rd.frame.columns for rd in regions)]
     for attribute in attributes:
+        covariates = covariate_names(regions[0], attribute)
+        subjects = np.concatenate([rd.subjects for rd in regions])
+        values = np.concatenate([rd.values(attribute) for rd in regions]).astype(str)
+        folds_of = subject_folds(subjects, values, cfg["discordant_folds"], int(rng.integers(2**31)))
         votes = {}
         for rd in regions:
-            v = discordant_votes(rd, attribute, cfg, int(rng.integers(2**31)))
+            v = region_evidence(rd, attribute, covariates, folds_of, cfg)
             if v is not None:
                 votes[rd.region] = (rd, v)
         if not votes:
             continue
-        flags_by_subject = _subject_flags(votes)
-        for region, (rd, v) in votes.items():
-            out.append(_region_finding(rd, attribute, v, flags_by_subject, cfg))
+        table = subject_table(votes, covariates, cfg)
+        cal = calibrated_subgroup(table["E"], table["C"], table["labels"], table["classes"], cfg["alpha"], rng)
+        profile = describe_flagged(table, cal, attribute)
+        for j, region in enumerate(table["regions"]):
+            out.append(_region_finding(*votes[region], j, attribute, table, cal))
         if len(votes) >= 2:
-            f = co_occurrence(votes, flags_by_subject, attribute, cfg, rng)
+            f = _cross_region_finding(votes, table, cal, profile, attribute, cfg, rng)
             if f is not None:
                 out.append(f)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# subjects x regions
+
+
+def subject_table(votes: dict, covariates: list[str], cfg: dict) -> dict:
+    """Subject-level evidence, subjects x regions x values (mean over a subject's images of a region; NaN where
+    the region is missing), the recorded value, and the subject-level covariate design."""
+    regions = sorted(votes)
+    classes = np.array(sorted({str(c) for r in regions for c in votes[r][1]["classes"]}), dtype=object)
+    frames, rows = [], {}
+    for region in regions:
+        rd, v = votes[region]
+        frames.append(rd.frame.filter(pl.Series(v["mask"])).select("subject_id", *covariates))
+        for s, label in zip(rd.subjects[v["mask"]], v["labels"]):
+            rows.setdefault(str(s), label)
+    subjects = sorted(rows)
+    index = {s: i for i, s in enumerate(subjects)}
+    E = np.full((len(subjects), len(regions), len(classes)), np.nan)
+    for j, region in enumerate(regions):
+        rd, v = votes[region]
+        idx = np.array([index[str(s)] for s in rd.subjects[v["mask"]]], dtype=np.int64)
+        count = np.bincount(idx, minlength=len(subjects))
+        seen = count > 0
+        for k, c in enumerate(v["classes"]):
+            total = np.bincount(idx, weights=v["evidence"][:, k], minlength=len(subjects))
+            E[seen, j, int(np.searchsorted(classes, str(c)))] = total[seen] / count[seen]
+    first = pl.concat(frames, how="vertical_relaxed").unique("subject_id", keep="first", maintain_order=True)
+    first = pl.DataFrame({"subject_id": subjects}).join(first, on="subject_id", how="left")
+    specs = votes[regions[0]][0].specs
+    C, labels = covariate_matrix(first, specs, covariates, cfg["min_value_count"])
+    return {"regions": regions, "subjects": subjects, "index": index, "E": E, "C": C, "covariate_columns": labels,
+            "labels": np.array([rows[s] for s in subjects], dtype=object), "classes": classes, "frame": first,
+            "specs": specs, "covariates": covariates}
+
+
+def leaning_images(rd: RegionData, v: dict, j: int, table: dict, cal: dict) -> list[str]:
+    """Images of flagged subjects whose (covariate-adjusted) evidence in this region favours another value: under
+    the mixture alternative with q = 1/2, the posterior that this region is one of the flipped ones exceeds 1/2."""
+    out = []
+    threshold = np.log((1 - MIXTURE_Q) / MIXTURE_Q)
+    for uid, s in zip(rd.image_uids[v["mask"]], rd.subjects[v["mask"]]):
+        i = table["index"][str(s)]
+        if cal["flagged"][i] and cal["adjusted"][i, j] > threshold:
+            out.append(str(uid))
+    return out
+
+
+def describe_flagged(table: dict, cal: dict, attribute: str) -> dict:
+    """Who is flagged by recorded attributes: value split, medians of continuous covariates (flagged vs the other
+    tested subjects), categorical covariates' counts among the flagged and shares among the rest."""
+    flagged, rest = cal["flagged"], cal["tested"] & ~cal["flagged"]
+    labels = table["labels"]
+    out: dict = {"flagged": int(flagged.sum()), "tested": int(cal["tested"].sum()),
+                 "by_value": {str(c): int((flagged & (labels == c)).sum()) for c in np.unique(labels)},
+                 "tested_by_value": {str(c): int((cal["tested"] & (labels == c)).sum()) for c in np.unique(labels)},
+                 "toward": {str(c): int((flagged & (cal["toward"] == c)).sum()) for c in table["classes"]},
+                 "median": {}, "categories": {}}
+    frame, specs = table["frame"], table["specs"]
+    for name in table["covariates"]:
+        spec = specs[name]
+        col = frame[name]
+        if spec.is_categorical:
+            vals = np.array([None if x is None else str(x) for x in col.to_list()], dtype=object)
+            cats = sorted({x for x in vals[flagged | rest] if x is not None})
+            out["categories"][name] = {c: {"flagged": int((flagged & (vals == c)).sum()),
+                                           "rest_share": float((rest & (vals == c)).sum() / max(rest.sum(), 1))}
+                                       for c in cats}
+        else:
+            x = col.cast(pl.Float64).fill_null(np.nan).to_numpy()
+            med = [float(np.nanmedian(x[m])) if np.isfinite(x[m]).any() else None for m in (flagged, rest)]
+            out["median"][name] = {"flagged": med[0], "rest": med[1]}
+    parts = [", ".join(f"{k} {c}" for c, k in out["by_value"].items())]
+    parts += [f"median {name} {_num(m['flagged'])} vs {_num(m['rest'])}" for name, m in out["median"].items()]
+    for name, cats in out["categories"].items():
+        top = sorted(cats.items(), key=lambda kv: -kv[1]["flagged"])[:3]
+        parts.append(f"{name}: " + ", ".join(f"{c} {d['flagged']} (rest {pct(d['rest_share'])})" for c, d in top))
+    out["text"] = "; ".join(parts)
+    return out
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# findings
+
+
+def _region_finding(rd: RegionData, v: dict, j: int, attribute: str, table: dict, cal: dict) -> Finding:
+    labels = v["labels"]
+    n = len(labels)
+    ids = leaning_images(rd, v, j, table, cal)
+    chosen = set(ids)
+    is_flagged = np.array([str(u) in chosen for u in rd.image_uids[v["mask"]]])
+    by_class = {str(c): int((is_flagged & (labels == c)).sum()) for c in v["classes"]}
+    rate_by_class = {str(c): float((is_flagged & (labels == c)).sum() / max((labels == c).sum(), 1))
+                     for c in v["classes"]}
+    paper = {"count": int(v["flags"].sum()), "rate": float(v["flags"].mean()),
+             "by_class": {str(c): int((v["flags"] & (labels == c)).sum()) for c in v["classes"]}}
+    test = cal["region_tests"][j]
+    p = test["p"]
+    details = {"folds": v["folds"], "count": len(ids), "by_class": by_class, "rate_by_class": rate_by_class,
+               "space": "LDA log-likelihood ratio of another value given the covariates (PCA scores + covariates)",
+               "covariates": v["covariates"], "flagged_subjects": int(cal["flagged"].sum()),
+               **{f"test_{key}": value for key, value in test.items()},
+               "paper_classified_as_other": paper}
+    covs = ", ".join(table["covariates"]) or "no covariates"
+    summary = (f"{len(ids)} of {n} {rd.region} images ({100 * len(ids) / max(n, 1):.1f}%) belong to the calibrated "
+               f"{attribute}-discordant subgroup and lean to another {attribute} here given {covs} "
+               f"({', '.join(f'{c}: {k}' for c, k in by_class.items())}); beyond the upper 2.5% of the region's "
+               f"null (its classifier's error given the covariates): {test['beyond_null_upper_2.5%']} subjects vs "
+               f"{test['expected_beyond']:.1f} expected, p={fmt_p(test['p_alone'])}; of the "
+               f"{test['flagged_by_other_regions']} subjects the other regions flag, "
+               f"{test.get('beyond_given_other_regions', 0)} beyond it given those regions, "
+               f"p={fmt_p(test['p_with_other_regions'])} (binomial tests, Bonferroni-combined). What paper 003 "
+               f"counted: {paper['count']} images ({pct(paper['rate'])}) classified towards another {attribute} by a "
+               f"classifier on the embedding alone")
+    return Finding("discordant_subgroup", rd.region, attribute, None, len(ids) / max(n, 1), "discordant_fraction", p,
+                   n, ids, summary, details)
+
+
+def _cross_region_finding(votes: dict, table: dict, cal: dict, profile: dict, attribute: str, cfg: dict,
+                          rng: np.random.Generator) -> Finding | None:
+    paper = co_occurrence(votes, _subject_flags(votes), attribute, cfg, rng, n_perm=PAPER_PERMUTATIONS)
+    p = simes(cal["p"])
+    if paper is None or p is None:
+        return None
+    regions, flagged = table["regions"], cal["flagged"]
+    lean = cal["adjusted"] > np.log((1 - MIXTURE_Q) / MIXTURE_Q)
+    multi = int((flagged & (lean.sum(1) >= 2)).sum())
+    ids = [u for j, region in enumerate(regions) for u in leaning_images(*votes[region], j, table, cal)]
+    k, n = int(flagged.sum()), int(cal["tested"].sum())
+    covs = ", ".join(table["covariates"]) or "nothing recorded"
+    pd = paper.details
+    obs_multi, exp_multi = int(sum(pd["observed"][2:])), float(sum(pd["expected"][2:]))
+    head = (f"{k} of {n} subjects ({pct(k / max(n, 1))}) look like another {attribute} across "
+            f"{', '.join(regions)} beyond the per-region classifiers' error and their recorded {covs} "
+            f"(mixture likelihood ratio of the regions against a null fitted to the cohort's bulk per recorded "
+            f"{attribute}, BH q < {cfg['alpha']})")
+    if k:
+        head += f": {profile['text']}; {multi} of them lean to another {attribute} in >= 2 regions"
+    else:
+        head += f"; smallest BH-adjusted p {fmt_p(p)}"
+    summary = (f"{head}. What paper 003 did: {obs_multi} subjects classified towards another {attribute} in >= 2 "
+               f"regions by an embedding-only classifier vs {exp_multi:.2g} expected if regions were independent "
+               f"({paper.effect_size:.1f}×, permutation p={fmt_p(paper.p_value)}), a comparison that also counts "
+               f"traits shared by a subject's regions (height, body size) as a subgroup")
+    details = dict(pd)
+    details.update(p_independence=paper.p_value, paper_subjects=pd["subjects"],
+                   subjects=[table["subjects"][i] for i in np.flatnonzero(flagged)], flagged=k, tested=n,
+                   multi_region_flagged=multi, profile=profile, nulls=cal["nulls"],
+                   covariates=table["covariates"], covariate_columns=table["covariate_columns"],
+                   statistic=f"sum over regions of log({MIXTURE_Q} exp(e_r) + {1 - MIXTURE_Q})",
+                   alpha=cfg["alpha"], q_min=p)
+    return Finding("discordant_subgroup", ALL_REGIONS, attribute, "co-occurrence", paper.effect_size,
+                   "observed_over_expected", p, n, ids, summary, details)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what paper 003 did: co-occurrence of per-region flags vs independent regions
 
 
 def _subject_flags(votes: dict) -> dict[str, dict[str, bool]]:
@@ -89,43 +250,6 @@ def _subject_flags(votes: dict) -> dict[str, dict[str, bool]]:
     return table
 
 
-def _region_finding(rd: RegionData, attribute: str, v: dict, by_subject: dict, cfg: dict) -> Finding:
-    flags, labels = v["flags"], v["labels"]
-    n, n_disc = len(flags), int(flags.sum())
-    by_class = {str(c): int((flags & (labels == c)).sum()) for c in v["classes"]}
-    rate_by_class = {str(c): float((flags & (labels == c)).sum() / max((labels == c).sum(), 1)) for c in v["classes"]}
-    subjects = rd.subjects[v["mask"]]
-    # Does a discordant image here go with a discordant image of the same subject elsewhere?
-    here, elsewhere = [], []
-    for s, flag in zip(subjects, flags):
-        others = [f for r, f in by_subject[str(s)].items() if r != rd.region]
-        if others:
-            here.append(bool(flag))
-            elsewhere.append(any(others))
-    here, elsewhere = np.array(here, bool), np.array(elsewhere, bool)
-    details = {"k": v["k"], "folds": v["folds"], "space": "LDA of the standardised PCA scores",
-               "count": n_disc, "by_class": by_class, "rate_by_class": rate_by_class}
-    ids = rd.image_uids[v["mask"]][flags].tolist()
-    classes_txt = ", ".join(f"{c}: {k}" for c, k in by_class.items())
-    summary = (f"{n_disc} of {n} {rd.region} images ({100 * n_disc / max(n, 1):.1f}%) sit among the other {attribute}: "
-               f"the majority of their {v['k']} nearest neighbours in the {attribute}-discriminant subspace has "
-               f"another {attribute} than recorded ({classes_txt})")
-    p = None
-    if len(here) and here.any():
-        a, b = int((here & elsewhere).sum()), int((here & ~elsewhere).sum())
-        c, d = int((~here & elsewhere).sum()), int((~here & ~elsewhere).sum())
-        res = fisher_exact([[a, b], [c, d]], alternative="greater")
-        p = float(res.pvalue)
-        details.update(co_discordant=a, odds_ratio=float(res.statistic))
-        summary += (f"; {a} of them are discordant in another region of the same subject too, vs "
-                    f"{pct(c / max(c + d, 1))} of the concordant ones (one-sided Fisher exact test)")
-    f = Finding("discordant_subgroup", rd.region, attribute, None, n_disc / max(n, 1), "discordant_fraction", p,
-                n, ids, summary, details)
-    if p is None:
-        f.flagged = n_disc > 0
-    return f
-
-
 def poisson_binomial(rates: np.ndarray) -> np.ndarray:
     """P(exactly j of the independent events happen), j = 0..len(rates)."""
     pmf = np.array([1.0])
@@ -136,6 +260,9 @@ def poisson_binomial(rates: np.ndarray) -> np.ndarray:
 
 def co_occurrence(votes: dict, by_subject: dict, attribute: str, cfg: dict, rng: np.random.Generator,
                   n_perm: int = 9999) -> Finding | None:
+    """Paper 003's comparison: subjects with >= 2 flagged regions, observed vs expected under independence
+    (Poisson-binomial), p from permuting each region's flags across subjects (exact for independence given the
+    per-region counts). Valid for independence, not for "no subgroup": see the module docstring."""
     regions = sorted(votes)
     complete = [s for s, row in by_subject.items() if all(r in row for r in regions)]
     if len(complete) < 10:

@@ -1,0 +1,453 @@
+"""The calibrated discordant subgroup: per-subject evidence of looking like another value of a protected attribute
+(paper 003: sex) across body regions, tested against a null fitted to the cohort itself, given recorded covariates.
+
+1. Evidence per region (`region_evidence`). Cross-fitted (subject-grouped, value-stratified folds shared by all
+   regions) shrinkage LDA of the recorded value on the region's standardised reduced embedding `rd.Z` *plus the
+   recorded covariates* (the continuous protected attributes and the categorical acquisition attributes: age,
+   height, weight, site), and a second LDA on the covariates alone. The evidence of an image towards value b is
+   the difference of their log-odds of b against the recorded value a:
+
+       e_b = [log P(b | Z, cov) - log P(a | Z, cov)] - [log P(b | cov) - log P(a | cov)]
+
+   = log p(Z | b, cov) / p(Z | a, cov) under the LDA model: how much more the image looks like the other sex
+   than its own *given* the subject's height, weight, age and site. A tall woman whose chest looks tall is not
+   evidence; a chest that looks male beyond her height is.
+
+2. Combination per subject (`mixture_statistic`): T = sum_r log(q e^{e_r} + 1 - q), q = 1/2, the likelihood
+   ratio of "each region carries the other value's features with probability q" against "none does" (paper
+   003's and the demo's subgroup: most, not all, regions flipped). Unlike the plain sum of e_r, one region that
+   looks strongly like its own sex does not cancel two that look like the other (each term is >= log(1 - q)).
+
+3. The null (`fit_null`), per recorded value a and other value b (sex: one per recorded sex): the vector of a
+   subject's region evidence is location(cov) + eps, eps elliptical with covariance Sigma. The location is a
+   linear regression on the covariates plus the median residual of the subject's nearest neighbours in covariate
+   space (what the classifiers' covariate terms left over: shrinkage under-adjusts, the embedding may follow
+   body size nonlinearly); Sigma holds the classifiers' error per region (diagonal) and the correlation between
+   regions of ordinary subjects (off-diagonal: traits nobody recorded that move all regions alike). Fitted
+   robustly so that the subgroup does not widen its own null: minimum covariance determinant (MCD) of the
+   residuals, subjects outside its 97.5% ellipsoid dropped, location and covariance refitted on the rest
+   (reweighted MCD, consistency- and degrees-of-freedom-corrected). The radial law (Gaussian or a multivariate
+   t by maximum likelihood; t tails of at most n - p - R degrees of freedom for the estimated parameters) is
+   fitted on the subjects on the side *opposite* to any subgroup (evidence below the null's centre): a centrally
+   symmetric null has half of itself there, a subgroup almost nothing. This
+   is Efron's empirical null (JASA 2004) for a vector of correlated scores: the null is measured on the cohort's
+   bulk, not assumed from the independence of regions.
+
+4. Per-subject p-value: the subject's evidence moved to the reference covariates (mu_bar + residual) gives T;
+   p = (1 + #{T_null >= T}) / (B + 1) over B Monte-Carlo draws of mu_bar + eps (the regions the subject has),
+   the smallest over the other values b, Bonferroni-corrected for K - 1 of them (sex: none). Benjamini-Hochberg
+   over all tested subjects at `alpha` gives the flagged subjects.
+
+What paper 003 did is kept beside it (`discover_subgroups.co_occurrence`): per-region flags of a classifier on the
+embedding alone, multi-region co-occurrence vs the Poisson-binomial expectation of independent regions. That
+comparison counts any shared trait (height) as a subgroup; the flagged set comes from the procedure above.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+from scipy.optimize import minimize_scalar
+from scipy.stats import binomtest, chi2, false_discovery_control, norm, rankdata
+from scipy.stats import f as f_dist
+from scipy.stats import t as t_dist
+from sklearn.covariance import MinCovDet, ledoit_wolf_shrinkage
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from sklearn.neighbors import NearestNeighbors
+
+from cohortlens.analysis._data import attribute_values, present
+from cohortlens.analysis.discover_core import RegionData, value_counts
+
+MIXTURE_Q = 0.5  # prior share of a subgroup member's regions that carry the other value's features
+MIN_NULL_SUBJECTS = 30  # subjects of one recorded value needed to fit its null (per region, and complete ones)
+EVIDENCE_CLIP = 30.0  # |log-likelihood ratio| cap: a fold's LDA can be overconfident on outlying images
+EXCEEDANCE = 0.025  # the per-region count test: subjects beyond their null's upper 2.5% point
+T_DF_GRID = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 300.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. evidence per region
+
+
+def covariate_names(rd: RegionData, attribute: str) -> list[str]:
+    """Subject-level recorded covariates of `attribute`'s evidence: the continuous protected attributes (age,
+    height, weight) and the categorical acquisition attributes (site).
+
+    Not the other categorical protected attributes: they are tested for discordance themselves, and a subject
+    whose images look like the other sex is, jointly with a recorded-sex covariate, an outlier whose log-odds any
+    other attribute's classifier extrapolates. Not dates: a date carries no anatomy, and a scanner change over
+    time is a site x date effect for the cluster detector."""
+    out = []
+    for name, spec in rd.specs.items():
+        if name == attribute or name not in rd.frame.columns or spec.level != "subject":
+            continue
+        if (spec.role == "protected" and spec.type == "continuous") or (
+                spec.role == "acquisition" and spec.is_categorical):
+            out.append(name)
+    return out
+
+
+def covariate_matrix(frame: pl.DataFrame, specs: dict, names: list[str],
+                     min_count: int = 10) -> tuple[np.ndarray, list[str]]:
+    """Standardised design columns: a continuous covariate as the normal scores of its ranks (a height typo or a
+    long weight tail cannot lever a fold's classifier), missing values at the middle with an indicator;
+    categories one-hot (values rarer than `min_count` and the most common one as baseline). Nonlinear effects
+    are left to the null's local location (`local_location`)."""
+    cols, labels = [], []
+    for name in names:
+        spec = specs[name]
+        v = attribute_values(frame, spec)
+        if spec.is_categorical:
+            counts = value_counts(v)
+            common = sorted((c for c, k in counts.items() if k >= min_count), key=lambda c: -counts[c])
+            for c in common[1:]:
+                cols.append(np.array([x is not None and str(x) == c for x in v], float))
+                labels.append(f"{name}={c}")
+            continue
+        ok = np.isfinite(v)
+        if ok.sum() < min_count or np.nanstd(v) == 0:
+            continue
+        x = np.zeros(len(v))
+        x[ok] = norm.ppf((rankdata(v[ok]) - 0.5) / ok.sum())
+        cols.append(x)
+        labels.append(name)
+        if not ok.all():
+            cols.append((~ok).astype(float))
+            labels.append(f"{name} missing")
+    if not cols:
+        return np.zeros((frame.height, 0)), []
+    C = np.column_stack(cols)
+    sd = C.std(0)
+    return (C - C.mean(0)) / np.where(sd > 0, sd, 1.0), labels
+
+
+def subject_folds(subjects: np.ndarray, labels: np.ndarray, k: int, seed: int) -> dict[str, int]:
+    """Subject-grouped, label-stratified folds shared by every region: each value's subjects in a random order,
+    dealt round-robin (a subject's images of every region are predicted by models that never saw the subject)."""
+    first: dict[str, str] = {}
+    for s, y in zip(subjects, labels):
+        first.setdefault(str(s), str(y))
+    rng = np.random.default_rng(seed)
+    out: dict[str, int] = {}
+    offset = 0
+    for value in sorted(set(first.values())):
+        members = sorted(s for s, y in first.items() if y == value)
+        for i, s in enumerate(np.array(members, dtype=object)[rng.permutation(len(members))]):
+            out[str(s)] = (offset + i) % k
+        offset += len(members)  # the next value continues the deal, so fold sizes stay even
+    return out
+
+
+def _shrinkage(X: np.ndarray, own: np.ndarray) -> float:
+    """Ledoit-Wolf shrinkage of the standardised within-class scatter, once per region and feature set (the
+    intensity sklearn's shrinkage='auto' estimates, without re-estimating it in every fold)."""
+    values = np.unique(own)
+    W = X - np.stack([X[own == c].mean(0) for c in values])[np.searchsorted(values, own)]
+    sd = W.std(0)
+    return float(ledoit_wolf_shrinkage(W / np.where(sd > 0, sd, 1.0)))
+
+
+def _lda(shrinkage: float) -> LinearDiscriminantAnalysis:
+    return LinearDiscriminantAnalysis(solver="lsqr", shrinkage=shrinkage)
+
+
+def _log_ratios(log_proba: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """log P(c) - log P(own) for every value c (0 in the own column)."""
+    return log_proba - log_proba[np.arange(len(own)), own][:, None]
+
+
+def region_evidence(rd: RegionData, attribute: str, covariates: list[str], folds_of: dict[str, int],
+                    cfg: dict) -> dict | None:
+    """Cross-fitted evidence per image with a recorded value (module docstring, step 1): images x values
+    log-likelihood ratios of each value against the recorded one given the covariates (0 in the recorded
+    value's column); and the paper's flag: the embedding-only classifier predicts another value."""
+    y = rd.values(attribute)
+    ok = present(y)
+    counts = value_counts(y[ok])
+    # a value needs enough images for every fold and for its own null (fit_null)
+    kept = {c for c, k in counts.items() if k >= max(2 * cfg["discordant_folds"], MIN_NULL_SUBJECTS)}
+    if len(kept) < 2:
+        return None
+    ok &= np.array([v is not None and str(v) in kept for v in y])
+    labels = y[ok].astype(str)
+    classes = np.unique(labels)
+    own = np.searchsorted(classes, labels)
+    C, cov_labels = covariate_matrix(rd.frame, rd.specs, covariates, cfg["min_value_count"])
+    C = C[ok]
+    # Standardised columns: a fixed shrinkage intensity pulls towards the identity *of the standardised
+    # features* (as sklearn's shrinkage='auto' does); on raw PCA scores it would equalise their variances.
+    Z = rd.Z[ok]
+    sd = Z.std(0)
+    Z = (Z - Z.mean(0)) / np.where(sd > 0, sd, 1.0)
+    ZC = np.hstack([Z, C])
+    shrink = {"full": _shrinkage(ZC, own), "embedding": _shrinkage(Z, own)}
+    if C.shape[1]:
+        shrink["covariates"] = _shrinkage(C, own)
+    evidence = np.zeros((len(labels), len(classes)))
+    paper_flags = np.zeros(len(labels), bool)
+    fold = np.array([folds_of[str(s)] for s in rd.subjects[ok]])
+    for k in np.unique(fold):
+        test, train = fold == k, fold != k
+        if len(np.unique(labels[train])) < len(classes):
+            return None
+        full = _lda(shrink["full"]).fit(ZC[train], labels[train])
+        evidence[test] = _log_ratios(full.predict_log_proba(ZC[test]), own[test])
+        if C.shape[1]:
+            base = _lda(shrink["covariates"]).fit(C[train], labels[train]).predict_log_proba(C[test])
+        else:  # no covariates: the prior of the training fold
+            base = np.tile(np.log(np.bincount(own[train], minlength=len(classes)) / train.sum()), (test.sum(), 1))
+        evidence[test] -= _log_ratios(base, own[test])
+        embedding_only = _lda(shrink["embedding"]).fit(Z[train], labels[train])
+        paper_flags[test] = embedding_only.predict(Z[test]) != labels[test]
+    return {"mask": ok, "labels": labels, "classes": classes, "folds": int(len(np.unique(fold))),
+            "evidence": np.clip(evidence, -EVIDENCE_CLIP, EVIDENCE_CLIP), "flags": paper_flags,
+            "covariates": cov_labels}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. combination, 3. null
+
+
+def mixture_statistic(x: np.ndarray, q: float = MIXTURE_Q) -> np.ndarray:
+    """sum_r log(q e^{x_r} + 1 - q) over the last axis, NaN (a missing region) counting 0."""
+    missing = np.isnan(x)
+    terms = np.logaddexp(np.log(q) + np.where(missing, 0.0, x), np.log1p(-q))
+    return np.where(missing, 0.0, terms).sum(axis=-1)
+
+
+def _ols(D: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    A = D[rows]
+    ridge = 1e-6 * len(A) * np.eye(D.shape[1])
+    ridge[0, 0] = 0.0  # never shrink the intercept
+    return np.linalg.solve(A.T @ A + ridge, A.T @ y[rows])
+
+
+def local_location(resid: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Per subject, the median residual of its nearest neighbours in covariate space (itself left out): what a
+    linear location leaves at the covariates' extremes (body size rendered nonlinearly, BMI = weight / height^2
+    against linear height and weight terms) is shared by all regions of an extreme subject and by its
+    neighbours alike, not by the subject alone."""
+    n = len(resid)
+    k = int(np.clip(n // 8, 15, 50))
+    idx = NearestNeighbors(n_neighbors=min(k + 1, n)).fit(C).kneighbors(C, return_distance=False)[:, 1:]
+    return np.nanmedian(resid[idx], axis=1)
+
+
+def _mcd_inliers(resid: np.ndarray, present_r: np.ndarray, seed: int) -> np.ndarray:
+    """Subjects inside the 97.5% ellipsoid of the MCD of the complete rows (sub-blocks for missing regions)."""
+    mcd = MinCovDet(random_state=seed).fit(resid[present_r.all(1)])
+    inlier = np.ones(len(resid), bool)
+    for pattern in {tuple(p) for p in present_r}:
+        rows = (present_r == pattern).all(1)
+        idx = np.flatnonzero(pattern)
+        c = resid[np.ix_(rows, idx)] - mcd.location_[idx]
+        d2 = np.einsum("ij,jk,ik->i", c, np.linalg.pinv(mcd.covariance_[np.ix_(idx, idx)]), c)
+        inlier[rows] = d2 <= chi2.ppf(0.975, len(idx))
+    return inlier
+
+
+def fit_null(E: np.ndarray, C: np.ndarray, seed: int) -> dict | None:
+    """Robust null of one recorded value's subjects (module docstring, step 3): E (subjects x regions, NaN =
+    missing region) = linear + local location in the covariates C + elliptical noise. None when too few."""
+    n, R = E.shape
+    present_r = ~np.isnan(E)
+    complete = present_r.all(1)
+    if complete.sum() < max(MIN_NULL_SUBJECTS, 5 * R) or (present_r.sum(0) < MIN_NULL_SUBJECTS).any():
+        return None
+    # the location model may use only as many covariate columns as the subjects carry comfortably
+    D = np.hstack([np.ones((n, 1)), C[:, : max(0, min(C.shape[1], n // 10))]])
+    continuous = np.array([len(np.unique(c)) > 2 for c in C.T], bool)  # not the one-hot sites
+    inlier = np.ones(n, bool)
+    for _ in range(2):
+        beta = np.column_stack([_ols(D, np.nan_to_num(E[:, r]), inlier & present_r[:, r]) for r in range(R)])
+        resid = E - D @ beta
+        inlier = _mcd_inliers(resid, present_r, seed)
+    if continuous.any():
+        local = local_location(np.where(inlier[:, None], resid, np.nan), C[:, continuous])
+        resid = resid - np.nan_to_num(local)
+        inlier = _mcd_inliers(resid, present_r, seed)
+    keep = inlier & complete
+    # reweighting step of the MCD: the inliers' covariance, corrected for the 97.5% truncation of a Gaussian
+    # and for the location model's degrees of freedom
+    n_fit, p_fit = int(keep.sum()), D.shape[1]
+    sigma = np.cov(resid[keep], rowvar=False).reshape(R, R)
+    sigma *= 0.975 / chi2.cdf(chi2.ppf(0.975, R), R + 2) * n_fit / max(n_fit - p_fit, 1)
+    shift = resid[keep].mean(0)
+    resid = resid - shift
+    mu_bar = (E - resid)[keep].mean(0)  # the inliers' mean location: the reference covariates
+    # The radial law (how heavy the tails are) from the subjects on the side opposite to any subgroup.
+    rc = resid[complete]
+    d2 = np.einsum("ij,jk,ik->i", rc, np.linalg.pinv(sigma), rc)
+    df, scale = radial_t(d2[(rc / np.sqrt(np.diag(sigma))).sum(1) <= 0], R)
+    # A null estimated from n_fit subjects predicts a new one with Student-t tails of n_fit - p - R degrees of
+    # freedom (parameter uncertainty; matters for classes of a hundred, not of thousands).
+    df = float(min(df, max(n_fit - p_fit - R, 3)))
+    return {"beta": beta, "sigma": sigma, "mu_bar": mu_bar, "inlier": inlier, "resid": resid, "n": n, "df": df,
+            "scale": scale}
+
+
+def radial_t(d2: np.ndarray, R: int) -> tuple[float, float]:
+    """Maximum-likelihood radial law of squared Mahalanobis distances: Gaussian (d2 ~ s chi2_R, df = inf) or a
+    multivariate t (d2 ~ s R F(R, df)), over a grid of df, the scale s by a bounded 1-d search. No preference
+    for the Gaussian: with a few hundred distances a heavier tail is the cautious reading."""
+    d2 = d2[np.isfinite(d2) & (d2 > 0)]
+    if len(d2) < MIN_NULL_SUBJECTS // 2:
+        return float("inf"), 1.0
+
+    def fit(logpdf) -> tuple[float, float]:
+        res = minimize_scalar(lambda log_s: -(logpdf(d2 / np.exp(log_s)) - log_s).sum(), bounds=(-3.0, 3.0),
+                              method="bounded")
+        return -float(res.fun), float(np.exp(res.x))
+
+    ll, scale = fit(chi2(R).logpdf)
+    best = (ll, float("inf"), scale)
+    for df in T_DF_GRID:
+        ll, scale = fit(lambda x, df=df: f_dist(R, df).logpdf(x / R) - np.log(R))
+        if ll > best[0]:
+            best = (ll, df, scale)
+    return best[1], best[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. p-values, the flagged subjects, the per-region tests
+
+
+def null_pvalues(null: dict, rng: np.random.Generator, draws: int, drop: int | None = None) -> np.ndarray:
+    """Monte-Carlo p-value of the mixture statistic per subject over its regions (without region `drop`): the
+    subject's evidence at the reference covariates (mu_bar + residual) against mu_bar + draws of the null."""
+    resid = null["resid"].copy()
+    if drop is not None:
+        resid[:, drop] = np.nan
+    T = mixture_statistic(null["mu_bar"] + resid)
+    R = resid.shape[1]
+    w, V = np.linalg.eigh(null["sigma"])
+    eps = (rng.standard_normal((draws, R)) * np.sqrt(np.clip(w, 0, None))) @ V.T * np.sqrt(null["scale"])
+    if np.isfinite(null["df"]):  # multivariate t: a Gaussian over a chi2_df / df radius
+        eps *= np.sqrt(null["df"] / rng.chisquare(null["df"], size=(draws, 1)))
+    sim = null["mu_bar"] + eps
+    p = np.full(len(resid), np.nan)
+    present_r = ~np.isnan(resid)
+    for pattern in {tuple(x) for x in present_r}:
+        if not any(pattern):
+            continue
+        rows = (present_r == pattern).all(1)
+        t_null = np.sort(mixture_statistic(np.where(np.array(pattern), sim, np.nan)))
+        exceed = draws - np.searchsorted(t_null, T[rows], side="left")
+        p[rows] = (1.0 + exceed) / (draws + 1.0)
+    return p
+
+
+def marginal_z(null: dict) -> np.ndarray:
+    """Each region's residual in units of its null scale, subjects x regions (NaN where missing)."""
+    sd = np.sqrt(np.clip(np.diag(null["sigma"]) * null["scale"], 1e-12, None))
+    return null["resid"] / sd
+
+
+def conditional_z(null: dict, j: int) -> np.ndarray:
+    """Region j's residual beyond what the subject's other regions predict under the null (the between-region
+    correlation of ordinary subjects), in units of its conditional scale; NaN where a region is missing."""
+    others = [k for k in range(null["sigma"].shape[0]) if k != j]
+    S = null["sigma"] * null["scale"]
+    b = np.linalg.solve(S[np.ix_(others, others)], S[others, j])
+    var = S[j, j] - S[j, others] @ b
+    return (null["resid"][:, j] - null["resid"][:, others] @ b) / np.sqrt(max(var, 1e-12))
+
+
+def _bh(p: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    q = np.full(len(p), np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
+    return q, ok & (np.nan_to_num(q, nan=1.0) < alpha)
+
+
+def _smallest(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over the last axis: the smallest finite p (inf where none) and its index."""
+    finite = np.where(np.isfinite(p), p, np.inf)
+    best = np.argmin(finite, axis=-1)
+    return np.take_along_axis(finite, best[..., None], axis=-1)[..., 0], best
+
+
+def calibrated_subgroup(E: np.ndarray, C: np.ndarray, labels: np.ndarray, classes: np.ndarray, alpha: float,
+                        rng: np.random.Generator) -> dict:
+    """Per recorded value a and other value b: robust null of a's subjects' evidence towards b, Monte-Carlo
+    p-values; a subject's p is the smallest over b, Bonferroni-corrected for the K - 1 other values (sex: one
+    null per recorded sex, no correction); then BH over every tested subject.
+
+    Per region j, two tests of "this region's images lean to another value beyond its classifier's error":
+    alone (more subjects beyond their null's upper 2.5% point in this region than the 2.5% expected: a one-sided
+    binomial test, a count at a moderate quantile rather than the single most extreme p-value, which would trust
+    the fitted null's far tail) and with the subject's other regions (of the subjects that the *other* regions
+    flag, leave-region-out BH, more are beyond the upper 2.5% point of region j's evidence *given* their other
+    regions, i.e. beyond what the between-region correlation predicts, than 2.5%: the same binomial test on a
+    set chosen without region j); the region's p is their Bonferroni combination.
+
+    E: subjects x regions x values. Returns per subject: p (NaN = untested), q (BH), flagged, tested, `toward`
+    (the value it looks like), the adjusted evidence towards it (subjects x regions); per region its tests; per
+    (a, b) the fitted null's summary."""
+    n, R, K = E.shape
+    p_ab = np.full((n, K), np.nan)
+    p_alone, p_without, p_cond, adjusted = (np.full((n, R, K), np.nan) for _ in range(4))
+    nulls = {}
+    # resolution well below the BH threshold of the first rejection (alpha / n)
+    draws = int(np.clip(20 * n / alpha, 100_000, 2_000_000))
+    for ia, a in enumerate(classes):
+        rows = np.flatnonzero(labels == a)
+        for ib, b in enumerate(classes):
+            if ia == ib or not len(rows):
+                continue
+            null = fit_null(E[rows, :, ib], C[rows], int(rng.integers(2**31)))
+            if null is None:
+                continue
+            p_ab[rows, ib] = null_pvalues(null, rng, draws)
+            adjusted[rows, :, ib] = null["mu_bar"] + null["resid"]
+            p_alone[rows, :, ib] = t_dist.sf(marginal_z(null), null["df"])  # df = inf: the Gaussian
+            for j in range(R if R >= 2 else 0):
+                p_without[rows, j, ib] = null_pvalues(null, rng, draws // 4, drop=j)
+                p_cond[rows, j, ib] = t_dist.sf(conditional_z(null, j), null["df"])
+            sd = np.sqrt(np.diag(null["sigma"]))
+            corr = null["sigma"] / np.outer(sd, sd)
+            nulls[str(a) if K == 2 else f"{a}→{b}"] = {
+                "subjects": len(rows), "inliers": int(null["inlier"].sum()), "mean_evidence": null["mu_bar"].tolist(),
+                "sd_evidence": sd.tolist(), "between_region_correlation": corr[np.triu_indices(R, 1)].tolist(),
+                "draws": draws, "tail_df": null["df"], "radial_scale": null["scale"]}
+    bonferroni = K - 1
+    rows = np.arange(n)
+    smallest, best = _smallest(p_ab)
+    tested = np.isfinite(smallest)
+    p = np.where(tested, np.minimum(1.0, bonferroni * smallest), np.nan)
+    q, flagged = _bh(p, alpha)
+    region_tests = []
+    for j in range(R):
+        alone = bonferroni * _smallest(p_alone[:, j])[0]
+        seen = np.isfinite(alone)
+        beyond = int((alone[seen] <= EXCEEDANCE).sum())
+        test = {"p_alone": float(binomtest(beyond, int(seen.sum()), EXCEEDANCE, alternative="greater").pvalue)
+                if seen.any() else None, "beyond_null_upper_2.5%": beyond,
+                "expected_beyond": float(EXCEEDANCE * seen.sum()), "p_with_other_regions": None,
+                "flagged_by_other_regions": 0}
+        if R >= 2:
+            without, b_j = _smallest(p_without[:, j])  # the other value chosen without region j
+            _, by_others = _bh(np.where(np.isfinite(without), np.minimum(1.0, bonferroni * without), np.nan), alpha)
+            cond = bonferroni * p_cond[rows, j, b_j]
+            chosen = by_others & np.isfinite(cond)
+            test["flagged_by_other_regions"] = int(chosen.sum())
+            if chosen.any():
+                k = int((cond[chosen] <= EXCEEDANCE).sum())
+                test["beyond_given_other_regions"] = k
+                test["p_with_other_regions"] = float(binomtest(k, int(chosen.sum()), EXCEEDANCE,
+                                                               alternative="greater").pvalue)
+        ps = [x for x in (test["p_alone"], test["p_with_other_regions"]) if x is not None]
+        test["p"] = min(1.0, len(ps) * min(ps)) if ps else None
+        region_tests.append(test)
+    return {"p": p, "q": q, "flagged": flagged, "tested": tested, "adjusted": adjusted[rows, :, best],
+            "toward": np.array([str(classes[i]) for i in best], dtype=object), "region_tests": region_tests,
+            "nulls": nulls}
+
+
+def simes(p: np.ndarray) -> float | None:
+    """Global p-value of 'some of these null hypotheses are false' (= the smallest BH-adjusted p)."""
+    p = np.sort(p[np.isfinite(p)])
+    if not len(p):
+        return None
+    return float(min(1.0, np.min(len(p) * p / np.arange(1, len(p) + 1))))
