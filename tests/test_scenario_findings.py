@@ -34,8 +34,9 @@ def _run_scenario(name: str, root: Path) -> Path:
     cfg["models"] = {"pca": cfg["models"]["pca"]}  # the autoencoders are the demo's business; pca is enough
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    proc = subprocess.run([SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(root),
-                           "--cores", "2", "--configfile", str(config), "results/findings/pca.parquet"],
+    # the target first: --configfile takes every following word as another config file
+    proc = subprocess.run([SNAKEMAKE, "results/findings/pca.parquet", "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(root), "--cores", "2", "--configfile", str(config)],
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
