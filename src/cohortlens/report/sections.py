@@ -469,7 +469,7 @@ def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[Pa
         wrong = score["false_findings"] + score["unexplained_echoes"]
         summary[model] = (score["found"], score["expected"], wrong)
         good = score["found"] == score["expected"] and wrong == 0
-        controls = recall.filter(pl.col("row_type") == "control")["attribute"].to_list()
+        controls = recall.filter(pl.col("row_type") == "negative_control")["attribute"].to_list()
         parts.append(f"<h3>{html.escape(model)}</h3><p class='{'ok' if good else 'bad'}'>{score['found']} of "
                      f"{score['expected']} planted effects found; {score['false_findings']} false findings "
                      f"(negative controls: {html.escape(', '.join(controls) or 'none')}); "
