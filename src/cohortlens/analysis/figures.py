@@ -54,6 +54,16 @@ def categorical_colours(n: int) -> list[str]:
     return [cmap(i % 20) for i in range(n)]
 
 
+def subsample_points(frame: pl.DataFrame, title: str, max_points: int | None, seed: int = 0):
+    """A seeded random subset of at most `max_points` rows (in their order) and the title saying so; the
+    interactive and the static map of one attribute draw the same points."""
+    n_all = frame.height
+    if max_points and n_all > max_points:
+        frame = frame[np.sort(np.random.default_rng(seed).choice(n_all, max_points, replace=False))]
+        title += f" ({frame.height:,} of {n_all:,} points)"
+    return frame, title
+
+
 def _marker_size(n: int) -> float:
     return 9.0 if n < 2_000 else (3.0 if n < 50_000 else 1.0)
 
@@ -73,13 +83,7 @@ def static_map(
     from matplotlib import rc_context
     from matplotlib.figure import Figure
 
-    n_all = frame.height
-    if max_points and n_all > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(n_all, max_points, replace=False))
-        frame = frame[keep]
-    title = title or attribute
-    if frame.height < n_all:
-        title += f" ({frame.height:,} of {n_all:,} points)"
+    frame, title = subsample_points(frame, title or attribute, max_points, seed)
     x, y = frame["x"].to_numpy(), frame["y"].to_numpy()
     values = attribute_values(frame, spec)
     size = _marker_size(frame.height)

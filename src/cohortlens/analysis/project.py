@@ -262,13 +262,9 @@ def projection_figure(
     import plotly.graph_objects as go
     from plotly.colors import qualitative
 
-    n_all = frame.height
-    if max_points and n_all > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(n_all, max_points, replace=False))
-        frame = frame[keep]
-    title = title or attribute
-    if frame.height < n_all:
-        title += f" ({frame.height:,} of {n_all:,} points)"
+    from cohortlens.analysis.figures import subsample_points
+
+    frame, title = subsample_points(frame, title or attribute, max_points, seed)
     Scatter = go.Scattergl if frame.height > WEBGL_POINTS else go.Scatter
     size = 5 if frame.height < 2_000 else (3 if frame.height < 50_000 else 2)
     custom, template = _hover(frame, hover_attributes)
