@@ -40,7 +40,13 @@ import numpy as np
 from scipy.stats import norm
 
 from cohortlens.analysis._data import present
-from cohortlens.analysis.discover_core import INTERACTION_SEP, Finding, RegionData, categorical_view
+from cohortlens.analysis.discover_core import (
+    INTERACTION_SEP,
+    Finding,
+    RegionData,
+    categorical_view,
+    stratum_attributes,
+)
 from cohortlens.analysis.discover_leaks import _run
 
 MISSING = "(missing)"
@@ -284,7 +290,7 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
             continue
         # 2. given another acquisition attribute's values (not a date proxy: it would remove any date effect)
         p_given = {}
-        for b in stratum_attributes_of(rd):
+        for b in stratum_attributes(rd):
             if b == s1 or b in proxies:
                 continue
             p = given(s1, v1, b, date_attr)
@@ -308,10 +314,6 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
                 break
         if f.explained_by is None:
             f.details["survives_conditioning"] = sorted(tested) + sorted(p_given)
-
-
-def stratum_attributes_of(rd: RegionData) -> list[str]:
-    return rd.attributes(roles=("acquisition",), types=("categorical",))
 
 
 def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> None:
