@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from cohortlens.analysis.attack import bootstrap_ci, fit_predict, metric_values, p_vs_chance
-from cohortlens.analysis.threads import limit_threads
+from cohortlens.runtime import limit_threads
 from cohortlens.models.adversarial_vae import fit_adversarial_vae
 
 

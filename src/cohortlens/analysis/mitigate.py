@@ -36,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table, present
 from cohortlens.analysis.reprobe import REPROBE_SCHEMA, probe_scores, reprobe  # noqa: F401  (the stage's API)
-from cohortlens.analysis.threads import limit_threads, threaded  # noqa: F401
+from cohortlens.runtime import limit_threads, threaded  # noqa: F401
 from cohortlens.embed.parquet import EmbeddingWriter
 from cohortlens.io.tables import atomic_path, read_parquet_metadata, write_parquet
 from cohortlens.models.adversarial_vae import AdversarialVAEConfig, default_device, fit_adversarial_vae

@@ -14,7 +14,7 @@ import polars as pl
 
 from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table, present
 from cohortlens.analysis.attack import HIGHER_IS_BETTER, PROBES, bootstrap_ci, fit_predict, metric_values, p_vs_chance
-from cohortlens.analysis.threads import threaded
+from cohortlens.runtime import threaded
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
 
 PathLike = str | os.PathLike

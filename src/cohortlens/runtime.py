@@ -1,0 +1,70 @@
+"""Where a computation runs: the device, the thread caps, the seed, and whether cuML can be used.
+
+One home for these so that training, embedding and analysis choose the same way. It sits below every layer
+(it imports only torch, numpy and threadpoolctl)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+def select_device(requested: str = "auto") -> torch.device:
+    """`auto` picks CUDA when a device is visible, else the CPU; an explicit `cuda` without CUDA is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+    return dev
+
+
+@functools.cache
+def cuml_available() -> bool:
+    """cuML importable and a CUDA device visible: only then do t-SNE/UMAP/SVM run on the GPU. A GPU machine
+    without cuML falls back to the CPU libraries."""
+    try:
+        import cuml  # noqa: F401
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or a CUDA runtime error on a machine without a driver
+        return False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int | None, *, device: torch.device | None = None):
+    """Cap BLAS/OpenMP pools (threadpoolctl) and torch's intra-op threads to a rule's `threads` for the
+    duration. On a shared 2-core machine an uncapped BLAS pool made each probe fit 30-60x slower
+    (oversubscription). No cap when `threads` is falsy or the work runs on a GPU."""
+    if not threads or (device is not None and device.type != "cpu"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        with threadpool_limits(limits=max(1, int(threads))):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threaded(fn):
+    """Adds a keyword `threads` (the rule's thread count) that caps BLAS and torch threads during the call."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, threads: int | None = None, **kwargs):
+        with limit_threads(threads):
+            return fn(*args, **kwargs)
+
+    return wrapper
