@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= profiles/local
 
-.PHONY: demo test install lint bench archive clean
+.PHONY: demo test test-fast install lint bench archive clean
 
 $(BIN)/snakemake: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ archive: install
 	$(BIN)/snakemake --profile $(PROFILE) results/archive/cohortlens-results.tar.gz
 	@echo "archive: $(CURDIR)/results/archive/cohortlens-results.tar.gz"
 
+# the whole suite (docs/testing.md): unit tests, the session's demo run, end-to-end workflows, SLURM; the slowest
+# tests are printed so the 20-minute budget stays visible
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=25
+
+# the inner loop (< 3 min): no test marked slow, demo, workflow or slurm
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not slow and not demo and not workflow and not slurm" --durations=10
 
 lint: install
 	$(BIN)/ruff check .

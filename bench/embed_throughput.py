@@ -25,7 +25,8 @@ from train_throughput import synthetic_cohort  # noqa: E402  (bench/ is not a pa
 
 from cohortlens.embed.autoencoder import embed_autoencoder, make_encoder  # noqa: E402
 from cohortlens.models.registry import available_models, build_model, resolve_config  # noqa: E402
-from cohortlens.models.training import save_model, seed_everything, select_device  # noqa: E402
+from cohortlens.models.modelfile import save_model  # noqa: E402
+from cohortlens.runtime import seed_everything, select_device  # noqa: E402
 from cohortlens.preprocess.store import SliceStore  # noqa: E402
 
 

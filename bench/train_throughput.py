@@ -9,7 +9,7 @@ Per model, in the same run:
   penalty (hessian_weight 0): the ratio is what the penalty's 2k+1 extra decoder passes cost;
 - the data stream alone (SliceBatches: read + random crop) in img/s, single process: how far data loading is
   from being the bottleneck.
-A model whose module is missing (the DAE before models/dae.py exists) is reported and skipped.
+A model whose module cannot be imported (e.g. MONAI missing) is reported and skipped.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ import torch
 
 from cohortlens.io.tables import write_parquet
 from cohortlens.models.registry import available_models, build_model, resolve_config
-from cohortlens.models.training import (SliceBatches, TrainSettings, fingerprint, seed_everything,
-                                        select_device, train, training_rows)
+from cohortlens.models.training.data import SliceBatches, training_rows
+from cohortlens.models.training.loop import train
+from cohortlens.models.training.settings import TrainSettings, fingerprint
+from cohortlens.runtime import seed_everything, select_device
 from cohortlens.preprocess.store import SliceStore
 
 

@@ -11,6 +11,9 @@ import polars as pl
 import pytest
 import yaml
 
+from cohortlens.embed.parquet import VOLUME_KEYS, EmbeddingWriter
+from cohortlens.io.tables import write_parquet
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = str(REPO / "workflow" / "schemas" / "manifest.schema.yaml")
 
@@ -52,22 +55,48 @@ def small_manifest(root: Path, n_subjects=6, regions=("neck", "chest", "lumbar")
     return manifest
 
 
+def synthetic_embedding_cohort(tmp_path, dim=1408, n_subjects=160, seed=0):
+    """External embeddings (e.g. CT foundation vectors) in the contract schema with a planted sex signal."""
+    rng = np.random.default_rng(seed)
+    subjects = [f"C{i:04d}" for i in range(n_subjects)]
+    sex = rng.choice(["F", "M"], n_subjects)
+    age = rng.uniform(40, 80, n_subjects)
+    X = rng.normal(size=(n_subjects, dim)).astype(np.float32)
+    X[:, :8] += 2.0 * (sex == "M")[:, None]
+    X[:, 8:16] += ((age - 60) / 10)[:, None]
+    frame = pl.DataFrame({"image_uid": [f"{s}/chest" for s in subjects], "subject_id": subjects,
+                          "region": ["chest"] * n_subjects})
+    emb = tmp_path / "ct/volumes.parquet"
+    with EmbeddingWriter(emb, VOLUME_KEYS, dim, {"model": "ct-foundation", "dim": dim, "level": "volume"}) as w:
+        w.write(frame, X)
+    attrs = {"sex": {"type": "categorical", "role": "protected", "categories": ["F", "M"]},
+             "age": {"type": "continuous", "role": "target"}}
+    write_parquet(pl.DataFrame({"subject_id": subjects, "sex": sex.tolist(), "age": age}),
+                  tmp_path / "subjects.parquet", metadata={"attributes": attrs})
+    split = np.where(np.arange(n_subjects) % 10 < 7, "train", np.where(np.arange(n_subjects) % 10 < 8, "val", "test"))
+    write_parquet(pl.DataFrame({"subject_id": subjects, "split": split.tolist()}), tmp_path / "splits.parquet")
+    return emb, tmp_path / "subjects.parquet", tmp_path / "splits.parquet"
+
+
+TEST_CONFIGS = REPO / ".test" / "config"
+
+
+def load_test_config(name: str) -> dict:
+    """A config file of .test/config/ (the suite's own configs, like snakemake-workflows' .test/)."""
+    return yaml.safe_load((TEST_CONFIGS / f"{name}.yaml").read_text())
+
+
 @pytest.fixture(scope="session")
 def demo_results(tmp_path_factory) -> Path:
-    """The full default demo (300 subjects, 64 px, every model and stage) run once per test session through the
-    real workflow; returns the run directory (results/ and data/demo/ inside). Analysis tests read from it."""
+    """The default demo cohort (300 subjects, 64 px) through every stage with the pca baseline
+    (.test/config/demo-pca.yaml), run once per test session through the real workflow; returns the run
+    directory (results/, data/demo/ and config.yaml inside). Analysis tests read the stages' outputs from it."""
+    import shutil
     import subprocess
     import sys
 
-    root = tmp_path_factory.mktemp("demo_full")
-    cfg = demo_config()
-    cfg["demo"]["out_dir"] = "data/demo"
-    # the autoencoders run their demo presets for a fraction of their steps: the suite checks that every stage
-    # runs and what the pca baseline finds; `make demo` (run by .ci/run before the suite) trains them fully
-    for name in ("vae", "dae"):
-        if name in cfg["models"]:
-            cfg["models"][name].update(steps=40, checkpoint_every=20)
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    root = tmp_path_factory.mktemp("demo_pca")
+    shutil.copyfile(TEST_CONFIGS / "demo-pca.yaml", root / "config.yaml")
     snakemake = str(Path(sys.executable).with_name("snakemake"))
     proc = subprocess.run(
         [snakemake, "--snakefile", str(REPO / "Snakefile"), "--directory", str(root), "--configfile",
@@ -76,3 +105,10 @@ def demo_results(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    # the tiers of docs/testing.md: every test that reads the session's demo run is marked `demo`
+    for item in items:
+        if "demo_results" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.demo)

@@ -4,6 +4,7 @@ is calibrated; the adversarial VAE's task head keeps the target."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cohortlens.analysis.attack import bootstrap_ci, fit_predict, metric_values, p_vs_chance
 from cohortlens.runtime import limit_threads
@@ -30,6 +31,7 @@ def test_tuned_attackers_read_what_a_linear_probe_cannot():
     assert p_vs_chance("balanced_accuracy", y[test], pred) <= 0.002
 
 
+@pytest.mark.slow
 def test_test_against_chance_is_calibrated_on_a_null_world():
     ps = []
     with limit_threads(1):
@@ -60,6 +62,7 @@ def test_regression_attack_and_intervals():
     assert p_vs_chance("mae", age[~train], svm, n_perm=199) <= 0.01
 
 
+@pytest.mark.slow
 def test_adversarial_vae_task_head_keeps_the_target():
     """Paper 002: the debiased latent keeps the clinical task. A 4-d latent without the linear skip must choose
     what to keep; with the task head it keeps age (held-out ridge R² from μ), without it much less."""

@@ -7,10 +7,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cohortlens.analysis import discover_clusters, discover_leaks
-from cohortlens.analysis._data import AttributeSpec
-from cohortlens.analysis.discover_causes import cmh_greater, explain_echoes, stratum_labels
-from cohortlens.analysis.discover_core import RegionData, adjust, assign_ids, settings
+from cohortlens.analysis.discover import clusters as discover_clusters
+from cohortlens.analysis.discover import leaks as discover_leaks
+from cohortlens.analysis.table import AttributeSpec
+from cohortlens.analysis.discover.causes import cmh_greater, explain_echoes, stratum_labels
+from cohortlens.analysis.discover.core import RegionData, adjust, assign_ids
+from cohortlens.analysis.discover.settings import settings
 
 SPECS = {
     "site": AttributeSpec("site", "categorical", "acquisition", categories=tuple("ABCD")),

@@ -217,6 +217,7 @@ def test_the_check_does_not_change_the_config(cfg):
 # ------------------------------------------------------------------------------------------------ the real dry run
 
 
+@pytest.mark.slow
 def test_snakemake_dry_run_stops_on_a_typo(tmp_path, cfg):
     cfg["probe"]["n_bootstrapp"] = 10
     cfg["models"]["vae"]["hessian_wieght"] = 1e-6
@@ -253,7 +254,7 @@ def test_models_of_the_schema_are_pca_and_the_registered_ones():
 def test_a_schema_constraint_on_a_key_the_library_lacks_is_a_schema_error(tmp_path):
     schema = tmp_path / "schema.yaml"
     schema.write_text(yaml.safe_dump({"type": "object", "properties": {"discover": {
-        "type": "object", "x-settings": "cohortlens.analysis.discover_core:DEFAULTS",
+        "type": "object", "x-settings": "cohortlens.analysis.discover.core:CoreSettings",
         "properties": {"alpah": {"minimum": 0}}}}}))
     with pytest.raises(SchemaError, match="alpah"):
         full_schema(schema)
@@ -293,14 +294,19 @@ def test_library_sections_have_no_defaults_in_the_schema():
 
 
 def test_declarations_read_from_source_match_the_imported_settings():
-    from cohortlens.analysis import discover_core, fairness, probe
+    from cohortlens.analysis import fairness, probe_settings
+    from cohortlens.analysis.discover import settings as discover_settings
     from cohortlens.report import sections
 
-    assert set(declared_keys("cohortlens.analysis.probe:ProbeSettings")) == {
-        f.name for f in dataclasses.fields(probe.ProbeSettings)}
+    assert set(declared_keys("cohortlens.analysis.probe_settings:ProbeSettings")) == {
+        f.name for f in dataclasses.fields(probe_settings.ProbeSettings)}
     assert set(declared_keys("cohortlens.analysis.fairness:FairnessSettings")) == {
         f.name for f in dataclasses.fields(fairness.FairnessSettings)}
-    assert set(declared_keys("cohortlens.analysis.discover_core:DEFAULTS")) == set(discover_core.DEFAULTS)
+    refs = yaml.safe_load(SCHEMA.read_text())["properties"]["discover"]["x-settings"]
+    assert [ref.rpartition(":")[2] for ref in refs] == [c.__name__ for c in discover_settings.SETTINGS_CLASSES]
+    for ref, cls in zip(refs, discover_settings.SETTINGS_CLASSES):
+        assert set(declared_keys(ref)) == {f.name for f in dataclasses.fields(cls)}
+    assert {k for ref in refs for k in declared_keys(ref)} == set(discover_settings.DEFAULTS)
     assert set(declared_keys("cohortlens.report.sections:DEFAULTS")) == set(sections.DEFAULTS)
 
 
@@ -308,15 +314,16 @@ def test_model_declarations_read_from_source_match_the_imported_ones():
     """Imports torch and MONAI (seconds): what the Snakefile avoids at every parse."""
     from cohortlens.analysis.mitigate import erase_inlp
     from cohortlens.embed.autoencoder import NORMALISATIONS
-    from cohortlens.models import dae, registry, training, vae
+    from cohortlens.models import dae, registry, vae
+    from cohortlens.models.training.settings import TrainSettings
     from cohortlens.models.adversarial_vae import AdversarialVAEConfig
 
     def with_default(fn):
         return {n for n, p in inspect.signature(fn).parameters.items()
                 if p.default is not inspect.Parameter.empty and n not in ("self", "threads")}
 
-    assert set(declared_keys("cohortlens.models.training:TrainSettings")) == {
-        f.name for f in dataclasses.fields(training.TrainSettings)}
+    assert set(declared_keys("cohortlens.models.training.settings:TrainSettings")) == {
+        f.name for f in dataclasses.fields(TrainSettings)}
     assert set(declared_keys("cohortlens.models.vae:BetaVAE.__init__")) == with_default(vae.BetaVAE.__init__)
     assert set(declared_keys("cohortlens.models.dae:DEFAULT_CONFIG")) == set(dae.DEFAULT_CONFIG)
     assert set(declared_keys("cohortlens.analysis.mitigate:erase_inlp")) == with_default(erase_inlp)

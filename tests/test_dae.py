@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from cohortlens.demo.generate import render_subject, sample_subjects
+from cohortlens.demo.population import render_subject, sample_subjects
 from cohortlens.demo.phantom import REGIONS, affine
 from cohortlens.models.dae import (
     DEFAULT_CONFIG,
     DEMO_TINY_CONFIG,
     DiffusionAutoencoder,
-    ResBlock,
     grid_tile,
     parameter_count,
     resolve_config,
 )
+from cohortlens.models.dae_networks import ResBlock
 from cohortlens.models.diffusion import DiffusionSchedule
 from cohortlens.preprocess.slices import slice_stack
 
@@ -245,6 +245,7 @@ def test_one_backward_pass_reaches_every_encoder_parameter(slices):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in reference_init.encoder.parameters())
 
 
+@pytest.mark.slow
 def test_training_loss_runs_under_bf16_autocast_channels_last_and_traces_as_one_graph(slices):
     """What the trainer does on a GPU (bf16 autocast, channels_last, torch.compile), exercised on the CPU:
     the loss and embeddings stay float32, every parameter gets a gradient, and dynamo captures
@@ -268,12 +269,14 @@ def test_training_loss_runs_under_bf16_autocast_channels_last_and_traces_as_one_
 # --------------------------------------------------------------------------- after a short training
 
 
+@pytest.mark.slow
 def test_training_reduces_the_diffusion_loss(trained):
     _, _, losses, _ = trained
     first, last = losses[0], np.mean(losses[-50:])
     assert first > 0.7 and last < 0.1, (first, last)  # ε-MSE starts near Var(ε) = 1
 
 
+@pytest.mark.slow
 def test_embeddings_of_different_images_stay_distinct(trained, slices):
     model, initial, _, z_std = trained
     x, regions = slices
@@ -294,6 +297,7 @@ def test_embeddings_of_different_images_stay_distinct(trained, slices):
     assert all(regions[i] == regions[j] for i, j in enumerate(nearest))
 
 
+@pytest.mark.slow
 def test_decoder_uses_z_sem(trained, slices):
     """One x_T decoded under the z_sem of different images must give different images, and the denoising
     loss must get clearly worse when each image is given another image's z_sem.
@@ -328,6 +332,7 @@ def test_decoder_uses_z_sem(trained, slices):
     assert abs(ratio_at_init - 1) < 0.02 and ratio > 1.1
 
 
+@pytest.mark.slow
 def test_ddim_round_trip_reconstructs_the_input(trained, slices):
     """decode(encode(x)) with the model's own z_sem. Inversion error shrinks with the number of DDIM steps
     (each step assumes ε barely changes over one step); with 50 steps it must be far below the distance
@@ -347,6 +352,7 @@ def test_ddim_round_trip_reconstructs_the_input(trained, slices):
     assert rmse[50] < 0.1 * between_images
 
 
+@pytest.mark.slow
 def test_qa_images_show_round_trip_and_z_sem_swaps(trained, slices):
     model, _, _, _ = trained
     x, _ = slices

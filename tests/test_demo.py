@@ -15,7 +15,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cohortlens.demo import generate as gen
+from cohortlens.demo import population as pop
 from cohortlens.demo import phantom as ph
 from cohortlens.demo.generate import generate_demo_cohort
 from cohortlens.demo.phantom import phantom_volume
@@ -58,7 +58,7 @@ def center_slices(subjects, region, size, n_slices=4, seed=0):
     """Volume-max-normalised centre slices rendered in memory, flattened."""
     out = []
     for s in subjects:
-        v = gen.render_subject(s, region, size, n_slices, seed).astype(np.float32)
+        v = pop.render_subject(s, region, size, n_slices, seed).astype(np.float32)
         out.append((v[n_slices // 2] / v.max()).ravel())
     return np.stack(out)
 
@@ -66,10 +66,11 @@ def center_slices(subjects, region, size, n_slices=4, seed=0):
 # ---------------------------------------------------------------- files and determinism
 
 
+@pytest.mark.slow
 def test_manifest_columns_and_ranges(cohort):
     out, summary, rows, _ = cohort
     assert summary["n_subjects"] == N_COHORT and summary["n_images"] == 3 * N_COHORT == len(rows)
-    assert tuple(rows[0].keys()) == gen.MANIFEST_COLUMNS
+    assert tuple(rows[0].keys()) == pop.MANIFEST_COLUMNS
     by_subject = {}
     for r in rows:
         by_subject.setdefault(r["subject_id"], []).append(r["region"])
@@ -77,12 +78,12 @@ def test_manifest_columns_and_ranges(cohort):
         assert 20 <= float(r["age"]) <= 72
         assert 1.45 <= float(r["height"]) <= 2.05
         assert 40 <= float(r["weight"]) <= 150
-        assert r["site"] in gen.SITES
+        assert r["site"] in pop.SITES
         assert "2014-06-01" <= r["date"] <= "2017-05-31"
         assert (out / r["image"]).exists(), r["image"]
         assert not Path(r["image"]).is_absolute()
     assert list(by_subject) == [f"S{i:05d}" for i in range(1, N_COHORT + 1)]
-    assert all(sorted(v) == sorted(gen.REGIONS) for v in by_subject.values())
+    assert all(sorted(v) == sorted(pop.REGIONS) for v in by_subject.values())
     subjects = {r["subject_id"]: r for r in rows}.values()
     frac_m = np.mean([r["sex"] == "M" for r in subjects])
     assert 0.35 < frac_m < 0.65
@@ -90,7 +91,7 @@ def test_manifest_columns_and_ranges(cohort):
     assert h["M"] - h["F"] > 0.08
     hw = np.array([[float(r["height"]), float(r["weight"])] for r in subjects])
     assert np.corrcoef(hw.T)[0, 1] > 0.2
-    assert {gen.study_year(r["date"]) for r in subjects} == {1, 2, 3}
+    assert {pop.study_year(r["date"]) for r in subjects} == {1, 2, 3}
 
 
 def test_nifti_geometry(cohort):
@@ -106,6 +107,7 @@ def test_nifti_geometry(cohort):
     assert data.dtype == np.int16 and data.min() >= 0 and 800 < data.max() < 2000
 
 
+@pytest.mark.slow
 def test_same_seed_same_cohort_regardless_of_workers(tmp_path):
     kw = dict(n_subjects=24, size=32, n_slices=6, dicom_fraction=0.25, seed=3)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -122,10 +124,10 @@ def test_same_seed_same_cohort_regardless_of_workers(tmp_path):
 
 
 def test_subjects_do_not_depend_on_cohort_size():
-    assert gen.sample_subjects(10, 5) == gen.sample_subjects(25, 5)[:10]
-    s = gen.sample_subject(5, 3)
-    np.testing.assert_array_equal(gen.render_subject(s, "chest", 32, 4, 5),
-                                  gen.render_subject(gen.sample_subjects(4, 5)[3], "chest", 32, 4, 5))
+    assert pop.sample_subjects(10, 5) == pop.sample_subjects(25, 5)[:10]
+    s = pop.sample_subject(5, 3)
+    np.testing.assert_array_equal(pop.render_subject(s, "chest", 32, 4, 5),
+                                  pop.render_subject(pop.sample_subjects(4, 5)[3], "chest", 32, 4, 5))
 
 
 def test_ground_truth_lists_every_effect(cohort):
@@ -142,33 +144,34 @@ def test_ground_truth_lists_every_effect(cohort):
     disc = effects["discordant_sex"]
     ids = {r["subject_id"] for r in rows}
     assert disc["subgroup"] and set(disc["subgroup"]) <= ids
-    assert set(disc["subjects"]) == set(gen.REGIONS)
+    assert set(disc["subjects"]) == set(pop.REGIONS)
     flipped = set().union(*map(set, disc["subjects"].values()))
     assert flipped and flipped <= set(disc["subgroup"])
 
 
 def test_discordant_flips_are_correlated_across_regions():
-    subjects = gen.sample_subjects(5000, 11)
-    n_flip = np.array([sum(s["feature_sex"][r] != s["sex"] for r in gen.REGIONS) for s in subjects])
+    subjects = pop.sample_subjects(5000, 11)
+    n_flip = np.array([sum(s["feature_sex"][r] != s["sex"] for r in pop.REGIONS) for s in subjects])
     assert 0.025 < np.mean([s["discordant_subgroup"] for s in subjects]) < 0.055
     p = (n_flip.sum() / 3) / len(subjects)  # per-region flip rate
     assert 0.02 < p < 0.04
     expected_multi = len(subjects) * (3 * p ** 2 * (1 - p) + p ** 3)  # if regions flipped independently
     assert (n_flip >= 2).sum() > 5 * expected_multi
     assert all(s["feature_sex"][r] == s["sex"] for s in subjects if not s["discordant_subgroup"]
-               for r in gen.REGIONS)
+               for r in pop.REGIONS)
 
 
 # ---------------------------------------------------------------- DICOM
 
 
+@pytest.mark.slow
 def test_dicom_series(cohort):
     out, _, rows, gt = cohort
     dicom_rows = [r for r in rows if r["image"].startswith("dicom/")]
     subjects = sorted({r["subject_id"] for r in dicom_rows})
     assert len(subjects) == round(0.1 * N_COHORT) and subjects == gt["dicom"]["subjects"]
-    assert all({r["region"] for r in dicom_rows if r["subject_id"] == s} == set(gen.REGIONS) for s in subjects)
-    sampled = {s["subject_id"]: s for s in gen.sample_subjects(N_COHORT, 7)}
+    assert all({r["region"] for r in dicom_rows if r["subject_id"] == s} == set(pop.REGIONS) for s in subjects)
+    sampled = {s["subject_id"]: s for s in pop.sample_subjects(N_COHORT, 7)}
     series_uids, shuffled_names, shuffled_numbers = set(), 0, 0
     for r in dicom_rows:
         folder = out / r["image"]
@@ -193,7 +196,7 @@ def test_dicom_series(cohort):
                                                aff[2, 3] + (SIZE - 1) * aff[2, 2]], atol=1e-6)
         np.testing.assert_allclose([float(v) for v in d0.PixelSpacing], [280 / SIZE] * 2)
         # the voxels are exactly what the NIfTI path would have held
-        np.testing.assert_array_equal(vol, gen.render_subject(sampled[r["subject_id"]], r["region"], SIZE, N_SLICES, 7))
+        np.testing.assert_array_equal(vol, pop.render_subject(sampled[r["subject_id"]], r["region"], SIZE, N_SLICES, 7))
         by_file = [pydicom.dcmread(folder / n, stop_before_pixels=True) for n in names]
         shuffled_names += [float(d.SliceLocation) for d in by_file] != sorted(float(d.SliceLocation) for d in by_file)
         shuffled_numbers += [int(d.InstanceNumber) for d in dss] != list(range(1, N_SLICES + 1))
@@ -217,6 +220,7 @@ def test_dicom_identifiers_never_leak(cohort):
 # ---------------------------------------------------------------- planted effects, measured on the images
 
 
+@pytest.mark.slow
 def test_essen_neck_is_shifted_superiorly_and_only_the_neck(cohort):
     out, _, rows, gt = cohort
     shift = next(e for e in gt["effects"] if e["name"] == "site_fov_shift")["shift_voxels"]
@@ -242,11 +246,11 @@ def test_essen_neck_is_shifted_superiorly_and_only_the_neck(cohort):
 
 
 def test_site_effects_touch_only_the_neck():
-    s = {**gen.sample_subject(0, 1), "date": "2016-02-02"}
-    for region in gen.REGIONS:
-        ref = gen.render_subject({**s, "site": "Berlin"}, region, 32, 4, 0)
+    s = {**pop.sample_subject(0, 1), "date": "2016-02-02"}
+    for region in pop.REGIONS:
+        ref = pop.render_subject({**s, "site": "Berlin"}, region, 32, 4, 0)
         for site in ("Essen", "Neubrandenburg"):
-            same = np.array_equal(ref, gen.render_subject({**s, "site": site}, region, 32, 4, 0))
+            same = np.array_equal(ref, pop.render_subject({**s, "site": site}, region, 32, 4, 0))
             assert same == (region != "neck"), (region, site)
 
 
@@ -274,7 +278,7 @@ def test_neubrandenburg_neck_flatter_from_year_two(cohort):
         if r["site"] != "Neubrandenburg":
             key = "others"
         else:
-            key = "nb_year1" if gen.study_year(r["date"]) == 1 else "nb_later"
+            key = "nb_year1" if pop.study_year(r["date"]) == 1 else "nb_later"
         groups[key].append(_neck_back_curvature(load_image(out, r["image"])))
     assert all(len(v) >= 5 for v in groups.values()), {k: len(v) for k, v in groups.items()}
     med = {k: np.median(v) for k, v in groups.items()}
@@ -285,9 +289,9 @@ def test_neubrandenburg_neck_flatter_from_year_two(cohort):
 
 
 def test_date_is_a_negative_control():
-    s = gen.sample_subject(0, 5)
+    s = pop.sample_subject(0, 5)
     for site in ("Berlin", "Essen", "Hamburg", "Mannheim"):
-        for region in gen.REGIONS:
+        for region in pop.REGIONS:
             imgs = [phantom_volume({**s, "site": site, "date": d}, region, 32, 4, np.random.default_rng(9))
                     for d in ("2014-07-01", "2015-12-24", "2017-05-30")]
             assert all(np.array_equal(imgs[0], im) for im in imgs[1:]), (site, region)
@@ -298,15 +302,16 @@ def test_date_is_a_negative_control():
 
 @pytest.fixture(scope="module")
 def memory_cohort():
-    subjects = gen.sample_subjects(360, 21)
-    return subjects, {r: center_slices(subjects, r, 32) for r in gen.REGIONS}
+    subjects = pop.sample_subjects(360, 21)
+    return subjects, {r: center_slices(subjects, r, 32) for r in pop.REGIONS}
 
 
+@pytest.mark.slow
 def test_sex_is_linearly_separable_and_discordant_images_look_like_the_other_sex(memory_cohort):
     subjects, X = memory_cohort
     sex = np.array([s["sex"] == "M" for s in subjects])
     flipped_total, flipped_opposite = 0, 0
-    for region in gen.REGIONS:
+    for region in pop.REGIONS:
         flip = np.array([s["feature_sex"][region] != s["sex"] for s in subjects])
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=2000))
         pred = cross_val_predict(model, X[region], sex, cv=5)
@@ -317,11 +322,12 @@ def test_sex_is_linearly_separable_and_discordant_images_look_like_the_other_sex
     assert flipped_opposite / flipped_total > 0.7
 
 
+@pytest.mark.slow
 def test_age_weight_height_are_linearly_measurable(memory_cohort):
     subjects, X = memory_cohort
     for attr, r_min in (("age", 0.6), ("weight", 0.6), ("height", 0.3)):
         y = np.array([s[attr] for s in subjects])
-        for region in gen.REGIONS:
+        for region in pop.REGIONS:
             pred = cross_val_predict(RidgeCV(alphas=np.logspace(-1, 4, 11)), X[region], y, cv=5)
             assert np.corrcoef(pred, y)[0, 1] > r_min, (attr, region)
 

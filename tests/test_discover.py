@@ -12,37 +12,35 @@ import pytest
 from PIL import Image
 from scipy.stats import false_discovery_control
 
-from cohortlens.analysis import discover_clusters, discover_leaks, discover_subgroups
-from cohortlens.analysis._data import AttributeSpec
-from cohortlens.analysis.discover import discover, ground_truth_recall
-from cohortlens.analysis.discover_core import (
+from cohortlens.analysis.discover import clusters as discover_clusters
+from cohortlens.analysis.discover import leaks as discover_leaks
+from cohortlens.analysis.discover import subgroups as discover_subgroups
+from cohortlens.analysis.table import AttributeSpec
+from cohortlens.demo.truth import ground_truth_recall
+from cohortlens.analysis.discover.core import (
     FINDINGS_SCHEMA,
     KINDS,
     Finding,
     RegionData,
     confine_to_stratum,
     findings_frame,
-    settings,
 )
-from cohortlens.analysis.explain import CenterSlices, edge_profile
+from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.discover.explain import CenterSlices, edge_profile
 from cohortlens.io.tables import read_parquet_metadata
 
 ALPHA = 0.05
 
 
 @pytest.fixture(scope="module")
-def demo_findings(demo_results, tmp_path_factory):
-    """discover() once on the demo's pca embeddings, attributes read from subjects.parquet's metadata."""
+def demo_findings(demo_results):
+    """The discover stage's outputs for pca in the session's demo run, scored against the demo's ground truth."""
     res = demo_results / "results"
-    out = tmp_path_factory.mktemp("findings")
-    frame = discover(res / "embeddings/pca/volumes.parquet", res / "cohort/subjects.parquet",
-                     res / "cohort/images.parquet", res / "cohort/splits.parquet", None, {},
-                     out / "pca.parquet", out / "pca", index_parquet=res / "preprocessed/index.parquet",
-                     out_tests=out / "pca-tests.parquet")
+    out = res / "findings"
     truth = demo_results / "data/demo/ground_truth.json"
-    return {"frame": frame, "out": out, "tests": pl.read_parquet(out / "pca-tests.parquet"),
+    return {"frame": pl.read_parquet(out / "pca.parquet"), "out": out, "tests": pl.read_parquet(out / "pca-tests.parquet"),
             "recall": ground_truth_recall(out / "pca.parquet", truth), "truth": json.loads(truth.read_text()),
-            "res": res}
+            "res": res, "root": demo_results}
 
 
 # ---------------------------------------------------------------------------------------------- the demo
@@ -140,8 +138,8 @@ def test_findings_file_contract(demo_findings):
         if row["region"] != "all":
             assert {region_of[u] for u in row["sample_ids"]} <= {row["region"]}
         assert bool(row["evidence"]) == bool(row["sample_ids"]), row["finding_id"]
-        for png in row["evidence"]:
-            with Image.open(png) as img:
+        for png in row["evidence"]:  # written relative to the run's directory
+            with Image.open(demo_findings["root"] / png) as img:
                 assert img.format == "PNG" and img.width >= 4 * 64 and img.height >= 256
 
 
@@ -220,6 +218,7 @@ def test_a_date_effect_in_every_site_keeps_its_name():
     assert len(date) == 1 and date[0].p_value <= 0.02, [f.summary for f in found]
 
 
+@pytest.mark.slow
 def test_leak_permutation_tests_are_calibrated_under_the_null():
     """No attribute in the embedding: p-values of the site, sex and (within-site permuted) date tests must not
     fall below 0.05 much more often than 5% (folds stratified on the observed labels once made it 30%)."""
@@ -341,8 +340,8 @@ def test_tiny_strata_are_not_tested_alone_and_tiny_sets_are_not_non_iid_tested()
     needs more rows and it then has no result) nor be named as the one site carrying an effect."""
     import numpy as np
 
-    from cohortlens.analysis.discover_core import confine_to_stratum
-    from cohortlens.analysis.discover_quality import _non_iid_p
+    from cohortlens.analysis.discover.core import confine_to_stratum
+    from cohortlens.analysis.discover.quality import _non_iid_p
 
     assert np.isnan(_non_iid_p(np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)))
     strata = np.array(["A"] * 30 + ["B"] * 4, dtype=object)
@@ -358,7 +357,7 @@ def test_tiny_strata_are_not_tested_alone_and_tiny_sets_are_not_non_iid_tested()
 def labelled_region(n=300, dims=16, seed=0, flipped=0.05) -> RegionData:
     """A region whose embedding carries a target (diagnosis) and a protected attribute (sex) equally well, each
     with the same share of recorded values flipped: only the attribute's role differs."""
-    from cohortlens.analysis.discover_core import reduce_embedding
+    from cohortlens.analysis.discover.core import reduce_embedding
 
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, dims)).astype(np.float32)
@@ -379,8 +378,9 @@ def labelled_region(n=300, dims=16, seed=0, flipped=0.05) -> RegionData:
     return RegionData("neck", frame, reduce_embedding(X, 10), specs, 10, X=X, model="synthetic")
 
 
+@pytest.mark.slow
 def test_cleanlab_label_issues_only_for_target_attributes():
-    from cohortlens.analysis.discover_quality import data_quality
+    from cohortlens.analysis.discover.quality import data_quality
 
     rd = labelled_region()
     found = data_quality(rd, _cfg(), np.random.default_rng(0))
@@ -392,7 +392,7 @@ def test_cleanlab_label_issues_only_for_target_attributes():
 
 
 def test_report_says_protected_labels_were_not_shown_wrong():
-    from cohortlens.report.sections import label_issue_note
+    from cohortlens.report.findings import label_issue_note
 
     frame = findings_frame([Finding("discordant_subgroup", "neck", "sex", None, 0.05, "discordant_fraction", 1e-4,
                                     300, ["S0001/neck"], "sex-discordant images", finding_id="discordant_subgroup-neck-sex")])

@@ -112,6 +112,7 @@ def _gpu(resources) -> object:
     return getattr(res, "value", res)
 
 
+@pytest.mark.slow
 def test_every_rule_names_an_existing_env_file():
     rules = rules_with_conda()
     assert {"cohort", "preprocess_shard", "train_pca", "report"} <= {name for name, *_ in rules}
@@ -126,6 +127,7 @@ def test_every_rule_names_an_existing_env_file():
     assert not problems, problems
 
 
+@pytest.mark.slow
 def test_the_rules_env_holds_every_runtime_dependency():
     used = {(smk.parent / str(env)).resolve() for _, env, smk, _ in rules_with_conda() if env}
     for path in used:

@@ -8,18 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cohortlens.analysis._data import AttributeSpec
-from cohortlens.analysis.fairness import (
-    GROUPS_SCHEMA,
-    OVERALL,
-    SUMMARY_SCHEMA,
-    _bootstrap_binary,
-    _metric_frame_binary,
-    bin_edges,
-    fairness_tables,
-    protected_groups,
-    run_fairness,
-)
+from cohortlens.analysis.table import AttributeSpec
+from cohortlens.analysis.fairness import GROUPS_SCHEMA, OVERALL, SUMMARY_SCHEMA, fairness_tables
+from cohortlens.analysis.fairness_groups import bin_edges, protected_groups
+from cohortlens.analysis.fairness_metrics import bootstrap_binary, metric_frame_binary
 
 SPECS = {
     "finding": AttributeSpec("finding", "categorical", "target", categories=("negative", "positive")),
@@ -93,9 +85,9 @@ def test_vectorised_bootstrap_at_unit_weights_equals_metric_frame():
     score = rng.normal(size=n) + y_true
     groups = rng.choice(["a", "b", "c"], n).astype(object)
     y_true[groups == "c"] = False  # a group without positives: TPR undefined, not 0
-    by_group, _ = _metric_frame_binary(y_true, y_pred, score, groups.astype(str))
+    by_group, _ = metric_frame_binary(y_true, y_pred, score, groups.astype(str))
     codes = np.searchsorted(np.array(["a", "b", "c"]), groups.astype(str))
-    boot = _bootstrap_binary(y_true, y_pred, score, codes, 3, np.ones((1, n)))
+    boot = bootstrap_binary(y_true, y_pred, score, codes, 3, np.ones((1, n)))
     for k, g in enumerate(["a", "b", "c"]):
         for metric in ("accuracy", "balanced_accuracy", "tpr", "fnr", "fpr", "selection_rate", "count", "roc_auc"):
             expected = by_group[g][metric]
@@ -190,17 +182,13 @@ def test_multiclass_target_is_scored_one_vs_rest():
 
 
 @pytest.fixture(scope="module")
-def demo_fairness(demo_results, tmp_path_factory):
-    from cohortlens.analysis.probe import write_probes
-
+def demo_fairness(demo_results):
+    """The probe and fairness stages' outputs for pca in the session's demo run (.test/config/demo-pca.yaml:
+    targets sex, protected age and site, 300 bootstraps)."""
     res = demo_results / "results"
-    out = tmp_path_factory.mktemp("fairness")
-    metrics = write_probes(res / "embeddings/pca/volumes.parquet", res / "cohort/subjects.parquet",
-                           res / "cohort/splits.parquet", out / "metrics.parquet", out / "predictions.parquet",
-                           probe_attributes=["sex"], across_regions=False, settings={"n_bootstrap": 50})
-    summary = run_fairness(out / "predictions.parquet", res / "cohort/subjects.parquet", out / "pca/groups.parquet",
-                           out / "pca/summary.parquet",
-                           settings={"targets": ["sex"], "protected": ["age", "site"], "n_boot": 300}, threads=1)
+    out = res / "fairness"
+    metrics = pl.read_parquet(res / "probes/pca/metrics.parquet")
+    summary = pl.read_parquet(out / "pca/summary.parquet")
     return res, out, metrics, summary
 
 
@@ -211,7 +199,7 @@ def test_demo_fairness_tables(demo_fairness):
     assert set(summary["region"].unique()) == {"neck", "chest", "lumbar"}
     assert set(summary["protected"].unique()) == {"age", "site"}
     assert len(set(groups.filter(pl.col("protected") == "age")["group"].unique()) - {OVERALL}) == 3  # default bins
-    predictions = pl.read_parquet(out / "predictions.parquet").filter(pl.col("split") == "test")
+    predictions = pl.read_parquet(res / "probes/pca/predictions.parquet").filter(pl.col("split") == "test")
     for region in ("neck", "chest", "lumbar"):
         n_test = predictions.filter(pl.col("region") == region)["subject_id"].n_unique()
         counts = groups.filter((pl.col("region") == region) & (pl.col("protected") == "site") &

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import pytest
 from pathlib import Path
 
 from conftest import REPO
@@ -15,6 +16,7 @@ def test_snakefmt_check():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_snakemake_lint_has_no_findings(tmp_path):
     proc = subprocess.run(
         [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),

@@ -7,9 +7,9 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from cohortlens.analysis import discover_leaks
-from cohortlens.analysis.discover_core import settings
-from cohortlens.analysis.discover_onset import change_point, describe
+from cohortlens.analysis.discover import leaks as discover_leaks
+from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.discover.onset import change_point, describe
 
 from test_discover import synthetic_region
 
@@ -75,8 +75,8 @@ def test_within_site_leak_reports_the_protocol_change_onset():
 @pytest.mark.parametrize("attribute", ["vendor"])
 def test_interactions_are_named_after_their_own_stratum(attribute):
     """A date step within scanner X (not within a site) is named vendor×date = X, said 'within vendor X'."""
-    from cohortlens.analysis._data import AttributeSpec
-    from cohortlens.analysis.discover_core import RegionData
+    from cohortlens.analysis.table import AttributeSpec
+    from cohortlens.analysis.discover.core import RegionData
     import polars as pl
 
     rd = synthetic_region(n=400, seed=4)

@@ -7,32 +7,17 @@ import polars as pl
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table
-from cohortlens.analysis.probe import (
-    BACKEND_NAMES,
-    METRICS_SCHEMA,
-    OOF_SCHEMA,
-    PREDICTIONS_SCHEMA,
-    ProbeSettings,
-    _make_task,
-    _prepare,
-    balanced_accuracy_w,
-    bootstrap_weights,
-    class_weights,
-    density_weights,
-    model_table,
-    model_table_html,
-    oof_matrix,
-    oof_wide,
-    out_of_fold_proba,
-    probe_table,
-    range_bins,
-    stratified_subsample,
-    weighted_auc,
-    write_out_of_fold,
-    write_probes,
-)
+from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table
+from cohortlens.analysis.balance import class_weights, density_weights, range_bins, stratified_subsample
+from cohortlens.analysis.model_table import BACKEND_NAMES, model_table
+from cohortlens.analysis.out_of_fold import OOF_SCHEMA, oof_matrix, oof_wide, out_of_fold_proba, write_out_of_fold
+from cohortlens.analysis.probe import METRICS_SCHEMA, PREDICTIONS_SCHEMA, probe_table, write_probes
+from cohortlens.analysis.probe_fit import make_task, prepare_attribute
+from cohortlens.analysis.probe_settings import ProbeSettings
+from cohortlens.analysis.stats import balanced_accuracy_w, bootstrap_weights, weighted_auc
+from cohortlens.report.model_table import model_table_html
 from cohortlens.io.tables import read_parquet_metadata
+from conftest import synthetic_embedding_cohort
 
 # ------------------------------------------------------------------------------------------- unit
 
@@ -63,10 +48,10 @@ SMALL_GRID = {"C_grid": [0.1, 1.0, 10.0], "gamma_grid": [0.3, 1.0], "n_bootstrap
 
 def test_regression_weights_use_every_row_once_and_flatten_the_target():
     table = skewed_weight_table()
-    prep = _prepare(table, "weight")
+    prep = prepare_attribute(table, "weight")
     train = prep.rows["train"]
     settings = ProbeSettings()
-    task, _, _ = _make_task(prep, train, settings, np.random.default_rng(0), cap=None)
+    task, _, _ = make_task(prep, train, settings, np.random.default_rng(0), cap=None)
     assert np.array_equal(np.sort(task.fit_rows), np.sort(train))  # every train row, none twice
     w = task.weights
     assert (w > 0).all() and np.isclose(w.mean(), 1.0)
@@ -92,7 +77,7 @@ def test_regression_weights_use_every_row_once_and_flatten_the_target():
     assert np.isclose(np.average(task.target, weights=w), 0.0) and np.isclose(np.average(task.target**2, weights=w), 1.0)
 
     # without balancing every weight is 1
-    plain, _, _ = _make_task(prep, train, ProbeSettings(balance_regression=False), np.random.default_rng(0), None)
+    plain, _, _ = make_task(prep, train, ProbeSettings(balance_regression=False), np.random.default_rng(0), None)
     assert (plain.weights == 1).all() and np.array_equal(plain.fit_rows, task.fit_rows)
 
 
@@ -116,12 +101,13 @@ def test_exact_cap_subsamples_without_copies():
     assert counts[0] == 5 and counts[1] == 40 and counts[2] == 55  # small groups whole, the rest to the large
     assert np.array_equal(stratified_subsample(groups, 5000, np.random.default_rng(0)), np.arange(len(groups)))
     table = skewed_weight_table(n=1500)
-    prep = _prepare(table, "weight")
-    task, _, _ = _make_task(prep, prep.rows["train"], ProbeSettings(), np.random.default_rng(0), cap=300)
+    prep = prepare_attribute(table, "weight")
+    task, _, _ = make_task(prep, prep.rows["train"], ProbeSettings(), np.random.default_rng(0), cap=300)
     assert len(task.fit_rows) == 300 and len(np.unique(task.fit_rows)) == 300
     assert task.weights.max() / task.weights.min() <= ProbeSettings().weight_cap + 1e-9
 
 
+@pytest.mark.slow
 def test_weighted_regression_reaches_the_tails():
     table = skewed_weight_table()
     out = {}
@@ -200,6 +186,16 @@ def test_settings_reject_unknown_keys():
 FAST = {"n_bootstrap": 300}
 
 
+def test_write_probes_returns_what_it_writes(tmp_path):
+    emb, subjects, splits = synthetic_embedding_cohort(tmp_path, dim=24, n_subjects=120)
+    metrics = write_probes(emb, subjects, splits, tmp_path / "metrics.parquet", tmp_path / "predictions.parquet",
+                           settings={**SMALL_GRID, "n_bootstrap": 20})
+    on_disk = pl.read_parquet(tmp_path / "metrics.parquet")
+    assert dict(on_disk.schema) == METRICS_SCHEMA and on_disk.equals(metrics)
+    assert set(metrics["attribute"]) == {"sex", "age"}
+    assert dict(pl.read_parquet(tmp_path / "predictions.parquet").schema) == PREDICTIONS_SCHEMA
+
+
 def _paths(run):
     res = run / "results"
     return dict(embeddings=res / "embeddings/pca/volumes.parquet", subjects=res / "cohort/subjects.parquet",
@@ -207,12 +203,11 @@ def _paths(run):
 
 
 @pytest.fixture(scope="module")
-def probe_run(demo_results, tmp_path_factory):
-    out = tmp_path_factory.mktemp("probes")
-    p = _paths(demo_results)
-    metrics = write_probes(p["embeddings"], p["subjects"], p["splits"], out / "metrics.parquet",
-                           out / "predictions.parquet", images=p["images"], settings=FAST)
-    return out, metrics
+def probe_run(demo_results):
+    """The probe stage's own outputs for pca in the session's demo run (.test/config/demo-pca.yaml:
+    probe.n_bootstrap 300), read back as written."""
+    out = demo_results / "results/probes/pca"
+    return out, pl.read_parquet(out / "metrics.parquet")
 
 
 def _value(metrics, region, attribute, metric):
@@ -225,7 +220,6 @@ def test_outputs_match_schema(probe_run):
     out, metrics = probe_run
     on_disk = pl.read_parquet(out / "metrics.parquet")
     assert dict(on_disk.schema) == METRICS_SCHEMA
-    assert on_disk.equals(metrics)
     preds = pl.read_parquet(out / "predictions.parquet")
     assert dict(preds.schema) == PREDICTIONS_SCHEMA
     assert set(preds["split"].unique()) == {"val", "test"}

@@ -13,7 +13,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
-from cohortlens.analysis._data import AttributeSpec, attribute_specs, load_embeddings
+from cohortlens.analysis.table import AttributeSpec, attribute_specs, load_embeddings
 from cohortlens.analysis.project import (
     figure_div,
     perplexity_affinities,
@@ -42,6 +42,7 @@ def knn_agreement(xy, labels) -> float:
     return balanced_accuracy_score(labels, pred)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["tsne", "umap"])
 def test_maps_keep_clusters_apart_and_are_seeded(method):
     X, labels = clusters()
@@ -51,6 +52,7 @@ def test_maps_keep_clusters_apart_and_are_seeded(method):
     assert np.array_equal(a, project(X, method, seed=1, backend="cpu"))
 
 
+@pytest.mark.slow
 def test_lean_affinities_equal_opentsne_own_and_drop_the_knn_arrays():
     """The stage builds t-SNE's P with a lower memory peak than openTSNE's default path; it must be the
     same matrix: symmetric, summing to 1, equal to openTSNE's PerplexityBasedNN(symmetrize=True)."""
@@ -68,6 +70,7 @@ def test_lean_affinities_equal_opentsne_own_and_drop_the_knn_arrays():
     assert not any(k.endswith(("__neighbors", "__distances")) for k in vars(ours))
 
 
+@pytest.mark.slow
 def test_large_perplexity_is_clipped_with_a_warning(caplog):
     X, _ = clusters(n_per=10)  # 30 points: perplexity at most 29/3
     with caplog.at_level(logging.WARNING, logger="cohortlens.analysis.project"):

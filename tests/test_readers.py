@@ -18,7 +18,8 @@ from nibabel.testing import data_path as NIB_DATA
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from cohortlens.io.readers import ImageReadError, LoadedImage, read_image, rgb_to_gray
+from cohortlens.io.image import ImageReadError, LoadedImage, rgb_to_gray
+from cohortlens.io.readers import read_image
 
 NIB_DATA = Path(NIB_DATA)
 DICOMDIRTESTS = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests"

@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cohortlens.analysis.discover_truth import ground_truth_recall, ground_truth_summary
+from cohortlens.demo.truth import ground_truth_recall, ground_truth_summary
 
 from conftest import REPO
 

@@ -16,15 +16,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from cohortlens.analysis.discover_core import FINDINGS_SCHEMA
-from cohortlens.analysis.discover_truth import (
+from cohortlens.analysis.discover.core import FINDINGS_SCHEMA
+from cohortlens.demo.truth import (
     RECALL_SCHEMA,
     classify_findings,
     ground_truth_recall,
     ground_truth_summary,
 )
 from cohortlens.cli import main as cli_main
-from cohortlens.demo import generate as gen
+from cohortlens.demo import population as pop
 from cohortlens.demo import scenarios as sc
 from cohortlens.demo.generate import generate_demo_cohort
 from conftest import REPO
@@ -52,6 +52,7 @@ def confounded(tmp_path_factory):
 # ---------------------------------------------------------------- files and determinism
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["confounded", "null"])
 def test_scenarios_are_deterministic(tmp_path, scenario):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -79,6 +80,7 @@ def test_cli_scenario(tmp_path, capsys):
     assert json.loads((tmp_path / "ground_truth.json").read_text())["scenario"] == "null"
 
 
+@pytest.mark.slow
 def test_attributes_yaml_declares_every_column_in_config_format(confounded):
     out, _, rows, _ = confounded
     attrs = yaml.safe_load((out / "attributes.yaml").read_text())["attributes"]
@@ -114,15 +116,15 @@ def test_confounded_manifest_has_the_planted_correlations(confounded):
         return np.mean([pred(s) for s in sel])
 
     # vendor follows the site, but every site has both vendors
-    x_share = {site: share(lambda s: s["vendor"] == "X", lambda s, site=site: s["site"] == site) for site in gen.SITES}
+    x_share = {site: share(lambda s: s["vendor"] == "X", lambda s, site=site: s["site"] == site) for site in pop.SITES}
     assert x_share["Berlin"] > 0.7 and x_share["Essen"] > 0.8 and x_share["Hamburg"] < 0.25
     assert x_share["Mannheim"] < 0.3 and all(0.03 < x < 0.97 for x in x_share.values())
     # site-dependent demographics
-    male = {site: share(lambda s: s["sex"] == "M", lambda s, site=site: s["site"] == site) for site in gen.SITES}
+    male = {site: share(lambda s: s["sex"] == "M", lambda s, site=site: s["site"] == site) for site in pop.SITES}
     assert male["Essen"] < min(v for k, v in male.items() if k != "Essen") - 0.08
-    age = {site: share(lambda s: s["age"], lambda s, site=site: s["site"] == site) for site in gen.SITES}
+    age = {site: share(lambda s: s["age"], lambda s, site=site: s["site"] == site) for site in pop.SITES}
     assert age["Mannheim"] > max(v for k, v in age.items() if k != "Mannheim") + 8
-    weight = {site: share(lambda s: s["weight"], lambda s, site=site: s["site"] == site) for site in gen.SITES}
+    weight = {site: share(lambda s: s["weight"], lambda s, site=site: s["site"] == site) for site in pop.SITES}
     assert weight["Essen"] > max(v for k, v in weight.items() if k != "Essen") + 4
     assert share(lambda s: s["height"], lambda s: s["sex"] == "M") - share(lambda s: s["height"],
                                                                            lambda s: s["sex"] == "F") > 0.1
@@ -132,7 +134,7 @@ def test_confounded_manifest_has_the_planted_correlations(confounded):
     assert 0.7 < follows < 0.82
     # a 4 % opposite-sex subgroup whose regions carry the other sex's features
     assert 0.03 < share(lambda s: s["discordant_subgroup"], lambda s: True) < 0.05
-    assert all(s["feature_sex"][r] == s["sex"] for s in subjects if not s["discordant_subgroup"] for r in gen.REGIONS)
+    assert all(s["feature_sex"][r] == s["sex"] for s in subjects if not s["discordant_subgroup"] for r in pop.REGIONS)
 
 
 def test_confounded_image_effects_are_where_they_are_planted():
@@ -141,9 +143,9 @@ def test_confounded_image_effects_are_where_they_are_planted():
             "date": "2015-03-01"}
 
     def render(region, **kw):
-        return gen.render_subject({**base, **kw}, region, 32, 4, 2, eff)
+        return pop.render_subject({**base, **kw}, region, 32, 4, 2, eff)
 
-    for region in gen.REGIONS:
+    for region in pop.REGIONS:
         ref = render(region)
         # the protocol change: only Hamburg, only from its date, in every region
         hamburg = [render(region, site="Hamburg", date=d) for d in ("2014-07-01", "2015-09-30", "2015-10-01",
@@ -169,6 +171,7 @@ def _balanced_accuracy(X, y) -> float:
     return balanced_accuracy_score(y, pred)
 
 
+@pytest.mark.slow
 def test_confounded_sex_signal_is_only_moderate():
     subjects = [s for s in sc.sample_confounded_subjects(300, 8) if not s["discordant_subgroup"]]
     sex = np.array([s["sex"] for s in subjects])
@@ -176,7 +179,7 @@ def test_confounded_sex_signal_is_only_moderate():
     for effects, name in ((sc.confounded_effects(), "confounded"), (None, "demo")):
         for region in ("neck", "lumbar"):
             X = np.stack([(lambda v: (v[1:3] / v.max()).ravel())(
-                gen.render_subject(s, region, 32, 4, 8, effects).astype(np.float32)) for s in subjects])
+                pop.render_subject(s, region, 32, 4, 8, effects).astype(np.float32)) for s in subjects])
             acc[name, region] = _balanced_accuracy(X, sex)
     conf = np.mean([acc["confounded", r] for r in ("neck", "lumbar")])
     assert 0.68 < conf < 0.9, acc
@@ -196,7 +199,7 @@ def test_confounded_ground_truth_lists_root_causes_echoes_and_controls(confounde
     assert effects["site_fov_shift"]["value"] == "Essen" and effects["site_fov_shift"]["regions"] == ["neck"]
     protocol = effects["site_protocol_change"]
     assert (protocol["value"], protocol["interaction"], protocol["from_date"]) == ("Hamburg", "date", "2015-10-01")
-    assert protocol["regions"] == list(gen.REGIONS)
+    assert protocol["regions"] == list(pop.REGIONS)
     assert {c["attribute"] for c in gt["negative_controls"]} == {"weight", "batch"}
     assert gt["echoes"] and {e["kind"] for e in gt["echoes"]} == {"cluster", "attribute_leak", "interaction"}
     for echo in gt["echoes"]:
@@ -227,8 +230,8 @@ def test_null_scenario_labels_are_independent_of_the_images(tmp_path):
     assert all(a[k] == b[k] for a, b in zip(demo_rows, null_rows) for k in ("sex", "age", "height", "weight"))
     # rendering a null subject ignores its recorded site and date
     s = sc.null_subjects(40, 3)[7]
-    same = gen.render_subject(s, "neck", 32, 4, 3)
-    assert np.array_equal(same, gen.render_subject({**s, "site": "Essen", "date": "2017-01-01"}, "neck", 32, 4, 3))
+    same = pop.render_subject(s, "neck", 32, 4, 3)
+    assert np.array_equal(same, pop.render_subject({**s, "site": "Essen", "date": "2017-01-01"}, "neck", 32, 4, 3))
     gt = json.loads(Path(summary["ground_truth"]).read_text())
     assert {e["attribute"] for e in gt["effects"]} == {"sex", "age", "weight", "height"}
     assert {c["attribute"] for c in gt["negative_controls"]} == {"site", "date"} and gt["echoes"] == []

@@ -8,10 +8,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cohortlens.analysis import discover_subgroups
-from cohortlens.analysis._data import AttributeSpec
-from cohortlens.analysis.discover_core import ALL_REGIONS, RegionData, adjust, assign_ids, findings_frame, settings
-from cohortlens.analysis.discover_truth import ground_truth_recall
+from cohortlens.analysis.discover import subgroups as discover_subgroups
+from cohortlens.analysis.table import AttributeSpec
+from cohortlens.analysis.discover.core import RegionData, adjust, assign_ids, findings_frame
+from cohortlens.analysis.discover.settings import settings
+from cohortlens.types import ALL_REGIONS
+from cohortlens.demo.truth import ground_truth_recall
 
 ALPHA = 0.05
 REGIONS = ("chest", "lumbar", "neck")
@@ -108,6 +110,7 @@ def region_accuracy(rd: RegionData, with_covariates: bool = False) -> float:
     return float(balanced_accuracy_score(y, cross_val_predict(LinearDiscriminantAnalysis(), X, y, cv=5)))
 
 
+@pytest.mark.slow
 def test_calibrated_subgroup_recovers_the_planted_subjects():
     regions, planted, per_region = cohort(seed=0)
     accuracy = [region_accuracy(rd) for rd in regions]
@@ -139,6 +142,7 @@ def test_calibrated_subgroup_recovers_the_planted_subjects():
     assert row["found"] and row["precision"] >= 0.85 and row["recall"] >= 0.85  # (subject, region) pairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unrecorded", [0.0, 1.5])
 def test_traits_moving_all_regions_are_not_a_subgroup(unrecorded):
     """No subgroup; men taller, height and build moving every region (and, second case, a trait nobody recorded
@@ -160,6 +164,7 @@ def test_traits_moving_all_regions_are_not_a_subgroup(unrecorded):
     assert co.details["p_independence"] < 0.01 and co.effect_size > 1.3
 
 
+@pytest.mark.slow
 def test_permuted_sex_labels_find_nothing():
     regions, _, _ = cohort(seed=2, permute_sex=True)
     found, co, flagged = run(regions)
@@ -168,6 +173,7 @@ def test_permuted_sex_labels_find_nothing():
     assert all(not f.sample_ids for f in found)
 
 
+@pytest.mark.slow
 def test_an_irreducibly_weak_region_classifier_stays_calibrated():
     """Sex features alone at balanced accuracy 0.8 per region, nothing recorded to sharpen them: no method can
     find most of a 4% subgroup (the Neyman-Pearson oracle reaches recall 0.27 at precision 0.9, see
@@ -179,6 +185,7 @@ def test_an_irreducibly_weak_region_classifier_stays_calibrated():
     assert len(flagged - planted) <= 1
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed():
     regions, planted, _ = cohort(n=300, seed=4, subgroup=0.06)
     first, second = run(regions, seed=7)[0], run(regions, seed=7)[0]
@@ -187,6 +194,7 @@ def test_deterministic_for_a_seed():
     assert co.details["subjects"] and len(set(co.details["subjects"]) - planted) <= 1
 
 
+@pytest.mark.slow
 def test_a_three_valued_attribute_the_images_do_not_know():
     """"Another value" is either of the other two: one null per (recorded, other) pair, the smallest p
     Bonferroni-corrected; a random attribute flags at most a handful."""
@@ -204,7 +212,7 @@ def test_a_three_valued_attribute_the_images_do_not_know():
 
 
 def test_mixture_statistic_counts_missing_regions_as_nothing():
-    from cohortlens.analysis.discover_subgroup_null import mixture_statistic
+    from cohortlens.analysis.discover.subgroup_null import mixture_statistic
 
     x = np.array([[2.0, -30.0, np.nan]])
     expected = np.log(0.5 * np.exp(2.0) + 0.5) + np.log(0.5 * np.exp(-30.0) + 0.5)

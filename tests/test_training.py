@@ -23,16 +23,12 @@ from cohortlens.demo.generate import generate_demo_cohort
 from cohortlens.embed.autoencoder import embed_autoencoder
 from cohortlens.embed.parquet import config_hash
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
-from cohortlens.models.registry import load_model, resolve_config
-from cohortlens.models.training import (
-    SliceBatches,
-    batch_loader,
-    ema_decay_at,
-    ema_update,
-    fingerprint,
-    train_from_files,
-    training_rows,
-)
+from cohortlens.models.modelfile import load_model
+from cohortlens.models.registry import resolve_config
+from cohortlens.models.training.data import SliceBatches, batch_loader, training_rows
+from cohortlens.models.training.ema import ema_decay_at, ema_update
+from cohortlens.models.training.settings import fingerprint
+from cohortlens.models.training.stage import train_from_files
 from cohortlens.preprocess.shard import preprocess_shard
 from cohortlens.preprocess.store import SliceStore, center_crop
 
@@ -123,7 +119,7 @@ def start_training(cfg: dict, cohort: Path, out: Path, log: Path) -> subprocess.
     out.mkdir(parents=True, exist_ok=True)
     (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     index, splits = paths(cohort)
-    cmd = [sys.executable, "-m", "cohortlens.models.training", "vae", "--config", str(out / "cfg.yaml"),
+    cmd = [sys.executable, "-m", "cohortlens.cli", "train", "vae", "--config", str(out / "cfg.yaml"),
            "--index", str(index), "--splits", str(splits), "--out", str(out), "--threads", "1"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -140,6 +136,7 @@ def step_of(path: Path) -> int:
     return int(re.search(r"step-(\d+)\.pt", path.name).group(1))
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_exactly_where_the_checkpoint_left_off(tiny_cohort, tmp_path):
     cfg = tiny_config(steps=100, checkpoint_every=20)
     run = tmp_path / "run"
@@ -172,6 +169,7 @@ def test_sigkill_then_rerun_resumes_exactly_where_the_checkpoint_left_off(tiny_c
     assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_writes_a_checkpoint_and_exits_nonzero(tiny_cohort, tmp_path, signum):
     # no periodic checkpoint in reach: any checkpoint on disk was written because of the signal

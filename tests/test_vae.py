@@ -9,9 +9,12 @@ import torch
 
 from cohortlens.models.hessian import hessian_penalty, rademacher, second_directional_differences
 from cohortlens.models.registry import PRESETS, build_model, resolve_config
-from cohortlens.models.training import SliceBatches, TrainSettings, center_crop_batch, fingerprint, qa_rows, seed_everything, train, training_rows
+from cohortlens.models.training.data import SliceBatches, center_crop_batch, qa_rows, training_rows
+from cohortlens.models.training.loop import train
+from cohortlens.models.training.settings import TrainSettings, fingerprint
 from cohortlens.models.vae import BetaVAE
 from cohortlens.preprocess.store import SliceStore
+from cohortlens.runtime import seed_everything
 
 from test_training import tiny_cohort  # noqa: F401  (fixture: a real preprocessed demo cohort)
 
@@ -136,6 +139,7 @@ def test_presets_carry_the_poster_hyperparameters_and_config_overrides_them():
         resolve_config("vae", {"preset": "nope"})
 
 
+@pytest.mark.slow
 def test_tiny_vae_learns_real_slices(tiny_cohort, tmp_path):
     """A few hundred steps on real (phantom) slices: loss falls and reconstructions beat the mean image."""
     cfg = resolve_config("vae", {"preset": "demo", "crop": 32, "channels": [8, 16, 32], "latent_dim": 16,

@@ -21,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--scenario", choices=("demo", "confounded", "null"), default="demo",
                       help="demo: the demo cohort; confounded / null: the test cohorts of docs/demo-cohort.md "
                            "(they also write OUT/attributes.yaml)")
+    train = sub.add_parser("train", help="train one autoencoder (vae | dae) outside the workflow; resumes from its "
+                                         "checkpoints, exits 128 + signal after a SIGTERM / SIGUSR1 checkpoint")
+    train.add_argument("model")
+    train.add_argument("--config", help="YAML/JSON file with the models.<name> entry (default: the preset 'demo')")
+    train.add_argument("--index", required=True)
+    train.add_argument("--splits", required=True)
+    train.add_argument("--out", required=True, help="output folder (model.pt, train_log.csv, reconstructions.png)")
+    train.add_argument("--threads", type=int, default=1)
     sub.add_parser("chexpert-manifest", help="convert CheXpert train.csv into a manifest", add_help=False)
     if argv[:1] == ["chexpert-manifest"]:
         from cohortlens.io.chexpert import main as chexpert_main
@@ -35,6 +43,28 @@ def main(argv: list[str] | None = None) -> int:
             dicom_fraction=args.dicom_fraction, seed=args.seed, workers=args.workers, scenario=args.scenario,
         )
         print(summary)
+    elif args.command == "train":
+        return _train(args)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    import yaml
+
+    from cohortlens.models.training.checkpoint import TrainingPreempted
+    from cohortlens.models.training.stage import train_from_files
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    cfg = yaml.safe_load(Path(args.config).read_text()) if args.config else {"preset": "demo"}
+    try:
+        train_from_files(args.model, cfg, args.index, args.splits, model_path=Path(args.out) / "model.pt",
+                         threads=args.threads)
+    except TrainingPreempted as stop:
+        logging.getLogger("cohortlens.models.training").warning("%s", stop)
+        return stop.exit_code
     return 0
 
 

@@ -7,7 +7,7 @@ machine), so their declarations are read from the source instead. Only plain dec
 - a dataclass: its annotated fields (`ProbeSettings`, `TrainSettings`, ...);
 - a function or method: its parameters with a default (`BetaVAE.__init__`, `erase_inlp`);
 - a module-level literal (dict, list, tuple; `**OTHER` splats of module-level literals are resolved):
-  the dict's keys (`discover_core.DEFAULTS`) or the value itself (`registry.PRESETS`).
+  the dict's keys (`report.sections.DEFAULTS`) or the value itself (`registry.PRESETS`).
 
 Anything else raises `NotDeclarative` naming the declaration, so a declaration that stops being plain fails
 loudly instead of being read wrong (tests/test_config.py compares the reading with the imported objects).

@@ -1,20 +1,27 @@
 """Where a computation runs: the device, the thread caps, the seed, and whether cuML can be used.
 
 One home for these so that training, embedding and analysis choose the same way. It sits below every layer
-(it imports only torch, numpy and threadpoolctl)."""
+(numpy and threadpoolctl; torch only inside the calls that need it, so that analysis and report modules that cap
+threads do not pay torch's import)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    import torch
+
 
 def select_device(requested: str = "auto") -> torch.device:
     """`auto` picks CUDA when a device is visible, else the CPU; an explicit `cuda` without CUDA is an error."""
+    import torch
+
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(requested)
@@ -37,6 +44,8 @@ def cuml_available() -> bool:
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -50,6 +59,8 @@ def limit_threads(threads: int | None, *, device: torch.device | None = None):
     if not threads or (device is not None and device.type != "cpu"):
         yield
         return
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:

@@ -1,4 +1,4 @@
-from cohortlens.analysis.discover import discover
+from cohortlens.analysis.discover.stage import discover
 from cohortlens.logs import to_rule_log
 
 log = to_rule_log(snakemake)

@@ -1,12 +1,11 @@
 """Probes of every attribute in every region of one model: metrics.parquet and predictions.parquet."""
 
-from threadpoolctl import threadpool_limits
-
 from cohortlens.analysis.probe import write_probes
 from cohortlens.logs import to_rule_log
+from cohortlens.runtime import limit_threads
 
 log = to_rule_log(snakemake)
-with threadpool_limits(limits=snakemake.threads):
+with limit_threads(snakemake.threads):
     metrics = write_probes(
         snakemake.input.volumes,
         snakemake.input.subjects,

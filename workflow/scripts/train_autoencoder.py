@@ -3,7 +3,8 @@
 import sys
 
 from cohortlens.logs import to_rule_log
-from cohortlens.models.training import TrainingPreempted, train_from_files
+from cohortlens.models.training.checkpoint import TrainingPreempted
+from cohortlens.models.training.stage import train_from_files
 
 log = to_rule_log(snakemake)
 name = snakemake.params.model

@@ -10,6 +10,10 @@ hyper-parameters chosen by cross-validation inside it, and scored on the test sp
   Adam with early stopping above), its L2 penalty chosen by 3-fold CV;
 * `linear` stays in the table (logistic regression / ridge) as the number LEACE guarantees, not as a verdict.
 
+They are deliberately not the model table's probe (`probe`, an RBF SVM tuned once on the val split): an attacker
+must adapt to whatever the erasure left, so it is re-tuned by CV on each erased embedding and a second model
+family (the MLP) gets a chance too.
+
 Every score comes with a 95 % percentile bootstrap interval over the test subjects (one row per subject and
 region) and a **permutation test against chance**: the fitted attacker's test predictions are kept and the test
 labels permuted (999 times). Its null is "the predictions carry no information about the attribute"; p > alpha
@@ -31,7 +35,8 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, SVR
-from threadpoolctl import threadpool_limits
+
+from cohortlens.runtime import limit_threads
 
 PROBES = ("linear", "rbf_svm", "mlp")
 ATTACKERS = ("rbf_svm", "mlp")  # the probes erasure is judged by
@@ -89,7 +94,7 @@ def fit_predict(X: np.ndarray, y: np.ndarray, kind: str, probe: str, train: np.n
     est = _estimator(kind, probe, X.shape[1], len(rows), seed)
     # small matrices: one BLAS thread each (a shared pool made single MLP fits 30x slower under load); an
     # L-BFGS fit that stops at max_iter is still a valid (if less tuned) attacker, so its warning is silenced
-    with threadpool_limits(limits=1), warnings.catch_warnings():
+    with limit_threads(1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return est.fit(X[rows], y_train).predict(X[test])
 

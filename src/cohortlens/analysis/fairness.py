@@ -24,45 +24,39 @@ Decisions:
   (Bonferroni: picking the extreme pair out of k groups is m comparisons). Equalized odds uses whichever
   of the TPR and FPR gaps defines it, with m doubled.
 - Point values come from MetricFrame; bootstrap replicates use the same definitions on confusion counts
-  weighted by subject multiplicities (vectorised: a MetricFrame per replicate costs ~50 ms, and fairlearn's
-  own n_boot resamples rows, not subjects). A test checks both agree.
+  weighted by subject multiplicities (`fairness_metrics`).
 - Continuous protected attributes (and dates) are binned: `fairness.bins[attr]` is a number of quantile bins
-  (edges from the whole cohort, rounded to 3 significant digits) or a list of edges; default 3 quantile bins.
+  (edges from the whole cohort, rounded to 3 significant digits) or a list of edges; default 3 quantile bins
+  (`fairness_groups`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import logging
 import math
-import os
-import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 import polars as pl
-from fairlearn.metrics import (
-    MetricFrame,
-    count,
-    demographic_parity_difference,
-    equalized_odds_difference,
-    false_negative_rate,
-    false_positive_rate,
-    selection_rate,
-    true_positive_rate,
-)
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, mean_absolute_error, roc_auc_score
-from threadpoolctl import threadpool_limits
+from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference
 
-from cohortlens.analysis._data import DATE_EPOCH, AttributeSpec, attribute_specs, attribute_values, join_attributes
-from cohortlens.analysis.probe import bootstrap_weights, weighted_auc
+from cohortlens.analysis.fairness_groups import bin_edges, protected_groups
+from cohortlens.analysis.fairness_metrics import (
+    CLASSIFICATION_METRICS,
+    REGRESSION_METRICS,
+    bootstrap_binary,
+    bootstrap_regression,
+    metric_frame_binary,
+    metric_frame_regression,
+)
+from cohortlens.analysis.stats import bootstrap_weights, percentile_ci
+from cohortlens.analysis.table import AttributeSpec, attribute_specs, attribute_values, join_attributes
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
+from cohortlens.runtime import limit_threads
+from cohortlens.types import PathLike
 
 log = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike
 
 GROUPS_SCHEMA = {
     "model": pl.Utf8, "region": pl.Utf8, "target": pl.Utf8, "positive": pl.Utf8, "protected": pl.Utf8,
@@ -75,8 +69,6 @@ SUMMARY_SCHEMA = {
     "group_high": pl.Utf8, "group_low": pl.Utf8, "n_groups": pl.Int64, "n": pl.Int64, "ci_level": pl.Float64,
 }
 OVERALL = "(all)"
-CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "tpr", "fnr", "fpr", "selection_rate", "count")
-REGRESSION_METRICS = ("mae", "mean_error", "count")
 # measure -> the per-group metric whose max - min it is (equalized odds is handled on its own)
 CLASSIFICATION_DIFFERENCES = {
     "demographic_parity_difference": "selection_rate",
@@ -117,153 +109,10 @@ class FairnessSettings:
         return out
 
 
-# ------------------------------------------------------------------------------------------- groups
-
-def _fmt_edge(value: float, spec: AttributeSpec) -> str:
-    if spec.type == "date":
-        return (DATE_EPOCH + _dt.timedelta(days=int(round(value)))).isoformat()
-    return f"{value:.3g}"
-
-
-def bin_edges(reference: np.ndarray, spec: AttributeSpec, setting) -> list[float]:
-    """Inner bin edges for a continuous/date attribute: explicit, or quantiles of `reference` (the cohort),
-    rounded so the labels name the edges actually used."""
-    if isinstance(setting, (list, tuple)):
-        edges = [float((_dt.date.fromisoformat(e) - DATE_EPOCH).days) if isinstance(e, str) else float(e)
-                 for e in setting]
-        return sorted(set(edges))
-    q = int(setting)
-    ref = reference[np.isfinite(reference)]
-    if q < 2 or ref.size == 0:
-        return []
-    raw = np.quantile(ref, np.linspace(0, 1, q + 1)[1:-1])
-    if spec.type == "date":
-        rounded = np.round(raw)
-    else:
-        rounded = np.array([float(f"{e:.3g}") for e in raw])
-    return sorted(set(rounded.tolist()))
-
-
-def bin_labels(edges: Sequence[float], spec: AttributeSpec) -> list[str]:
-    if not edges:
-        return ["all"]
-    f = [_fmt_edge(e, spec) for e in edges]
-    return [f"< {f[0]}", *[f"[{a}, {b})" for a, b in zip(f[:-1], f[1:])], f">= {f[-1]}"]
-
-
-def protected_groups(values: np.ndarray, spec: AttributeSpec, edges: Sequence[float] | None = None
-                     ) -> tuple[np.ndarray, list[str]]:
-    """Group label per row (None where the attribute is missing) and the groups in display order."""
-    if spec.is_categorical:
-        present = [v for v in values if v is not None]
-        order = [c for c in (spec.categories or ()) if c in set(present)]
-        order += sorted(set(present) - set(order))
-        return np.asarray(values, dtype=object), order
-    edges = list(edges or [])
-    labels = bin_labels(edges, spec)
-    out = np.full(len(values), None, dtype=object)
-    ok = np.isfinite(values)
-    idx = np.searchsorted(np.asarray(edges, dtype=np.float64), values[ok], side="right")
-    out[ok] = np.asarray(labels, dtype=object)[idx]
-    return out, labels
-
-
-# ------------------------------------------------------------------------------------------- metrics
-
-def _auc(y_true, score) -> float:
-    y_true = np.asarray(y_true)
-    if len(np.unique(y_true)) < 2:
-        return math.nan
-    return float(roc_auc_score(y_true, score))
-
-
-def _metric_frame_binary(y_true: np.ndarray, y_pred: np.ndarray, score: np.ndarray | None, groups: np.ndarray
-                         ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Point values per group and overall with fairlearn's MetricFrame (NaN where a rate is undefined)."""
-    metrics = {
-        "accuracy": accuracy_score, "balanced_accuracy": balanced_accuracy_score, "tpr": true_positive_rate,
-        "fnr": false_negative_rate, "fpr": false_positive_rate, "selection_rate": selection_rate, "count": count,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # single-class groups: sklearn warns, the value is still defined
-        mf = MetricFrame(metrics=metrics, y_true=y_true, y_pred=y_pred, sensitive_features=groups)
-        by_group = {str(g): {m: float(v) for m, v in row.items()} for g, row in mf.by_group.iterrows()}
-        overall = {m: float(v) for m, v in mf.overall.items()}
-        if score is not None:
-            auc = MetricFrame(metrics=_auc, y_true=y_true, y_pred=score, sensitive_features=groups)
-            for g, v in auc.by_group.items():
-                by_group[str(g)]["roc_auc"] = float(v)
-            overall["roc_auc"] = float(auc.overall)
-    for g, vals in [*by_group.items(), (None, overall)]:
-        rows = np.ones(len(y_true), bool) if g is None else (groups == g)
-        if not y_true[rows].any():
-            vals["tpr"] = vals["fnr"] = math.nan
-        if y_true[rows].all():
-            vals["fpr"] = math.nan
-        vals.setdefault("roc_auc", math.nan)
-    return by_group, overall
-
-
-def _bootstrap_binary(y_true, y_pred, score, group_codes, n_groups, W) -> dict[str, np.ndarray]:
-    """The same metrics as _metric_frame_binary for each row of row weights W (B, n): (B, n_groups) each."""
-    G = np.zeros((len(y_true), n_groups))
-    G[np.arange(len(y_true)), group_codes] = 1.0
-
-    def total(mask):
-        return (W * mask) @ G
-
-    tp, fn = total(y_true & y_pred), total(y_true & ~y_pred)
-    fp, tn = total(~y_true & y_pred), total(~y_true & ~y_pred)
-    n = tp + fn + fp + tn
-    pos, neg = tp + fn, fp + tn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = np.where(pos > 0, tp / pos, np.nan)
-        tnr = np.where(neg > 0, tn / neg, np.nan)
-        out = {
-            "accuracy": np.where(n > 0, (tp + tn) / n, np.nan),
-            "tpr": tpr,
-            "fnr": 1.0 - tpr,
-            "fpr": 1.0 - tnr,
-            "selection_rate": np.where(n > 0, (tp + fp) / n, np.nan),
-            "count": n,
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # both recalls undefined: empty group
-            out["balanced_accuracy"] = np.nanmean(np.stack([tpr, tnr]), axis=0)
-    if score is not None:
-        auc = np.full((W.shape[0], n_groups), np.nan)
-        for k in range(n_groups):
-            rows = group_codes == k
-            if y_true[rows].any() and not y_true[rows].all():
-                auc[:, k] = weighted_auc(score[rows], y_true[rows], W[:, rows])
-        out["roc_auc"] = auc
-    else:
-        out["roc_auc"] = np.full((W.shape[0], n_groups), np.nan)
-    return out
-
-
-def _metric_frame_regression(y_true, y_pred, groups) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    metrics = {"mae": mean_absolute_error, "mean_error": lambda t, p: float(np.mean(np.asarray(p) - np.asarray(t))),
-               "count": count}
-    mf = MetricFrame(metrics=metrics, y_true=y_true, y_pred=y_pred, sensitive_features=groups)
-    by_group = {str(g): {m: float(v) for m, v in row.items()} for g, row in mf.by_group.iterrows()}
-    return by_group, {m: float(v) for m, v in mf.overall.items()}
-
-
-def _bootstrap_regression(y_true, y_pred, group_codes, n_groups, W) -> dict[str, np.ndarray]:
-    G = np.zeros((len(y_true), n_groups))
-    G[np.arange(len(y_true)), group_codes] = 1.0
-    n = W @ G
-    err = y_pred - y_true
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"mae": np.where(n > 0, (W * np.abs(err)) @ G / n, np.nan),
-                "mean_error": np.where(n > 0, (W * err) @ G / n, np.nan), "count": n}
-
-
-# ------------------------------------------------------------------------------------------- one slice
+# ------------------------------------------------------------------------------------------- one evaluation subset
 
 @dataclass
-class _Slice:
+class EvaluationSubset:
     """One (region, target, positive class, protected attribute): test rows with everything aligned."""
 
     model: str
@@ -280,23 +129,15 @@ class _Slice:
     subjects: np.ndarray  # subject id per row
 
 
-def _percentile_ci(reps: np.ndarray, level: float) -> tuple[float, float]:
-    reps = reps[np.isfinite(reps)]
-    if reps.size == 0:
-        return math.nan, math.nan
-    lo, hi = np.percentile(reps, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(lo), float(hi)
-
-
-def fairness_slice(sl: _Slice, settings: FairnessSettings, rng: np.random.Generator
-                   ) -> tuple[list[dict], list[dict]]:
-    """Group rows and summary rows for one slice."""
-    present = np.array([g is not None for g in sl.groups], dtype=bool)
-    y_true, y_pred = sl.y_true[present], sl.y_pred[present]
-    score = sl.score[present] if sl.score is not None else None
-    groups = sl.groups[present].astype(str)
-    subjects = sl.subjects[present]
-    order = [g for g in sl.group_order if g in set(groups)]
+def fairness_of_subset(subset: EvaluationSubset, settings: FairnessSettings, rng: np.random.Generator
+                       ) -> tuple[list[dict], list[dict]]:
+    """Group rows and summary rows for one evaluation subset."""
+    present = np.array([g is not None for g in subset.groups], dtype=bool)
+    y_true, y_pred = subset.y_true[present], subset.y_pred[present]
+    score = subset.score[present] if subset.score is not None else None
+    groups = subset.groups[present].astype(str)
+    subjects = subset.subjects[present]
+    order = [g for g in subset.group_order if g in set(groups)]
     if len(y_true) < 2 or not order:  # nothing to compare (and fairlearn's MetricFrame rejects a single row)
         return [], []
     code_of = {g: i for i, g in enumerate(order)}
@@ -304,17 +145,17 @@ def fairness_slice(sl: _Slice, settings: FairnessSettings, rng: np.random.Genera
     _, subject_codes = np.unique(subjects, return_inverse=True)
     subjects_per_group = np.array([len(np.unique(subjects[group_codes == k])) for k in range(len(order))])
 
-    if sl.kind == "classification":
-        by_group, overall = _metric_frame_binary(y_true, y_pred, score, groups)
+    if subset.kind == "classification":
+        by_group, overall = metric_frame_binary(y_true, y_pred, score, groups)
         metric_names = CLASSIFICATION_METRICS
     else:
-        by_group, overall = _metric_frame_regression(y_true, y_pred, groups)
+        by_group, overall = metric_frame_regression(y_true, y_pred, groups)
         metric_names = REGRESSION_METRICS
 
     def replicate(W: np.ndarray, codes: np.ndarray, n_codes: int) -> dict[str, np.ndarray]:
-        if sl.kind == "classification":
-            return _bootstrap_binary(y_true, y_pred, score, codes, n_codes, W)
-        return _bootstrap_regression(y_true, y_pred, codes, n_codes, W)
+        if subset.kind == "classification":
+            return bootstrap_binary(y_true, y_pred, score, codes, n_codes, W)
+        return bootstrap_regression(y_true, y_pred, codes, n_codes, W)
 
     single = np.zeros(len(y_true), np.int64)
     reps: dict[str, list] = {m: [] for m in metric_names}
@@ -328,18 +169,19 @@ def fairness_slice(sl: _Slice, settings: FairnessSettings, rng: np.random.Genera
     reps = {m: np.concatenate(v) if v else np.empty((0, len(order))) for m, v in reps.items()}
     reps_all = {m: np.concatenate(v)[:, 0] if v else np.empty(0) for m, v in reps_all.items()}
 
-    base = dict(model=sl.model, region=sl.region, target=sl.target, positive=sl.positive, protected=sl.protected)
+    base = dict(model=subset.model, region=subset.region, target=subset.target, positive=subset.positive,
+                protected=subset.protected)
     level = 1 - settings.alpha
     group_rows = []
     for k, g in enumerate(order):
         for m in metric_names:
             value = by_group[g].get(m, math.nan)
-            lo, hi = (value, value) if m == "count" else _percentile_ci(reps[m][:, k], level)
+            lo, hi = (value, value) if m == "count" else percentile_ci(reps[m][:, k], level)
             group_rows.append({**base, "group": g, "metric": m, "value": value, "ci_low": lo, "ci_high": hi,
                                "n": int(subjects_per_group[k])})
     for m in metric_names:
         value = overall.get(m, math.nan)
-        lo, hi = (value, value) if m == "count" else _percentile_ci(reps_all[m], level)
+        lo, hi = (value, value) if m == "count" else percentile_ci(reps_all[m], level)
         group_rows.append({**base, "group": OVERALL, "metric": m, "value": value, "ci_low": lo, "ci_high": hi,
                            "n": int(len(np.unique(subjects)))})
 
@@ -358,13 +200,13 @@ def fairness_slice(sl: _Slice, settings: FairnessSettings, rng: np.random.Genera
         pairs = len(vals) * (len(vals) - 1) // 2 * extra_comparisons
         ci_level = 1 - settings.alpha / pairs
         diff = reps[metric][:, hi] - reps[metric][:, lo] if len(reps[metric]) else np.empty(0)
-        ci_low, ci_high = _percentile_ci(diff, ci_level)
+        ci_low, ci_high = percentile_ci(diff, ci_level)
         return {"value": vals[hi] - vals[lo], "ci_low": ci_low, "ci_high": ci_high,
                 "flagged": bool(np.isfinite(ci_low) and (ci_low > 0 or ci_high < 0)),
                 "group_high": order[hi], "group_low": order[lo], "n_groups": len(vals), "ci_level": ci_level}
 
     summary_rows = []
-    if sl.kind == "classification":
+    if subset.kind == "classification":
         for measure, metric in CLASSIFICATION_DIFFERENCES.items():
             summary_rows.append({**base, "measure": measure, **gap(metric), "n": n_eligible_rows})
         tpr_gap, fpr_gap = gap("tpr", 2), gap("fpr", 2)
@@ -377,13 +219,13 @@ def fairness_slice(sl: _Slice, settings: FairnessSettings, rng: np.random.Genera
             dpd = demographic_parity_difference(y_true[keep], y_pred[keep], sensitive_features=groups[keep])
             if np.isfinite(summary_rows[0]["value"]) and not math.isclose(dpd, summary_rows[0]["value"], abs_tol=1e-9):
                 log.warning("fairness %s/%s: demographic parity %.6f differs from fairlearn %.6f",
-                            sl.target, sl.protected, summary_rows[0]["value"], dpd)
+                            subset.target, subset.protected, summary_rows[0]["value"], dpd)
             if all(y_true[keep & (group_codes == k)].any() and not y_true[keep & (group_codes == k)].all()
                    for k in eligible):
                 eod_fl = equalized_odds_difference(y_true[keep], y_pred[keep], sensitive_features=groups[keep])
                 if np.isfinite(eod["value"]) and not math.isclose(eod_fl, eod["value"], abs_tol=1e-9):
                     log.warning("fairness %s/%s: equalized odds %.6f differs from fairlearn %.6f",
-                                sl.target, sl.protected, eod["value"], eod_fl)
+                                subset.target, subset.protected, eod["value"], eod_fl)
     else:
         for measure, metric in REGRESSION_DIFFERENCES.items():
             summary_rows.append({**base, "measure": measure, **gap(metric), "n": n_eligible_rows})
@@ -514,11 +356,11 @@ def fairness_tables(
                     if not pspec.is_categorical:
                         edges = bin_edges(cohort_values[prot], pspec, settings.bins.get(prot, settings.default_bins))
                     labels, group_order = protected_groups(values, pspec, edges)
-                    sl = _Slice(model=str(model_name), region=str(region), target=target, positive=positive,
-                                protected=prot, kind=kind, y_true=y_true[ok], y_pred=y_pred[ok],
-                                score=score[ok] if score is not None else None, groups=labels[ok],
-                                group_order=group_order, subjects=subjects_col[ok])
-                    g, s = fairness_slice(sl, settings, rng)
+                    subset = EvaluationSubset(
+                        model=str(model_name), region=str(region), target=target, positive=positive, protected=prot,
+                        kind=kind, y_true=y_true[ok], y_pred=y_pred[ok], score=score[ok] if score is not None else None,
+                        groups=labels[ok], group_order=group_order, subjects=subjects_col[ok])
+                    g, s = fairness_of_subset(subset, settings, rng)
                     group_rows += g
                     summary_rows += s
     return pl.DataFrame(group_rows, schema=GROUPS_SCHEMA), pl.DataFrame(summary_rows, schema=SUMMARY_SCHEMA)
@@ -537,7 +379,7 @@ def run_fairness(
 ) -> pl.DataFrame:
     """The fairness stage for one model: predictions.parquet + subjects.parquet → groups.parquet and
     summary.parquet (settings in their metadata). Returns the summary. `threads` caps the BLAS pool."""
-    with threadpool_limits(limits=threads) if threads else contextlib.nullcontext():
+    with limit_threads(threads):
         return _run_fairness(predictions, subjects, groups_out, summary_out, images, attributes, settings)
 
 

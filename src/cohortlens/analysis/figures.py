@@ -9,17 +9,16 @@ Plotly stays for the interactive maps (`analysis.project`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import polars as pl
 
-from cohortlens.analysis._data import AttributeSpec, attribute_values
+from cohortlens.analysis.table import AttributeSpec, attribute_values
 from cohortlens.io.tables import atomic_path
+from cohortlens.types import PathLike
 
-PathLike = str | os.PathLike
 MISSING = "(missing)"
 MISSING_COLOUR = "#b0b0b0"
 # Okabe–Ito: distinguishable with the common colour-vision deficiencies and in greyscale print; tab20 beyond 8.

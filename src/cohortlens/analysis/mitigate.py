@@ -21,7 +21,6 @@ split and scored on the test split, each with a bootstrap interval and a permuta
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -34,16 +33,15 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, r2_score
 from sklearn.preprocessing import StandardScaler
 
-from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table, present
-from cohortlens.analysis.reprobe import REPROBE_SCHEMA, probe_scores, reprobe  # noqa: F401  (the stage's API)
-from cohortlens.runtime import limit_threads, threaded  # noqa: F401
+from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table, present
+from cohortlens.analysis.reprobe import REPROBE_SCHEMA, reprobe  # noqa: F401  (the stage's API)
+from cohortlens.runtime import select_device, threaded
 from cohortlens.embed.parquet import EmbeddingWriter
 from cohortlens.io.tables import atomic_path, read_parquet_metadata, write_parquet
-from cohortlens.models.adversarial_vae import AdversarialVAEConfig, default_device, fit_adversarial_vae
+from cohortlens.types import ALL_REGIONS, PathLike
+from cohortlens.models.adversarial_vae import AdversarialVAEConfig, fit_adversarial_vae
 
 log = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -90,7 +88,7 @@ def _output_metadata(source: PathLike, out_path: PathLike, dim: int, mitigation:
 
 def _regions(table: AnalysisTable, per_region: bool) -> list[tuple[str, np.ndarray]]:
     if not per_region:
-        return [("all", np.ones(table.frame.height, bool))]
+        return [(ALL_REGIONS, np.ones(table.frame.height, bool))]
     region = table.frame["region"].to_numpy()
     return [(r, region == r) for r in sorted(set(region.tolist()))]
 
@@ -266,7 +264,7 @@ def debias_adversarial_vae(
     region_names = sorted(set(regions.tolist()))
     strata = np.searchsorted(np.asarray(region_names, dtype=object), regions)
     fit = fit_adversarial_vae(table.X, adversaries, table.split_mask("train"), table.split_mask("val"), config,
-                              strata=strata, device=device or default_device(), task_targets=tasks)
+                              strata=strata, device=device or select_device(), task_targets=tasks)
     return _write_avae(fit, table, embeddings, out_path, protected, keep, region_names, model_path, log_path, model)
 
 

@@ -9,7 +9,6 @@ approximate neighbours), UMAP is umap-learn.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import html as _html
 import logging
 import os
@@ -19,7 +18,9 @@ from typing import Iterable, Mapping
 import numpy as np
 import polars as pl
 
-from cohortlens.analysis._data import (
+from cohortlens.analysis.figures import FORMATS, MISSING, MISSING_COLOUR, save_figure, static_map, subsample_points
+from cohortlens.analysis.table import (
+    DATE_EPOCH,
     REGION_SPEC,
     AttributeSpec,
     attribute_specs,
@@ -29,32 +30,20 @@ from cohortlens.analysis._data import (
     load_embeddings,
 )
 from cohortlens.io.tables import atomic_path, read_parquet_metadata, write_parquet
+from cohortlens.types import ALL_REGIONS, PathLike
 
 log = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
 METHODS = ("tsne", "umap")
-ALL_REGIONS = "all"
 # Points beyond this are drawn with WebGL (scattergl): SVG scatter becomes unusable around 10^4-10^5 points.
 WEBGL_POINTS = 5_000
-MISSING = "(missing)"
-
-
-@functools.cache
-def gpu_available() -> bool:
-    """cuML importable and a CUDA device visible."""
-    try:
-        import cuml  # noqa: F401
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # ImportError, or a CUDA runtime error on a machine without a driver
-        return False
 
 
 def _backend(backend: str) -> str:
     if backend == "auto":
-        return "cuml" if gpu_available() else "cpu"
+        from cohortlens.runtime import cuml_available  # imports torch: only when a backend is chosen
+
+        return "cuml" if cuml_available() else "cpu"
     if backend not in ("cuml", "cpu"):
         raise ValueError(f"backend must be auto, cuml or cpu, not {backend!r}")
     return backend
@@ -239,11 +228,10 @@ def _date_ticks(days: np.ndarray) -> tuple[list[float], list[str]]:
     finite = days[np.isfinite(days)]
     if finite.size == 0:
         return [], []
-    epoch = _dt.date(1970, 1, 1)
-    lo, hi = epoch + _dt.timedelta(days=int(finite.min())), epoch + _dt.timedelta(days=int(finite.max()))
+    lo, hi = DATE_EPOCH + _dt.timedelta(days=int(finite.min())), DATE_EPOCH + _dt.timedelta(days=int(finite.max()))
     ticks = [_dt.date(y, 1, 1) for y in range(lo.year, hi.year + 2)]
     ticks = [t for t in ticks if lo <= t <= hi] or [lo, hi]
-    return [(t - epoch).days for t in ticks], [t.isoformat() for t in ticks]
+    return [(t - DATE_EPOCH).days for t in ticks], [t.isoformat() for t in ticks]
 
 
 def projection_figure(
@@ -262,8 +250,6 @@ def projection_figure(
     import plotly.graph_objects as go
     from plotly.colors import qualitative
 
-    from cohortlens.analysis.figures import subsample_points
-
     frame, title = subsample_points(frame, title or attribute, max_points, seed)
     Scatter = go.Scattergl if frame.height > WEBGL_POINTS else go.Scatter
     size = 5 if frame.height < 2_000 else (3 if frame.height < 50_000 else 2)
@@ -278,7 +264,7 @@ def projection_figure(
         palette = qualitative.Plotly if len(order) <= 10 else qualitative.Alphabet
         for i, cat in enumerate(order):
             m = labels == cat
-            colour = "#b0b0b0" if cat == MISSING else palette[i % len(palette)]
+            colour = MISSING_COLOUR if cat == MISSING else palette[i % len(palette)]
             fig.add_trace(Scatter(x=x[m], y=y[m], mode="markers", name=str(cat), customdata=custom[m],
                                   hovertemplate=template, marker=dict(size=size, color=colour, opacity=0.8)))
         fig.update_layout(legend=dict(title=attribute, itemsizing="constant"))
@@ -290,7 +276,7 @@ def projection_figure(
         m = np.isfinite(values)
         if (~m).any():
             fig.add_trace(Scatter(x=x[~m], y=y[~m], mode="markers", name=MISSING, customdata=custom[~m],
-                                  hovertemplate=template, marker=dict(size=size, color="#b0b0b0")))
+                                  hovertemplate=template, marker=dict(size=size, color=MISSING_COLOUR)))
         fig.add_trace(Scatter(x=x[m], y=y[m], mode="markers", name=attribute, customdata=custom[m],
                               hovertemplate=template, showlegend=False,
                               marker=dict(size=size, color=values[m], colorscale="Viridis", showscale=True,
@@ -396,8 +382,6 @@ def write_plots(
     `formats` (png for the report, pdf/svg for publication) for every declared attribute, plus region when the
     projection holds several regions. Static figures come from matplotlib (`engine="matplotlib"`, no browser)
     or from Plotly through kaleido (`engine="kaleido"`, needs Chrome/Chromium). Returns the written paths."""
-    from cohortlens.analysis.figures import FORMATS, save_figure, static_map
-
     formats = tuple(dict.fromkeys(f.lower() for f in formats))
     if bad := [f for f in formats if f not in FORMATS]:
         raise ValueError(f"project.plots.formats: {bad[0]!r} is not one of {', '.join(FORMATS)}")

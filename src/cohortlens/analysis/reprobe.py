@@ -1,23 +1,26 @@
 """Re-probe: the original embedding and each mitigated one, probed for the protected attributes (should fall
 to chance) and the targets (should be kept), with the attackers of `attack`. One row per (region, method,
 attribute, probe, metric): value before and after, the drop with its paired bootstrap interval, and the
-after-value's interval and permutation p-value against chance."""
+after-value's interval and permutation p-value against chance.
+
+The probes here are not the model table's (`probe`: one RBF SVM tuned on the val split, subject-bootstrap CI)
+by design: erasure is judged by attackers that adapt to the erased embedding (hyper-parameters by CV inside
+train, a second nonlinear family, a permutation test against chance), and by the linear probe that LEACE and
+INLP defeat by construction; the model table measures how much an unmodified embedding encodes."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from cohortlens.analysis._data import AnalysisTable, AttributeSpec, load_analysis_table, present
+from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table, present
 from cohortlens.analysis.attack import HIGHER_IS_BETTER, PROBES, bootstrap_ci, fit_predict, metric_values, p_vs_chance
 from cohortlens.runtime import threaded
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
-
-PathLike = str | os.PathLike
+from cohortlens.types import PathLike
 
 REPROBE_SCHEMA = {
     "model": pl.Utf8, "region": pl.Utf8, "method": pl.Utf8, "erased": pl.Utf8, "attribute": pl.Utf8,
@@ -54,14 +57,6 @@ def probe_predictions(X: np.ndarray, values: np.ndarray, spec: AttributeSpec, tr
         if pred is not None:
             out[probe] = (y[test], pred)
     return out
-
-
-def probe_scores(X: np.ndarray, values: np.ndarray, spec: AttributeSpec, train: np.ndarray, test: np.ndarray,
-                 seed: int = 0) -> dict[str, dict[str, tuple[float, float]]]:
-    """probe → metric → (value, chance) on the test rows, trained on the train rows."""
-    preds = probe_predictions(X, values, spec, train, test, seed)
-    return {probe: {m: (v, preds["chance"][m]) for m, v in metric_values(preds["kind"], *preds[probe]).items()}
-            for probe in PROBES if probe in preds}
 
 
 def _method_label(path: PathLike) -> tuple[str, str]:

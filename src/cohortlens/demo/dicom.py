@@ -1,8 +1,7 @@
 """DICOM MR series writer of the synthetic cohorts: one file per sagittal slice, shuffled file names,
 interleaved InstanceNumbers, synthetic patient identifiers that must never reach ``results/``.
 
-Split from ``generate.py`` (which re-exports ``write_dicom_series``); the voxels are exactly those of the
-NIfTI path.
+Called by ``write.py``; the voxels are exactly those of the NIfTI path.
 """
 
 from __future__ import annotations
@@ -15,19 +14,15 @@ from typing import Mapping
 import numpy as np
 
 from .phantom import REGIONS, affine, spacing
+from .streams import IDENT_STREAM, seed_sequence
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 _BODY_PART = {"neck": "CSPINE", "chest": "TSPINE", "lumbar": "LSPINE"}
-_IDENT_STREAM = 4  # SeedSequence stream of a subject's identifiers (generate.py: region r renders from 1 + r)
-
-
-def _seq(seed: int, *key: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence(seed, spawn_key=tuple(key))
 
 
 def _identifiers(seed: int, subject: Mapping) -> dict:
     """Synthetic identifying header values (they must never reach the manifest)."""
-    rng = np.random.default_rng(_seq(seed, subject["index"], _IDENT_STREAM))
+    rng = np.random.default_rng(seed_sequence(seed, subject["index"], IDENT_STREAM))
 
     def digits(n: int) -> str:
         return "".join(str(d) for d in rng.integers(0, 10, n))
@@ -119,7 +114,7 @@ def write_dicom_series(folder: Path, vol: np.ndarray, subject: Mapping, region: 
     ent = [str(seed), sid]
     acquisition = list(range(0, n_slices, 2)) + list(range(1, n_slices, 2))
     instance_number = {sl: k + 1 for k, sl in enumerate(acquisition)}
-    rng = np.random.default_rng(_seq(seed, subject["index"], _IDENT_STREAM, 1 + rix))
+    rng = np.random.default_rng(seed_sequence(seed, subject["index"], IDENT_STREAM, 1 + rix))
     file_order = rng.permutation(n_slices)
     pix = np.ascontiguousarray(vol[:, ::-1, ::-1].transpose(0, 2, 1)).astype("<u2")
 

@@ -1,6 +1,6 @@
 """Test scenarios beside the demo cohort: a confounded cohort and a null cohort, with their ground truth.
 
-The demo cohort (``generate.py``) has independent sites, dates and demographics and a strong sex signal,
+The demo cohort (``population.py``) has independent sites, dates and demographics and a strong sex signal,
 so detectors tuned on it prove little about a real cohort. The two scenarios here use the same renderer
 (``phantom.phantom_volume``) and writers:
 
@@ -15,7 +15,7 @@ so detectors tuned on it prove little about a real cohort. The two scenarios her
   attribute has any image effect (the images still carry the demo's site structure, but it belongs to no
   recorded label).
 
-Ground truth lists root causes under ``effects`` (the demo's format, so ``discover_truth`` matches them
+Ground truth lists root causes under ``effects`` (the demo's format, so ``truth`` matches them
 the same way), ``echoes`` (attribute, value, regions, kind, explained_by) and ``negative_controls``.
 """
 
@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .generate import (
+from .population import (
     BMI_LOG_MEAN_SD,
     DISCORDANT_REGION_P,
     DISCORDANT_SUBGROUP_P,
@@ -41,21 +41,19 @@ from .generate import (
     STUDY_END,
     STUDY_START,
     WEIGHT_RANGE,
-    _seq,
     ground_truth,
     sample_subjects,
     subject_id,
-    write_cohort,
 )
 from .phantom import EFFECTS, REGIONS, effects_for_size
+from .streams import NULL_PERMUTATION_ENTROPY, SCENARIO_ATTR_STREAM, seed_sequence
+from .write import write_cohort
 
 SCENARIOS = ("demo", "confounded", "null")
 VENDORS = ("X", "Y")
 BATCH_MONTHS = 6
 BATCHES = tuple(f"B{k + 1}" for k in range(6))  # half-years of the three study years
 CONFOUNDED_COLUMNS = (*MANIFEST_COLUMNS[:-1], "vendor", "batch", "date")
-_SCENARIO_ATTR_STREAM = 5  # SeedSequence stream of a scenario subject's attributes (demo: 0..4 are taken)
-_NULL_PERMUTATION_ENTROPY = 0x4E554C  # separate entropy word: never collides with a subject key
 
 # How the confounded cohort's attributes depend on the site (recorded in ground_truth.json as `design`).
 CONFOUNDED_DESIGN: dict = {
@@ -112,7 +110,7 @@ def batch_of(date: str, rng_draw: float, other: int) -> str:
 def sample_confounded_subject(seed: int, index: int) -> dict:
     """Attributes of one subject of the confounded scenario (fixed draw count: index-keyed like the demo)."""
     d = CONFOUNDED_DESIGN
-    rng = np.random.default_rng(_seq(seed, index, _SCENARIO_ATTR_STREAM))
+    rng = np.random.default_rng(seed_sequence(seed, index, SCENARIO_ATTR_STREAM))
     site = SITES[int(rng.choice(len(SITES), p=[d["site_share"][s] for s in SITES]))]
     vendor = "X" if rng.random() < d["vendor_x_share"][site] else "Y"
     sex = "M" if rng.random() < _by_site(d["male_share"], site) else "F"
@@ -143,7 +141,7 @@ def sample_confounded_subjects(n_subjects: int, seed: int = 0) -> list[dict]:
 def null_subjects(n_subjects: int, seed: int = 0) -> list[dict]:
     """The demo's subjects with (site, date) permuted jointly across subjects; images keep the true ones."""
     subjects = sample_subjects(n_subjects, seed)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _NULL_PERMUTATION_ENTROPY]))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, NULL_PERMUTATION_ENTROPY]))
     perm = rng.permutation(n_subjects)
     out = []
     for s, j in zip(subjects, perm):

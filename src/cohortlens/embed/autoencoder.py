@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -25,9 +24,10 @@ import torch
 
 from cohortlens.embed.parquet import SLICE_KEYS, VOLUME_KEYS, EmbeddingWriter, config_hash, write_embeddings
 from cohortlens.io.tables import read_parquet_metadata
-from cohortlens.models.registry import load_model
-from cohortlens.models.training import select_device
+from cohortlens.models.modelfile import load_model
 from cohortlens.preprocess.store import SliceStore, center_crop
+from cohortlens.runtime import limit_threads, select_device
+from cohortlens.types import PathLike
 
 NORMALISATIONS = (None, "none", "train_zscore")
 # slices read per write_embeddings batch are capped by this many bytes of float32 canvas
@@ -102,12 +102,12 @@ def _standardise_file(raw: Path, out: Path, keys: dict, mean: np.ndarray, std: n
 
 
 def embed_autoencoder(
-    model_path: str | os.PathLike,
-    index_path: str | os.PathLike,
+    model_path: PathLike,
+    index_path: PathLike,
     *,
-    slices_path: str | os.PathLike,
-    volumes_path: str | os.PathLike,
-    splits_path: str | os.PathLike | None = None,
+    slices_path: PathLike,
+    volumes_path: PathLike,
+    splits_path: PathLike | None = None,
     normalise: str | None = None,
     batch_size: int = 256,
     device: str = "auto",
@@ -119,13 +119,8 @@ def embed_autoencoder(
         raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
     normalise = None if normalise == "none" else normalise
     dev = select_device(device)
-    threads_before = torch.get_num_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, int(threads)))
-    try:
+    with limit_threads(threads, device=dev):  # caps torch and BLAS threads on the CPU only
         return _embed(model_path, index_path, slices_path, volumes_path, splits_path, normalise, batch_size, dev, amp)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _embed(model_path, index_path, slices_path, volumes_path, splits_path, normalise, batch_size, dev, amp) -> dict:

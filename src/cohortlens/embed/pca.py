@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from cohortlens.embed.parquet import config_hash, write_embeddings
 from cohortlens.models.pca import SlicePCA
 from cohortlens.preprocess.store import SliceStore

@@ -1,9 +1,8 @@
 """Image readers: NIfTI, DICOM (single file, multi-frame, series folder) and PNG/JPEG.
 
-Only pixel data and geometry leave this module. DICOM header values (names, IDs,
-dates, UIDs, institutions ...) are never copied into a returned object or into
-an error message, because error messages end up in a quarantine table that is
-shared more widely than the images themselves.
+The dispatcher: `read_image` picks the reader by path. The returned `LoadedImage` and the
+`ImageReadError` it raises live in `cohortlens.io.image` (with the privacy rule: only pixel
+data and geometry leave the readers).
 """
 
 from __future__ import annotations
@@ -11,42 +10,16 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageReadError", "LoadedImage", "read_image"]
+from cohortlens.io import dicom
+from cohortlens.io.image import ImageReadError, LoadedImage, rgb_to_gray, short_reason
+
+__all__ = ["read_image"]
 
 _RASTER_SUFFIXES = {".png", ".jpg", ".jpeg"}
-# ITU-R BT.601 luma weights: the same ones Pillow uses for mode "L", so a colour
-# DICOM and the same picture saved as PNG come out (nearly) identical.
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-
-
-class ImageReadError(Exception):
-    """A per-image problem; ``str(exc)`` is a short human reason for a quarantine table.
-
-    Reasons start with a stable category ('missing file', 'truncated gzip',
-    'unreadable NIfTI', 'unreadable DICOM', 'DICOM series has a gap', ...) so
-    they can be grouped, followed by details that never contain header values.
-    """
-
-
-@dataclass
-class LoadedImage:
-    """Pixels and geometry of one image.
-
-    array:  float32. Volumes are (i, j, k) voxel arrays as stored (nibabel
-            convention, not reoriented); projection images are 2-D (rows, cols)
-            in display orientation; other dimensionalities are returned as-is.
-    affine: 4x4 float64 voxel -> RAS+ mm for volumes, None for 2-D images.
-    kind:   'nifti' | 'dicom-series' | 'dicom-multiframe' | 'dicom-single' | 'raster'
-    """
-
-    array: np.ndarray
-    affine: np.ndarray | None
-    kind: str
 
 
 def read_image(path: str | os.PathLike, *, spacing_tolerance: float = 0.05) -> LoadedImage:
@@ -64,8 +37,6 @@ def read_image(path: str | os.PathLike, *, spacing_tolerance: float = 0.05) -> L
     if not p.exists():
         raise ImageReadError("missing file")
     if p.is_dir():
-        from cohortlens.io import dicom
-
         return dicom.read_series(p, spacing_tolerance=spacing_tolerance)
 
     name = p.name.lower()
@@ -73,8 +44,6 @@ def read_image(path: str | os.PathLike, *, spacing_tolerance: float = 0.05) -> L
         return _read_nifti(p)
     if p.suffix.lower() in _RASTER_SUFFIXES:
         return _read_raster(p)
-
-    from cohortlens.io import dicom
 
     return dicom.read_file(p, spacing_tolerance=spacing_tolerance)
 
@@ -91,12 +60,6 @@ def _squeeze_trailing(arr: np.ndarray) -> np.ndarray:
     if n == arr.ndim:
         return arr
     return arr[(slice(None),) * n + (0,) * (arr.ndim - n)]
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    # One line for a table cell; decoder errors put the useful part on later lines.
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 try:  # Intel ISA-L inflates gzip ~2x faster than zlib; decompression dominates reading .nii.gz
@@ -124,7 +87,7 @@ def _read_nifti(p: Path) -> LoadedImage:
         raise ImageReadError("missing file") from None
     except Exception as exc:  # nibabel, zlib and isal raise a zoo of types for bad files
         gz_problem = _gzip_problem(p) if p.name.lower().endswith(".gz") else None
-        raise ImageReadError(gz_problem or f"unreadable NIfTI: {_short(exc)}") from exc
+        raise ImageReadError(gz_problem or f"unreadable NIfTI: {short_reason(exc)}") from exc
     return LoadedImage(array=_squeeze_trailing(arr), affine=affine, kind="nifti")
 
 
@@ -147,9 +110,9 @@ def _gzip_problem(p: Path) -> str | None:
             while gz.read(1 << 22):
                 pass
     except EOFError as exc:
-        return f"truncated gzip: {_short(exc)}"
+        return f"truncated gzip: {short_reason(exc)}"
     except (zlib.error, gzip.BadGzipFile) as exc:
-        return f"corrupt gzip: {_short(exc)}"
+        return f"corrupt gzip: {short_reason(exc)}"
     except OSError:
         return None
     return None
@@ -165,7 +128,7 @@ def _read_raster(p: Path) -> LoadedImage:
             im = ImageOps.exif_transpose(im)
             arr = _pil_to_gray(im)
     except Exception as exc:  # truncated files, decompression bombs, unknown formats
-        raise ImageReadError(f"unreadable image: {_short(exc)}") from exc
+        raise ImageReadError(f"unreadable image: {short_reason(exc)}") from exc
     return LoadedImage(array=arr, affine=None, kind="raster")
 
 
@@ -178,12 +141,3 @@ def _pil_to_gray(im) -> np.ndarray:
         return np.asarray(im.convert("L")).astype(np.float32)
     rgb = np.asarray(im.convert("RGB"))
     return rgb_to_gray(rgb)
-
-
-def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """Luminance of an (..., 3) RGB array as float32, without 8-bit rounding."""
-    r, g, b = LUMA_WEIGHTS
-    out = rgb[..., 0].astype(np.float32) * np.float32(r)
-    out += rgb[..., 1].astype(np.float32) * np.float32(g)
-    out += rgb[..., 2].astype(np.float32) * np.float32(b)
-    return out

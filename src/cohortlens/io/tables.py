@@ -63,11 +63,6 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict:
     return out
 
 
-def write_json(obj, path: str | os.PathLike) -> None:
-    with atomic_path(path, ".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def _check_utf8(path: Path) -> None:
     data = path.read_bytes()
     try:

@@ -43,10 +43,7 @@ from cohortlens.models.adversarial_heads import (
     held_out_linear_leakage,
     linear_leakage,
 )
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from cohortlens.runtime import select_device
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -215,7 +212,7 @@ def fit_adversarial_vae(
     reconstructs well but leaks is not "best", and a fooled head cannot make a leaky model look good.
     """
     cfg = config if isinstance(config, AdversarialVAEConfig) else AdversarialVAEConfig.from_mapping(config)
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else select_device()
     X = np.asarray(X, dtype=np.float32)
     n = X.shape[0]
     train_mask = np.asarray(train_mask, bool)

@@ -1,7 +1,7 @@
 """The `pca` baseline: IncrementalPCA on center-cropped slices, fit on the train split.
 
-It has the same train/embed life cycle as the deep models, so analysis can be built and tested on it
-before they land.
+It has the same train/embed life cycle as the autoencoders (model file, training log, QA picture, embedding
+through `cohortlens.embed.pca`) and fits in seconds, so it is the reference row of every analysis.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import polars as pl
 from sklearn.decomposition import IncrementalPCA
 
 from cohortlens.io.tables import atomic_path
+from cohortlens.models.training.data import training_rows
 from cohortlens.preprocess.store import SliceStore, center_crop
 
 
@@ -115,13 +116,9 @@ def save_reconstructions(model: SlicePCA, batch: np.ndarray, path: str | os.Path
 def fit_pca_from_files(index_path, splits_path, cfg: dict, *, model_path, log_csv, reconstructions) -> SlicePCA:
     """Fit on the train split's slices (center slices by default) and write model, log and QA image."""
     store = SliceStore(index_path)
-    train = pl.read_parquet(splits_path).filter(pl.col("split") == "train").select("subject_id")
-    rows = store.index.join(train, on="subject_id")
-    if cfg.get("fit_slices", "center") == "center":
-        rows = rows.filter(pl.col("is_center"))
-    # Shard order reads the memory maps sequentially (a random order costs a seek per slice at 300k
-    # slices); a shard holds all regions of its subjects, so batches still mix regions.
-    rows = rows.sort("shard", "row")
+    # shard order (training_rows) reads the memory maps sequentially (a random order costs a seek per slice at
+    # 300k slices); a shard holds all regions of its subjects, so batches still mix regions
+    rows = training_rows(store.index, pl.read_parquet(splits_path), cfg.get("fit_slices", "center"))
     model = SlicePCA(cfg["n_components"], cfg["crop"], cfg.get("whiten", False))
     model.fit(store, rows, int(cfg.get("batch_size", 1024)), log_path=log_csv)
     model.save(model_path)

@@ -1,24 +1,22 @@
-"""Autoencoder models by name: presets, config resolution, construction and loading of model.pt.
+"""Autoencoder models by name: presets, config resolution and construction.
 
-Model modules are imported lazily, so a missing or broken optional model (the DAE while it is being written)
-does not break the others.
+Model modules are imported on first use, so reading the presets (or building one model) does not import
+every model and its dependencies.
 
 Config entries (`models.<name>` in the workflow config) are flat dicts: trainer keys (see
-`training.TrainSettings`) next to model keys (see the model's `from_config`). `preset: <name>` starts from one of
-`PRESETS[model]` below; any key given next to it overrides the preset.
+`training.settings.TrainSettings`) next to model keys (see the model's `from_config`). `preset: <name>` starts from
+one of `PRESETS[model]` below; any key given next to it overrides the preset. Saving and loading a trained model:
+`cohortlens.models.modelfile`.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-import os
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
-from cohortlens.models.training import AutoencoderModel
+from cohortlens.models.protocol import AutoencoderModel
 
 # registry key -> "module:Class"
 MODELS = {
@@ -47,7 +45,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dae": {
         "nako": {**_DAE_256, "lr": 1e-3, "batch_size": 5, "steps": 400_000},
         "chexpert": {**_DAE_256, "lr": 5e-4, "batch_size": 64, "steps": 200_000},
-        # architecture: models/dae.py's DEMO_TINY_CONFIG (64 px, 32-d z_sem), picked by the adapter below, at
+        # architecture: models/dae.py's DEMO_TINY_CONFIG (64 px, 32-d z_sem), picked by its `from_config`, at
         # half its width (8 base channels): 68 img/s instead of 35 on 2 CPU cores, 250 steps in ~70 s
         "demo": {"crop": 64, "base_channels": 8, "norm_groups": 4, "lr": 1e-3, "batch_size": 16, "steps": 250,
                  "train_slices": "all", "ema_decay": 0.999, "checkpoint_every": 100, "log_every": 10,
@@ -70,19 +68,11 @@ def resolve_config(name: str, cfg: Mapping[str, Any] | None = None) -> dict[str,
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """The model's class; ImportError when its module is missing (e.g. the DAE not installed yet)."""
+    """The model's class; ImportError when its module cannot be imported (e.g. MONAI missing)."""
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
     module_name, class_name = MODELS[name].split(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, class_name, None)
-    if cls is None:  # accept any nn.Module in the module that declares this registry name
-        found = [c for c in vars(module).values()
-                 if inspect.isclass(c) and issubclass(c, nn.Module) and getattr(c, "name", None) == name]
-        if len(found) != 1:
-            raise ImportError(f"{module_name} defines no {class_name} (nor one nn.Module with name = {name!r})")
-        cls = found[0]
-    return cls
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def available_models() -> dict[str, str | None]:
@@ -97,59 +87,13 @@ def available_models() -> dict[str, str | None]:
     return out
 
 
-def _dae_from_config(cls, cfg: Mapping[str, Any]) -> nn.Module:
-    """Adapter for `models/dae.py`, whose constructor takes its own config dict (keys of its DEFAULT_CONFIG,
-    unknown keys rejected): pass it the keys it knows, starting from its CPU-sized DEMO_TINY_CONFIG for the
-    demo preset; the trainer's `crop` is its `image_size` and `latent_dim` its `z_dim`."""
-    module = importlib.import_module(cls.__module__)
-    known = getattr(module, "DEFAULT_CONFIG")
-    base = getattr(module, "DEMO_TINY_CONFIG", known) if cfg.get("preset") == "demo" else {}
-    model_cfg = {**{k: v for k, v in base.items() if k in known}, **{k: v for k, v in cfg.items() if k in known}}
-    if "crop" in cfg:
-        if "image_size" in cfg and int(cfg["image_size"]) != int(cfg["crop"]):
-            raise ValueError(f"dae: image_size {cfg['image_size']} differs from the training crop {cfg['crop']}")
-        model_cfg["image_size"] = int(cfg["crop"])
-    if "latent_dim" in cfg:
-        model_cfg["z_dim"] = int(cfg["latent_dim"])
-    return cls(model_cfg)
-
-
-# models whose class has no `from_config` classmethod
-_ADAPTERS = {"dae": _dae_from_config}
-
-
 def build_model(name: str, cfg: Mapping[str, Any] | None = None) -> AutoencoderModel:
-    """A freshly initialised model (torch's global RNG decides the initial weights: seed it first).
-
-    The class's `from_config(cfg)` gets the resolved flat config when it has one; otherwise an adapter
-    of this module translates.
-    """
+    """A freshly initialised model (torch's global RNG decides the initial weights: seed it first), built by the
+    class's `from_config` from the resolved flat config."""
     cfg = resolve_config(name, cfg)
     cls = model_class(name)
-    if hasattr(cls, "from_config"):
-        model = cls.from_config(cfg)
-    elif name in _ADAPTERS:
-        model = _ADAPTERS[name](cls, cfg)
-    else:
-        params = inspect.signature(cls).parameters
-        model = cls(**{k: v for k, v in cfg.items() if k in params})
+    model = cls.from_config(cfg)
     for attr in ("name", "embedding_dim", "training_loss", "embed"):
         if not hasattr(model, attr):
             raise TypeError(f"{cls.__name__} does not implement the AutoencoderModel protocol: no {attr!r}")
     return model
-
-
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu", *, use_ema: bool = True
-               ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained model from model.pt (EMA weights when present and use_ema), in eval mode.
-
-    Returns (model, info) with info = model.pt's metadata plus `weights`: "ema" | "raw".
-    """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(state["model"], state["config"])
-    weights = "ema" if use_ema and "ema_state_dict" in state else "raw"
-    model.load_state_dict(state["ema_state_dict" if weights == "ema" else "state_dict"])
-    model.to(device).eval()
-    info = {k: v for k, v in state.items() if k not in ("state_dict", "ema_state_dict")}
-    info["weights"] = weights
-    return model, info

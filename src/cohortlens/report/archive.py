@@ -38,10 +38,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from cohortlens.io.tables import atomic_path
+from cohortlens.types import PathLike
 
 log = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
 ROOT = "cohortlens-results"
 
 # DICOM attributes whose values identify a person, a visit or an institution (PS3.15 basic profile, the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import os
 from pathlib import Path
@@ -13,6 +12,9 @@ import polars as pl
 from cohortlens.analysis.project import plotlyjs_script
 from cohortlens.io.tables import atomic_path, read_parquet_metadata
 from cohortlens.report import sections
+from cohortlens.report.findings import findings_section, ground_truth_section
+from cohortlens.report.model_table import model_table_section
+from cohortlens.report.projections import projections_section
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:72rem;color:#1d2733;padding:0 1rem}
@@ -44,11 +46,6 @@ def _table(df: pl.DataFrame, max_rows: int = 50) -> str:
     )
     more = f"<p class='muted'>{df.height - max_rows} more rows in the Parquet file</p>" if df.height > max_rows else ""
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
-
-
-def _png(path: str | os.PathLike) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f"<img alt='{html.escape(Path(path).name)}' src='data:image/png;base64,{data}'>"
 
 
 def reconcile(n_manifest: int, cohort_q: pl.DataFrame, images: pl.DataFrame, pre_q: pl.DataFrame, index: pl.DataFrame) -> dict:
@@ -119,13 +116,13 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     parts.append(_table(pl.DataFrame(rows)))
 
     subjects_path, images_path = cohort_dir / "subjects.parquet", cohort_dir / "images.parquet"
-    parts.append(_h2("models") + sections.model_table_section(metrics))
-    proj_html, n_proj = sections.projections_section(projections, plots, subjects_path, images_path, cfg)
+    parts.append(_h2("models") + model_table_section(metrics))
+    proj_html, n_proj = projections_section(projections, plots, subjects_path, images_path, cfg)
     parts.append(_h2("projections") + proj_html)
-    parts.append(_h2("findings") + sections.findings_section(findings, finding_tests, finding_dirs, cfg))
+    parts.append(_h2("findings") + findings_section(findings, finding_tests, finding_dirs, cfg))
     parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg))
     parts.append(_h2("mitigation") + sections.mitigation_section(reprobe, cfg))
-    truth_html, recall = sections.ground_truth_section(findings, ground_truth)
+    truth_html, recall = ground_truth_section(findings, ground_truth)
     parts.append(_h2("ground-truth") + truth_html)
     recon = {m: f["reconstructions"] for m, f in embeddings.items() if f.get("reconstructions")}
     train_html, n_train = sections.training_section(train_logs, recon)

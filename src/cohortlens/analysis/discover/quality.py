@@ -13,7 +13,7 @@ What is cleanlab's and what is ours:
   attribute the images whose embedding looks like the other sex are people who differ from their sex's
   majority, not mislabelled ones (paper 003 checked its subgroup: the recorded sex was right); naming them
   label errors would invite "correcting" a protected attribute to fit the model. They are the
-  discordant-subgroup finding (`discover_subgroups`), which reports the same images without calling their
+  discordant-subgroup finding (`subgroups`), which reports the same images without calling their
   labels wrong.
   For non-IID the rows are sorted by acquisition date, so the test asks whether images acquired close in
   time are close in embedding space (a drift); a significant drift that one site carries alone is named
@@ -27,8 +27,8 @@ import logging
 
 import numpy as np
 
-from cohortlens.analysis._data import AnalysisTable
-from cohortlens.analysis.discover_core import Finding, RegionData, confine_to_any_stratum, interaction_name
+from cohortlens.analysis.table import AnalysisTable
+from cohortlens.analysis.discover.core import Finding, RegionData, confine_to_any_stratum, interaction_name
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def feature_issues(rd: RegionData, cfg: dict) -> list[Finding]:
 
 def label_issues(rd: RegionData, attribute: str, cfg: dict) -> Finding | None:
     """cleanlab's label issues of a recorded category against the probe stage's out-of-fold probabilities."""
-    from cohortlens.analysis.probe import oof_matrix, out_of_fold_proba
+    from cohortlens.analysis.out_of_fold import oof_matrix, out_of_fold_proba
 
     if rd.X is None or "split" not in rd.frame.columns:
         log.warning("label issues of %s in %s skipped: they need the embedding and the split", attribute, rd.region)

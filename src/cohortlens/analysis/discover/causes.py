@@ -39,15 +39,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from cohortlens.analysis._data import present
-from cohortlens.analysis.discover_core import (
+from cohortlens.analysis.table import present
+from cohortlens.analysis.discover.core import (
     INTERACTION_SEP,
     Finding,
     RegionData,
     categorical_view,
     stratum_attributes,
 )
-from cohortlens.analysis.discover_leaks import _run
+from cohortlens.analysis.discover.leaks import _run
 
 MISSING = "(missing)"
 BINS = 5  # quantile bins of a continuous or date attribute used as strata

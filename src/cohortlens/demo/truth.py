@@ -1,4 +1,8 @@
-"""Recall of the discover stage against a demo cohort's planted effects (`data/demo/ground_truth.json`).
+"""Scoring the discover stage against a synthetic cohort's ground truth (`data/demo/ground_truth.json`, the test
+scenarios' ground_truth.json): recall of the planted effects, a verdict per finding, a summary.
+
+It sits beside the demo that plants the effects, above the analysis layer whose findings it reads; nothing in
+`cohortlens.analysis` imports it (the report does).
 
 One row per planted effect and per negative control: was it found, by which findings, and how well.
 
@@ -20,7 +24,7 @@ untested flags, when it exists):
   images against the planted (subject, region) pairs.
 * negative control (`date`): flagged when any finding is named exactly `date`. A `site×date` finding does not
   count: the detectors name a date effect `date` only when no single site carries it
-  (`discover_core.confine_to_stratum`), because the control's claim is "no effect of date alone", and the
+  (`cohortlens.analysis.discover.core.confine_to_stratum`), because the control's claim is "no effect of date alone", and the
   demo does plant a date effect inside Neubrandenburg.
 
 Root causes, echoes and false findings (the test scenarios of `cohortlens.demo.scenarios`, whose
@@ -50,15 +54,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 from typing import Mapping
 
 import polars as pl
 
-from cohortlens.analysis.discover_core import ALL_REGIONS, INTERACTION_SEP
-
-PathLike = str | os.PathLike
+from cohortlens.analysis.discover.core import INTERACTION_SEP
+from cohortlens.types import ALL_REGIONS, PathLike
 
 RECALL_SCHEMA = {
     "effect": pl.Utf8, "attribute": pl.Utf8, "regions": pl.List(pl.Utf8), "expected": pl.Boolean,

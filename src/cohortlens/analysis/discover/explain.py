@@ -11,8 +11,8 @@ set spans several regions (cross-region co-occurrence) gets one row of panels pe
 
 from __future__ import annotations
 
-import os
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -22,8 +22,17 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cohortlens.io.tables import atomic_path
 from cohortlens.preprocess.store import SliceStore
+from cohortlens.types import PathLike
 
-PathLike = str | os.PathLike
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """Settings of the explanation PNGs."""
+
+    explain_max_images: int = 1000  # per side (set / rest) of a mean image, like paper 003's 1000 images
+    edge_threshold: float = 0.15  # body = above this fraction of the [-1, 1] intensity range
+
+
 SET_COLOUR = (220, 50, 32)
 REST_COLOUR = (30, 110, 220)
 PANEL = 256  # panel height in pixels

@@ -1,4 +1,6 @@
-"""Loading helpers shared by every analysis stage: embeddings as (frame, float32 matrix), attributes, splits.
+"""The analysis table: one model's embeddings with the declared attributes and the split joined (`AnalysisTable`,
+`load_analysis_table`), and what it is built from: attribute declarations (`AttributeSpec`), embeddings as
+(key frame, float32 matrix), attribute and split joins.
 
 The embedding parquet carries keys and vectors only; attributes live in the cohort tables and are joined here,
 so every analysis stage sees the same typed attribute columns and the same subject-level split.
@@ -7,7 +9,6 @@ so every analysis stage sees the same typed attribute columns and the same subje
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -19,12 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cohortlens.io.tables import read_parquet_metadata
+from cohortlens.types import PathLike
 
-PathLike = str | os.PathLike
-
-KEY_COLUMNS = ("image_uid", "subject_id", "region")
-SLICE_KEY_COLUMNS = ("slice_uid", "image_uid", "subject_id", "region", "slice_position", "is_center")
-SPLITS = ("train", "val", "test")
 # Dates are regressed and coloured as days since this day, so an MAE reads in days.
 DATE_EPOCH = _dt.date(1970, 1, 1)
 

@@ -1,8 +1,8 @@
 """Shared pieces of the discover stage: the finding record and file schema, per-region data in a reduced
 embedding space, multiple-testing correction and the date helpers every detector needs.
 
-Every detector module (`discover_leaks`, `discover_clusters`, `discover_subgroups`, `discover_quality`)
-returns a list of `Finding`s for *all* tests it ran, significant or not; `discover.discover` corrects them
+Every detector module (`leaks`, `clusters`, `subgroups`, `quality`)
+returns a list of `Finding`s for *all* tests it ran, significant or not; `stage.discover` corrects them
 per kind (Benjamini-Hochberg over every test of that kind, so the correction counts the tests that were not
 significant too) and keeps the significant ones as findings.
 """
@@ -14,7 +14,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import polars as pl
@@ -23,13 +22,12 @@ from scipy.stats import false_discovery_control
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from cohortlens.analysis._data import AttributeSpec, attribute_values, present
+from cohortlens.analysis.table import AttributeSpec, attribute_values, present
 
 KINDS = ("attribute_leak", "cluster", "discordant_subgroup", "label_issue", "outlier", "near_duplicate", "non_iid")
 # A site x date finding is named like this, so that "date" alone always means a date effect that is not
-# explained by one site (the negative-control rule, see discover_clusters.confine_date_effect).
+# explained by one site (the negative-control rule, see clusters.confine_date_effect).
 INTERACTION_SEP = "×"
-ALL_REGIONS = "all"
 
 FINDINGS_SCHEMA = pa.schema([
     ("finding_id", pa.string()),
@@ -51,48 +49,25 @@ FINDINGS_SCHEMA = pa.schema([
     ("explained_by", pa.string()),
 ])
 
-DEFAULTS: dict = {
-    "alpha": 0.05,  # FDR level of a finding
-    "seed": 0,
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """Settings of the stage and of every detector (the config `discover:` section; each detector module declares
+    its own beside it, `settings.DEFAULTS` merges them)."""
+
+    alpha: float = 0.05  # FDR level of a finding
+    seed: int = 0
     # BLAS threads: the matrices here are small (n x 64), and two OpenBLAS threads on a shared 2-core
     # machine made the ridge probes 3x slower than one.
-    "blas_threads": 1,
+    blas_threads: int = 1
     # Above this many images a region is analysed on a random sample of whole subjects (kernel-free, but the
     # permutation tests hold n x (permutations + 1) predictions in memory).
-    "max_region_images": 20000,
-    "probe_dims": 64,  # PCA dims of the standardised embedding for probes and the discordant subgroup
-    "cluster_dims": 20,  # leading PCA dims for density clusters, neighbourhoods and cleanlab features
-    "folds": 5,
-    "permutations": 199,  # permutation tests of leaks
-    "pocket_permutations": 999,  # permutation test of neighbourhood pockets (cheap: the kNN graph is fixed)
-    "min_cluster_fraction": 0.03,  # HDBSCAN min_cluster_size = max(min_cluster_size, fraction * n)
-    "min_cluster_size": 10,
-    "min_samples": 5,
-    "stability_runs": 20,  # HDBSCAN reruns on 80% subsamples; a cluster is tested only if it recurs
-    "min_stability": 0.6,  # mean best Jaccard over the reruns (Hennig's clusterboot: < 0.5 = dissolved)
-    "neighbourhood_k": 15,  # neighbours of one neighbourhood (pockets); grows as sqrt(n) on large regions
-    "neighbourhood_q": 0.05,  # per-neighbourhood BH level that makes a neighbourhood part of a pocket
-    "min_pocket": 3,  # neighbourhoods a pocket needs
-    "min_enrichment": 1.5,  # a cluster is reported for a value only above this ratio to the base rate
-    "min_value_count": 10,  # values rarer than this in a region are not tested
-    "interaction_min": 5,  # members of a site inside and outside a cluster for the site x date test
-    "interaction_min_site": 30,  # images of one site for the within-site date leak
-    "onset_bootstraps": 200,  # subject bootstrap resamples for the 95 % interval of a date effect's onset
-    "discordant_k": 15,
-    "discordant_folds": 10,
-    "max_date_categories": 12,  # year bins of a date attribute tested for enrichment
-    "explain_max_images": 1000,  # per side (set / rest) of a mean image, like paper 003's 1000 images
-    "edge_threshold": 0.15,  # body = above this fraction of the [-1, 1] intensity range
-}
-
-
-def settings(cfg: Mapping | None) -> dict:
-    out = dict(DEFAULTS)
-    for key, value in (cfg or {}).items():
-        if key not in DEFAULTS:
-            raise ValueError(f"unknown discover setting {key!r}; known: {sorted(DEFAULTS)}")
-        out[key] = value
-    return out
+    max_region_images: int = 20000
+    probe_dims: int = 64  # PCA dims of the standardised embedding for probes and the discordant subgroup
+    cluster_dims: int = 20  # leading PCA dims for density clusters, neighbourhoods and cleanlab features
+    folds: int = 5
+    permutations: int = 199  # permutation tests of leaks, onsets and co-occurrence
+    min_value_count: int = 10  # values rarer than this in a region are not tested
 
 
 @dataclass
@@ -120,7 +95,7 @@ class Finding:
     # stays in the tests table but is not a finding.
     reportable: bool = True
     tag: str = ""  # distinguishes tests of one kind/region/attribute/value in the id (e.g. which cluster)
-    explained_by: str | None = None  # "attribute=value" of the root cause (discover_causes), None: survives
+    explained_by: str | None = None  # "attribute=value" of the root cause (causes), None: survives
 
     def is_finding(self, alpha: float) -> bool:
         if not self.reportable:

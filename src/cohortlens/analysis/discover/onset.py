@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cohortlens.analysis.discover_core import date_str
+from cohortlens.analysis.discover.core import date_str
 
 MIN_SIDE = 0.05  # share of the images each side of an onset must keep
 

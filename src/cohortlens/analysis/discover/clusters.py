@@ -27,6 +27,8 @@ site that carries it most (`confine_to_stratum`); otherwise it is named `site×d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -34,8 +36,8 @@ from scipy.stats import binom, fisher_exact, mannwhitneyu
 from sklearn.cluster import HDBSCAN
 from sklearn.neighbors import NearestNeighbors
 
-from cohortlens.analysis._data import present
-from cohortlens.analysis.discover_core import (
+from cohortlens.analysis.table import present
+from cohortlens.analysis.discover.core import (
     Finding,
     RegionData,
     categorical_view,
@@ -46,7 +48,25 @@ from cohortlens.analysis.discover_core import (
     pct,
     value_counts,
 )
-from cohortlens.analysis.discover_leaks import permutation_index
+from cohortlens.analysis.discover.leaks import permutation_index
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Settings of the cluster and neighbourhood-pocket detector."""
+
+    pocket_permutations: int = 999  # permutation test of neighbourhood pockets (cheap: the kNN graph is fixed)
+    min_cluster_fraction: float = 0.03  # HDBSCAN min_cluster_size = max(min_cluster_size, fraction * n)
+    min_cluster_size: int = 10
+    min_samples: int = 5
+    stability_runs: int = 20  # HDBSCAN reruns on 80% subsamples; a cluster is tested only if it recurs
+    min_stability: float = 0.6  # mean best Jaccard over the reruns (Hennig's clusterboot: < 0.5 = dissolved)
+    neighbourhood_k: int = 15  # neighbours of one neighbourhood (pockets); grows as sqrt(n) on large regions
+    neighbourhood_q: float = 0.05  # per-neighbourhood BH level that makes a neighbourhood part of a pocket
+    min_pocket: int = 3  # neighbourhoods a pocket needs
+    min_enrichment: float = 1.5  # a cluster is reported for a value only above this ratio to the base rate
+    interaction_min: int = 5  # members of a site inside and outside a cluster for the site x date test
+    max_date_categories: int = 12  # year bins of a date attribute tested for enrichment
 
 
 def clusters(rd: RegionData, cfg: dict, rng: np.random.Generator) -> list[Finding]:

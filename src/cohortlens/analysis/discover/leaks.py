@@ -14,18 +14,20 @@ effect. A significant date leak is then checked for confinement to one value of 
 (`confine_to_any_stratum`); a date leak that one site (or scanner) carries alone is reported as a date effect
 within that stratum, named after it (`site×date` = Neubrandenburg, `vendor×date` = B), not as a date effect.
 The interaction is also tested directly: per stratum value, can the date be predicted from its images alone?
-Its onset is estimated as a change point on the date score (`discover_onset`).
+Its onset is estimated as a change point on the date score (`onset`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
 
-from cohortlens.analysis._data import present
-from cohortlens.analysis.discover_core import (
+from cohortlens.analysis.table import present
+from cohortlens.analysis.discover.core import (
     Finding,
     RegionData,
     confine_to_any_stratum,
@@ -33,7 +35,15 @@ from cohortlens.analysis.discover_core import (
     stratum_attributes,
     value_counts,
 )
-from cohortlens.analysis.discover_onset import change_point, describe
+from cohortlens.analysis.discover.onset import change_point, describe
+
+@dataclass(frozen=True)
+class LeakSettings:
+    """Settings of the leak detector (besides `core.CoreSettings`' folds and permutations)."""
+
+    interaction_min_site: int = 30  # images of one site for the within-site date leak
+    onset_bootstraps: int = 200  # subject bootstrap resamples for the 95 % interval of a date effect's onset
+
 
 # Ridge penalties tried per target by leave-one-out; the PCA scores' variances span about 1e-1 .. 1e2.
 ALPHAS = np.logspace(-1, 4, 8)
@@ -231,7 +241,7 @@ def _leak_finding(rd: RegionData, attribute: str, res: dict, cfg: dict, rng) -> 
 
 def site_date_leaks(rd: RegionData, cfg: dict, rng) -> list[Finding]:
     """Within one value of a stratum attribute (a site, a scanner), is the acquisition date predictable from the
-    images? A date effect within that stratum, with its onset (`discover_onset`)."""
+    images? A date effect within that stratum, with its onset (`onset`)."""
     out = []
     dates = rd.attributes(types=("date",))
     for stratum in stratum_attributes(rd):

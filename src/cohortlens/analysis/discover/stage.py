@@ -3,44 +3,44 @@
 `discover(...)` runs, per region of one model's volume embeddings,
 
 * attribute_leak — ridge probe + permutation test per attribute, site×date within each site
-  (`discover_leaks`; ours, on sklearn's RidgeCV);
+  (`leaks`; ours, on sklearn's RidgeCV);
 * cluster — HDBSCAN density clusters and kNN neighbourhood pockets, Fisher / permutation enrichment,
-  site×date onset (`discover_clusters`; ours, on sklearn's HDBSCAN and scipy.stats);
+  site×date onset (`clusters`; ours, on sklearn's HDBSCAN and scipy.stats);
 * discordant_subgroup — subjects whose images look like the other sex beyond what the recorded covariates
   and the per-region classifier's error explain: cross-fitted evidence per region, combined per subject, a
-  null fitted per sex on the cohort, BH over subjects (`discover_subgroups`, `discover_subgroup_null`; ours,
+  null fitted per sex on the cohort, BH over subjects (`subgroups`, `subgroup_null`; ours,
   on sklearn's LDA); paper 003's independence comparison is kept in the text;
 * label_issue — recorded label vs out-of-fold probe probabilities (cleanlab Datalab's confident learning);
 * outlier, near_duplicate — kNN distances in the reduced embedding (cleanlab Datalab);
 * non_iid — the kNN graph vs the acquisition-date order (cleanlab Datalab, its p-value);
 
-then corrects p-values by Benjamini-Hochberg over every test of a kind (`discover_core.adjust`), re-tests every
+then corrects p-values by Benjamini-Hochberg over every test of a kind (`core.adjust`), re-tests every
 significant leak, cluster and date interaction conditional on each other attribute and marks echoes with their
-root cause (`discover_causes`, the `explained_by` column), keeps the
+root cause (`causes`, the `explained_by` column), keeps the
 significant ones (and every cleanlab flag) as findings, draws one explanation PNG per finding with a sample
-set (`explain`) and writes `findings/{model}.parquet`. `ground_truth_recall` (in `discover_truth`) matches the
-findings against a demo cohort's planted effects.
+set (`explain`) and writes `findings/{model}.parquet`. `cohortlens.demo.truth.ground_truth_recall` matches
+the findings against a demo cohort's planted effects.
 
 The negative-control rule for dates is the same in every detector: a finding named `date` is a date effect
 that no single stratum carries; one that disappears when one site (or scanner, batch: any categorical
 acquisition attribute) is left out, and shows within it alone, is named `site×date` (`vendor×date`, ...) with
-that value (an interaction, such as the demo's Neubrandenburg flat neck from study year 2 on). Rationale in `discover_truth` and `discover_core.confine_to_stratum`.
+that value (an interaction, such as the demo's Neubrandenburg flat neck from study year 2 on). Rationale in
+`cohortlens.demo.truth` and `core.confine_to_stratum`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import polars as pl
-from threadpoolctl import threadpool_limits
 
-from cohortlens.analysis._data import load_analysis_table
-from cohortlens.analysis.discover_core import (
+from cohortlens.analysis.discover import clusters, leaks, quality, subgroups
+from cohortlens.analysis.discover.causes import explain_echoes
+from cohortlens.analysis.discover.core import (
     FINDINGS_SCHEMA,
     KINDS,
     Finding,
@@ -49,15 +49,17 @@ from cohortlens.analysis.discover_core import (
     assign_ids,
     findings_table,
     reduce_embedding,
-    settings,
 )
-from cohortlens.analysis.discover_truth import ground_truth_recall  # noqa: F401  (public here)
+from cohortlens.analysis.discover.explain import explain_findings
+from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.table import load_analysis_table
 from cohortlens.io.tables import write_parquet
+from cohortlens.runtime import limit_threads
+from cohortlens.types import PathLike
 
 log = logging.getLogger(__name__)
-PathLike = str | os.PathLike
 
-__all__ = ["discover", "ground_truth_recall", "load_regions", "run_tests", "FINDINGS_SCHEMA", "KINDS"]
+__all__ = ["discover", "load_regions", "run_tests", "FINDINGS_SCHEMA", "KINDS"]
 
 
 def load_regions(volumes_parquet: PathLike, subjects_parquet: PathLike, images_parquet: PathLike | None = None,
@@ -94,9 +96,7 @@ def _subject_sample(frame: pl.DataFrame, mask: np.ndarray, cap: int, rng: np.ran
 def run_tests(regions: list[RegionData], cfg: Mapping | None = None) -> list[Finding]:
     """Every test of every detector, p-values corrected, ids assigned (significant or not)."""
     cfg = settings(cfg)
-    from cohortlens.analysis.discover_causes import explain_echoes
-
-    with threadpool_limits(limits=cfg["blas_threads"]):
+    with limit_threads(cfg["blas_threads"]):
         tests = _run_detectors(regions, cfg)
         adjust(tests)
         t0 = time.perf_counter()
@@ -108,19 +108,17 @@ def run_tests(regions: list[RegionData], cfg: Mapping | None = None) -> list[Fin
 
 
 def _run_detectors(regions: list[RegionData], cfg: dict) -> list[Finding]:
-    from cohortlens.analysis import discover_clusters, discover_leaks, discover_quality, discover_subgroups
-
     rng = np.random.default_rng(cfg["seed"])
     tests: list[Finding] = []
     for rd in regions:
-        for name, detector in (("leaks", discover_leaks.attribute_leaks),
-                               ("clusters", discover_clusters.clusters),
-                               ("quality", discover_quality.data_quality)):
+        for name, detector in (("leaks", leaks.attribute_leaks),
+                               ("clusters", clusters.clusters),
+                               ("quality", quality.data_quality)):
             t0 = time.perf_counter()
             tests += detector(rd, cfg, rng)
             log.info("discover %s %s: %.1fs", rd.region, name, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    tests += discover_subgroups.discordant_subgroups(regions, cfg, rng)
+    tests += subgroups.discordant_subgroups(regions, cfg, rng)
     log.info("discover discordant subgroups: %.1fs", time.perf_counter() - t0)
     return tests
 
@@ -132,7 +130,7 @@ def discover(volumes_parquet: PathLike, subjects_parquet: PathLike, images_parqu
     """Run every detector on one model's volume embeddings and write the significant findings.
 
     `attributes` is the config `attributes:` mapping (None: the declarations stored in subjects.parquet);
-    `cfg` the config `discover:` mapping (keys and defaults: `discover_core.DEFAULTS`). With `index_parquet`
+    `cfg` the config `discover:` mapping (keys and defaults: `settings.DEFAULTS`). With `index_parquet`
     (results/preprocessed/index.parquet, shards beside it) and `out_dir_png`, each finding with a sample set
     gets an explanation PNG in `out_dir_png` listed in its `evidence`. `out_tests`, if given, receives every
     test (significant or not) in the same schema: the report shows from it what was checked and not found.
@@ -146,8 +144,6 @@ def discover(volumes_parquet: PathLike, subjects_parquet: PathLike, images_parqu
     if out_dir_png is not None:
         Path(out_dir_png).mkdir(parents=True, exist_ok=True)  # a Snakemake directory() output, even if empty
     if index_parquet is not None and out_dir_png is not None:
-        from cohortlens.analysis.explain import explain_findings
-
         explain_findings(findings, index_parquet, out_dir_png, cfg)
     meta = {"model": model, "alpha": cfg["alpha"], "settings": cfg, "n_tests": len(tests),
             "regions": [r.region for r in regions]}

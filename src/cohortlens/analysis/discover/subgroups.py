@@ -3,7 +3,7 @@ Graf et al. 2024: a subgroup of German National Cohort subjects whose spine MRIs
 sex, co-occurring across neck, chest and lumbar), beyond what the per-region classifier's error and the subjects'
 recorded covariates explain.
 
-The flagged subgroup (`discover_subgroup_null`): cross-fitted per-region log-likelihood ratios of "another value
+The flagged subgroup (`subgroup_evidence`, `subgroup_null`): cross-fitted per-region log-likelihood ratios of "another value
 than recorded" given the recorded covariates (age, height, weight, site), combined per subject as a region-wise
 mixture likelihood ratio, tested against a null fitted robustly to the cohort's bulk per recorded value (covariate
 location + between-region covariance), Benjamini-Hochberg over subjects.
@@ -23,26 +23,35 @@ region's own count of subjects beyond its null's upper 2.5% point, and the same 
 other regions flag, binomial tests Bonferroni-combined) and one across regions (region `all`, value
 `co-occurrence`; sample ids: the flagged subjects' leaning images of every region; p: Simes' test over the
 subjects' p-values, i.e. the smallest BH-adjusted p, below alpha exactly when somebody is flagged; effect size:
-the paper's observed / expected-if-independent ratio, which `discover_truth` prints as such; details: the flagged
+the paper's observed / expected-if-independent ratio, which `cohortlens.demo.truth` prints as such; details: the flagged
 subjects, who they are by recorded attributes, the fitted nulls and the paper's counts).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 from scipy.stats import binom
 
-from cohortlens.analysis.discover_core import ALL_REGIONS, Finding, RegionData, fmt_p, pct
-from cohortlens.analysis.discover_subgroup_null import (
-    MIXTURE_Q,
-    calibrated_subgroup,
+from cohortlens.analysis.discover.core import Finding, RegionData, fmt_p, pct
+from cohortlens.analysis.discover.subgroup_evidence import (
     covariate_matrix,
     covariate_names,
     region_evidence,
-    simes,
     subject_folds,
 )
+from cohortlens.analysis.discover.subgroup_null import MIXTURE_Q, calibrated_subgroup, simes
+from cohortlens.types import ALL_REGIONS
+
+@dataclass(frozen=True)
+class SubgroupSettings:
+    """Settings of the discordant-subgroup detector."""
+
+    discordant_k: int = 15  # read by no detector any more; kept so that configs which set it stay valid
+    discordant_folds: int = 10
+
 
 PAPER_PERMUTATIONS = 999
 

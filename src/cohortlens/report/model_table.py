@@ -1,0 +1,83 @@
+"""The model comparison section: paper 003's Table 1 (`analysis.model_table.model_table`) as HTML, each cell
+value [95% CI] with the best model per region and column in bold, plus the ROC AUCs and chance levels."""
+
+from __future__ import annotations
+
+import html
+from typing import Iterable, Sequence
+
+import numpy as np
+import polars as pl
+
+from cohortlens.analysis.model_table import (
+    BACKEND_NAMES,
+    PROBE_COLUMN,
+    TABLE_METRICS,
+    column_label,
+    model_table,
+    read_metrics,
+)
+from cohortlens.report.fragments import not_run, read_frames, table
+from cohortlens.types import PathLike
+
+
+def model_table_html(metrics: pl.DataFrame | Iterable[PathLike], digits: int = 3) -> str:
+    """Model comparison table as an HTML fragment: the probe that ran, value [95% CI] per cell, the best model
+    per region and column in bold."""
+    metrics = read_metrics(metrics)
+    wide = model_table(metrics)
+    value_cols = wide.columns[3:]
+    ci = {(m, r, a): (lo, hi) for m, r, a, metric, lo, hi in metrics.select(
+        "model", "region", "attribute", "metric", "ci_low", "ci_high").iter_rows()
+        if metric in TABLE_METRICS.values()}
+    attr_of = {column_label(a, m): a for a, m in metrics.select("attribute", "metric").unique().iter_rows()
+               if m in TABLE_METRICS.values()}
+    best = {}
+    for col in value_cols:
+        lower_better = col.endswith("↓")
+        for region, part in wide.group_by("region"):
+            vals = part[col].drop_nulls()
+            if len(vals) > 1:
+                best[(region[0], col)] = vals.min() if lower_better else vals.max()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in wide.columns)
+    body = []
+    for row in wide.iter_rows(named=True):
+        cells = [f"<td>{html.escape(row[c])}</td>" for c in ("model", "region", PROBE_COLUMN)]
+        for col in value_cols:
+            v = row[col]
+            if v is None:
+                cells.append("<td></td>")
+                continue
+            lo, hi = ci.get((row["model"], row["region"], attr_of[col]), (None, None))
+            text = f"{v:.{digits}f}"
+            if lo is not None and np.isfinite(lo):
+                text += f" <span class='muted'>[{lo:.{digits}f}, {hi:.{digits}f}]</span>"
+            if best.get((row["region"], col)) == v:
+                text = f"<b>{text}</b>"
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f"<table class='model-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def model_table_section(metrics: Sequence[PathLike]) -> str:
+    if not metrics:
+        return not_run("probes")
+    frame = read_frames(metrics)
+    if frame.height == 0:
+        return "<p class='muted'>the probes produced no metrics</p>"
+    # the probes are not all SVMs: each row names the estimator that produced it
+    parts = [f"<p>RBF-kernel probes on each model's embedding (test split, 95% bootstrap CI): balanced "
+             f"accuracy ↑ for categorical attributes, MAE ↓ for continuous ones; best model per region in bold "
+             f"(layout of Table 1, paper 003). The probe column names the estimator that ran (backend auto): "
+             f"{html.escape(BACKEND_NAMES['exact'])} up to the probe's <code>exact_max_train</code> training "
+             f"rows, {html.escape(BACKEND_NAMES['approx'])} (kernel approximation, a least-squares kernel "
+             f"machine rather than an SVM) above it, {html.escape(BACKEND_NAMES['cuml'])} on a GPU.</p>",
+             model_table_html(frame)]
+    extra = frame.filter(pl.col("metric") == "roc_auc")
+    if extra.height:
+        parts.append("<details><summary>ROC AUC (one-vs-rest macro) and chance levels</summary>")
+        cols = ["model", "region", "attribute", "value", "ci_low", "ci_high", "chance", "n_test", "backend"]
+        parts.append(table(extra.select([c for c in cols if c in extra.columns]).sort("attribute", "region", "model"),
+                           500))
+        parts.append("</details>")
+    return "".join(parts)
