@@ -19,10 +19,13 @@ demo: install
 	$(BIN)/snakemake --profile $(PROFILE)
 	@echo "report: $(CURDIR)/results/report/index.html"
 
-# the finished run for publication: report, tables, config, package versions, SHA256SUMS, identifier scan
+# the finished run as an archive (docs/report.md). KIND=publication (default): aggregates only, release-checked
+# (no subject ids, exact dates, file paths, DICOM identifiers or cells below k); KIND=internal: everything, for
+# the lab's own storage
+KIND ?= publication
 archive: install
-	$(BIN)/snakemake --profile $(PROFILE) results/archive/cohortlens-results.tar.gz
-	@echo "archive: $(CURDIR)/results/archive/cohortlens-results.tar.gz"
+	$(BIN)/snakemake --profile $(PROFILE) results/archive/cohortlens-$(KIND).tar.gz
+	@echo "archive: $(CURDIR)/results/archive/cohortlens-$(KIND).tar.gz"
 
 # the whole suite (docs/testing.md): unit tests, the session's demo run, end-to-end workflows, SLURM; the slowest
 # tests are printed so the 20-minute budget stays visible

@@ -38,3 +38,4 @@ rule all:
     default_target: True
     input:
         "results/report/index.html",
+        "results/report/publication.html",

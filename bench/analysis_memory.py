@@ -29,8 +29,8 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cohortlens.embed.parquet import VOLUME_KEYS, EmbeddingWriter  # noqa: E402
-from cohortlens.io.tables import write_parquet  # noqa: E402
+from cohortlens.embed.parquet import VOLUME_KEYS, EmbeddingWriter
+from cohortlens.io.tables import write_parquet
 
 ATTRIBUTES = {
     "sex": {"type": "categorical", "role": "protected", "categories": ["F", "M"], "level": "subject"},
@@ -75,7 +75,7 @@ def child(stage: str, root: Path) -> None:
 
     t = time.perf_counter()
     if stage == "baseline":  # interpreter + the libraries the stages import, no data
-        import openTSNE, sklearn.svm, umap  # noqa: F401, E401
+        import openTSNE  # noqa: F401
     elif stage in ("tsne", "umap"):
         write_projection(root / "volumes.parquet", root / f"{stage}.parquet", region="neck", method=stage)
     elif stage == "probe":

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import synthetic_cohort  # noqa: E402  (bench/ is not a package)
+from train_throughput import synthetic_cohort
 
-from cohortlens.embed.autoencoder import embed_autoencoder, make_encoder  # noqa: E402
-from cohortlens.models.registry import available_models, build_model, resolve_config  # noqa: E402
-from cohortlens.models.modelfile import save_model  # noqa: E402
-from cohortlens.runtime import seed_everything, select_device  # noqa: E402
-from cohortlens.preprocess.store import SliceStore  # noqa: E402
+from cohortlens.embed.autoencoder import embed_autoencoder, make_encoder
+from cohortlens.models.modelfile import save_model
+from cohortlens.models.registry import available_models, build_model, resolve_config
+from cohortlens.preprocess.store import SliceStore
+from cohortlens.runtime import seed_everything, select_device
 
 
 def main() -> None:

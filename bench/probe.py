@@ -23,8 +23,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cohortlens.analysis.table import AnalysisTable, AttributeSpec  # noqa: E402
-from cohortlens.analysis.probe import probe_table  # noqa: E402
+from cohortlens.analysis.probe import probe_table
+from cohortlens.analysis.table import AnalysisTable, AttributeSpec
 
 SPECS = {
     "sex": AttributeSpec("sex", "categorical", "protected", categories=("F", "M")),

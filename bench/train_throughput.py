@@ -30,8 +30,8 @@ from cohortlens.models.registry import available_models, build_model, resolve_co
 from cohortlens.models.training.data import SliceBatches, training_rows
 from cohortlens.models.training.loop import train
 from cohortlens.models.training.settings import TrainSettings, fingerprint
-from cohortlens.runtime import seed_everything, select_device
 from cohortlens.preprocess.store import SliceStore
+from cohortlens.runtime import seed_everything, select_device
 
 
 def synthetic_cohort(root: Path, *, n_images: int, slices: int = 16, canvas: int = 256, center: int = 12,

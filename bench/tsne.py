@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cohortlens.analysis.project import tsne  # noqa: E402
+from cohortlens.analysis.project import tsne
 
 
 def mixture(n: int, dim: int, k: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

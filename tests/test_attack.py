@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cohortlens.analysis.attack import bootstrap_ci, fit_predict, metric_values, p_vs_chance
-from cohortlens.runtime import limit_threads
 from cohortlens.models.adversarial_vae import fit_adversarial_vae
+from cohortlens.runtime import limit_threads
 
 
 def _xor_world(n=600, seed=0):

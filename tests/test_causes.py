@@ -9,10 +9,10 @@ import pytest
 
 from cohortlens.analysis.discover import clusters as discover_clusters
 from cohortlens.analysis.discover import leaks as discover_leaks
-from cohortlens.analysis.table import AttributeSpec
 from cohortlens.analysis.discover.causes import cmh_greater, explain_echoes, stratum_labels
 from cohortlens.analysis.discover.core import RegionData, adjust, assign_ids
 from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.table import AttributeSpec
 
 SPECS = {
     "site": AttributeSpec("site", "categorical", "acquisition", categories=tuple("ABCD")),

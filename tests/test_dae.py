@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from cohortlens.demo.population import render_subject, sample_subjects
 from cohortlens.demo.phantom import REGIONS, affine
+from cohortlens.demo.population import render_subject, sample_subjects
 from cohortlens.models.dae import (
     DEFAULT_CONFIG,
     DEMO_TINY_CONFIG,

@@ -15,8 +15,8 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cohortlens.demo import population as pop
 from cohortlens.demo import phantom as ph
+from cohortlens.demo import population as pop
 from cohortlens.demo.generate import generate_demo_cohort
 from cohortlens.demo.phantom import phantom_volume
 

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import polars as pl
-import pydicom
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 import yaml
 

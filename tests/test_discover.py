@@ -15,8 +15,6 @@ from scipy.stats import false_discovery_control
 from cohortlens.analysis.discover import clusters as discover_clusters
 from cohortlens.analysis.discover import leaks as discover_leaks
 from cohortlens.analysis.discover import subgroups as discover_subgroups
-from cohortlens.analysis.table import AttributeSpec
-from cohortlens.demo.truth import ground_truth_recall
 from cohortlens.analysis.discover.core import (
     FINDINGS_SCHEMA,
     KINDS,
@@ -25,8 +23,10 @@ from cohortlens.analysis.discover.core import (
     confine_to_stratum,
     findings_frame,
 )
-from cohortlens.analysis.discover.settings import settings
 from cohortlens.analysis.discover.explain import CenterSlices, edge_profile
+from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.table import AttributeSpec
+from cohortlens.demo.truth import ground_truth_recall
 from cohortlens.io.tables import read_parquet_metadata
 
 ALPHA = 0.05

@@ -8,10 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cohortlens.analysis.table import AttributeSpec
 from cohortlens.analysis.fairness import GROUPS_SCHEMA, OVERALL, SUMMARY_SCHEMA, fairness_tables
 from cohortlens.analysis.fairness_groups import bin_edges, protected_groups
 from cohortlens.analysis.fairness_metrics import bootstrap_binary, metric_frame_binary
+from cohortlens.analysis.table import AttributeSpec
 
 SPECS = {
     "finding": AttributeSpec("finding", "categorical", "target", categories=("negative", "positive")),

@@ -7,9 +7,9 @@ import polars as pl
 import pytest
 from matplotlib.colors import to_hex
 
-from cohortlens.analysis.table import AttributeSpec
 from cohortlens.analysis.figures import MISSING_COLOUR, OKABE_ITO, categorical_colours, save_figure, static_map
 from cohortlens.analysis.project import StaticExportError, write_plots
+from cohortlens.analysis.table import AttributeSpec
 from cohortlens.io.tables import write_parquet
 
 

@@ -20,6 +20,7 @@ from cohortlens.analysis.mitigate import (
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.models.adversarial_vae import fit_adversarial_vae
 from cohortlens.runtime import limit_threads
+
 from conftest import synthetic_embedding_cohort
 
 REGIONS = ("neck", "chest", "lumbar")

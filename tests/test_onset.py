@@ -6,12 +6,11 @@ import datetime as dt
 
 import numpy as np
 import pytest
+from test_discover import synthetic_region
 
 from cohortlens.analysis.discover import leaks as discover_leaks
-from cohortlens.analysis.discover.settings import settings
 from cohortlens.analysis.discover.onset import change_point, describe
-
-from test_discover import synthetic_region
+from cohortlens.analysis.discover.settings import settings
 
 START = 16222  # 2014-06-01
 STEP = START + 365  # 2015-06-01
@@ -75,9 +74,10 @@ def test_within_site_leak_reports_the_protocol_change_onset():
 @pytest.mark.parametrize("attribute", ["vendor"])
 def test_interactions_are_named_after_their_own_stratum(attribute):
     """A date step within scanner X (not within a site) is named vendor×date = X, said 'within vendor X'."""
-    from cohortlens.analysis.table import AttributeSpec
-    from cohortlens.analysis.discover.core import RegionData
     import polars as pl
+
+    from cohortlens.analysis.discover.core import RegionData
+    from cohortlens.analysis.table import AttributeSpec
 
     rd = synthetic_region(n=400, seed=4)
     rng = np.random.default_rng(4)

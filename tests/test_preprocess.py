@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import nibabel as nib
 import numpy as np
 import polars as pl
@@ -11,7 +10,15 @@ import pytest
 from cohortlens.cohort.build import build_cohort
 from cohortlens.io.npyshard import NpyShardWriter
 from cohortlens.preprocess.shard import preprocess_shard
-from cohortlens.preprocess.slices import SliceError, center_indices, choose_slice_axis, intensity_max, rescale, slice_stack, to_canvas
+from cohortlens.preprocess.slices import (
+    SliceError,
+    center_indices,
+    choose_slice_axis,
+    intensity_max,
+    rescale,
+    slice_stack,
+    to_canvas,
+)
 from cohortlens.preprocess.store import SliceStore, center_crop
 
 from conftest import SCHEMA, small_manifest, write_volume

@@ -7,7 +7,6 @@ import polars as pl
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table
 from cohortlens.analysis.balance import class_weights, density_weights, range_bins, stratified_subsample
 from cohortlens.analysis.model_table import BACKEND_NAMES, model_table
 from cohortlens.analysis.out_of_fold import OOF_SCHEMA, oof_matrix, oof_wide, out_of_fold_proba, write_out_of_fold
@@ -15,8 +14,10 @@ from cohortlens.analysis.probe import METRICS_SCHEMA, PREDICTIONS_SCHEMA, probe_
 from cohortlens.analysis.probe_fit import make_task, prepare_attribute
 from cohortlens.analysis.probe_settings import ProbeSettings
 from cohortlens.analysis.stats import balanced_accuracy_w, bootstrap_weights, weighted_auc
-from cohortlens.report.model_table import model_table_html
+from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table
 from cohortlens.io.tables import read_parquet_metadata
+from cohortlens.report.model_table import model_table_html
+
 from conftest import synthetic_embedding_cohort
 
 # ------------------------------------------------------------------------------------------- unit

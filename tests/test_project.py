@@ -13,7 +13,6 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
-from cohortlens.analysis.table import AttributeSpec, attribute_specs, load_embeddings
 from cohortlens.analysis.project import (
     figure_div,
     perplexity_affinities,
@@ -26,6 +25,7 @@ from cohortlens.analysis.project import (
     write_plots,
     write_projection,
 )
+from cohortlens.analysis.table import AttributeSpec, attribute_specs, load_embeddings
 from cohortlens.io.tables import read_parquet_metadata
 
 

@@ -98,7 +98,16 @@ def report_page(demo_results) -> Path:
     return page
 
 
-def test_report_renders_in_headless_chromium(report_page, tmp_path):
+@pytest.fixture(scope="module")
+def publication_page(demo_results) -> Path:
+    page = demo_results / "results/report/publication.html"
+    assert page.exists()
+    return page
+
+
+@pytest.mark.parametrize("variant", ["index", "publication"])
+def test_report_renders_in_headless_chromium(variant, demo_results, tmp_path):
+    report_page = demo_results / f"results/report/{variant}.html"
     image, errors, record = render(report_page, tmp_path)
     assert not errors, errors
     assert image.shape[0] >= 4000 and image.std() > 20, f"blank screenshot (pixel std {image.std():.1f})"
@@ -107,6 +116,39 @@ def test_report_renders_in_headless_chromium(report_page, tmp_path):
     assert record["plots"] > 0 and record["drawn"] == record["plots"], record
     assert record["plots_after"] == record["plots"] and record["drawn_after"] == record["plots"], record
     assert record["sections"] == [key for key, _ in SECTIONS]
+    if variant == "publication":
+        assert record["switched"] == 0  # no interactive maps: the maps are images
+
+
+def test_publication_report_content(publication_page, demo_results):
+    """Aggregates only: no subject id or image path of the cohort, no per-participant hover data, no quarantine
+    list, no count below k in the page's count columns, maps as images with coarsened attributes."""
+    import polars as pl
+
+    from cohortlens.report.release import html_small_cells
+
+    text = publication_page.read_text(encoding="utf-8")
+    visible = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text)
+    res = demo_results / "results"
+    subjects = pl.read_parquet(res / "cohort/subjects.parquet")
+    images = pl.read_parquet(res / "cohort/images.parquet")
+    for sid in subjects["subject_id"]:
+        assert not re.search(rf"(?<![A-Za-z0-9]){re.escape(sid)}(?![0-9])", visible), sid
+    assert not [p for p in images["path"] if p in visible]
+    page = re.sub(r"<script type='text/javascript'>.*?</script>", "", text, count=1, flags=re.S)  # plotly.js
+    assert "class='attr-select'" not in page and "hovertemplate" not in page and "customdata" not in page
+    assert html_small_cells(text, 10) == []
+    assert "Publication version" in text
+    if (res / "projections").exists():
+        maps = sorted((res / "report/publication-maps").glob("*.png"))
+        assert maps and "Maps as images" in text
+    if (res / "findings").exists():
+        assert "class='findings'" in text
+        uids = set(images["image_uid"])
+        described = pl.read_parquet(res / "findings/pca.parquet")["description"].to_list()
+        if any(uid in d for d in described for uid in uids):  # e.g. cleanlab's outliers, named in the full report
+            assert "(ids withheld)" in text
+    assert "reconstruction grids (participants' slices) are left out" in text
 
 
 def test_report_content_and_size(report_page, demo_results):

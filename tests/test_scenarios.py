@@ -17,16 +17,17 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from cohortlens.analysis.discover.core import FINDINGS_SCHEMA
+from cohortlens.cli import main as cli_main
+from cohortlens.demo import population as pop
+from cohortlens.demo import scenarios as sc
+from cohortlens.demo.generate import generate_demo_cohort
 from cohortlens.demo.truth import (
     RECALL_SCHEMA,
     classify_findings,
     ground_truth_recall,
     ground_truth_summary,
 )
-from cohortlens.cli import main as cli_main
-from cohortlens.demo import population as pop
-from cohortlens.demo import scenarios as sc
-from cohortlens.demo.generate import generate_demo_cohort
+
 from conftest import REPO
 
 SMALL = dict(n_subjects=24, size=32, n_slices=6, dicom_fraction=0.25, seed=3)
@@ -223,7 +224,7 @@ def test_null_scenario_labels_are_independent_of_the_images(tmp_path):
     for rel in {r["image"] for r in demo_rows}:  # the very same voxels ...
         assert (tmp_path / "demo" / rel).read_bytes() == (tmp_path / "null" / rel).read_bytes(), rel
     # ... under permuted acquisition labels: same (site, date) pairs, mostly on other subjects
-    pairs = lambda rows: sorted((r["site"], r["date"]) for r in rows)  # noqa: E731
+    pairs = lambda rows: sorted((r["site"], r["date"]) for r in rows)
     assert pairs(demo_rows) == pairs(null_rows)
     moved = np.mean([a["date"] != b["date"] for a, b in zip(demo_rows, null_rows)])
     assert moved > 0.8

@@ -202,7 +202,7 @@ def planned(workdir: Path, *args: str) -> list[dict]:
         if not m or m.group(1) == "all":
             continue
 
-        def field(name):
+        def field(name, block=block):
             f = re.search(rf"^\s+{name}: (.*)$", block, re.M)
             return f.group(1) if f else ""
 
@@ -442,7 +442,7 @@ def test_every_job_ran_as_a_completed_slurm_job(baseline):
     # is not part of `all`)
     stages = {"demo_cohort", "cohort", "preprocess_shard", "preprocess_index", "train_pca", "train_autoencoder",
               "embed_pca", "embed_autoencoder", "project_tsne", "plot_projection", "probe", "fairness", "discover",
-              "mitigate", "report"} & rule_names()
+              "mitigate", "report", "publication_report"} & rule_names()
     assert stages <= {j["rule"] for j in jobs}, stages - {j["rule"] for j in jobs}
     shards = pl.read_parquet(workdir / "results/cohort/images.parquet")["shard"].n_unique()
     assert shards == 2 and sorted(j["wildcards"] for j in jobs if j["rule"] == "preprocess_shard") == ["0", "1"]
@@ -526,7 +526,8 @@ def test_a_failing_job_is_reported_with_its_log_and_keep_going_finishes_the_rest
     not_run = planned_keys - {j["key"] for j in jobs}
     assert not_run, "every planned job ran, though one of them failed"
     # what did not run: the failed job's dependants (the bad model's jobs and the report) only
-    assert all(failing["bad_model"] in (k[1] or "").split("_") or k[0] == "report" for k in not_run), not_run
+    assert all(failing["bad_model"] in (k[1] or "").split("_") or k[0] in ("report", "publication_report")
+               for k in not_run), not_run
     # reported as failed: the rule, the SLURM job, and the rule's own log printed (show-failed-logs)
     assert f"Error in rule {bad_key[0]}" in run.out, run.tail()
     assert f"SLURM-job '{bad_id}' failed" in run.out, run.tail()

@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 
 from cohortlens.analysis.discover import subgroups as discover_subgroups
-from cohortlens.analysis.table import AttributeSpec
 from cohortlens.analysis.discover.core import RegionData, adjust, assign_ids, findings_frame
 from cohortlens.analysis.discover.settings import settings
-from cohortlens.types import ALL_REGIONS
+from cohortlens.analysis.table import AttributeSpec
 from cohortlens.demo.truth import ground_truth_recall
+from cohortlens.types import ALL_REGIONS
 
 ALPHA = 0.05
 REGIONS = ("chest", "lumbar", "neck")

@@ -141,7 +141,7 @@ def test_sigkill_then_rerun_resumes_exactly_where_the_checkpoint_left_off(tiny_c
     cfg = tiny_config(steps=100, checkpoint_every=20)
     run = tmp_path / "run"
     victim = start_training(cfg, tiny_cohort, run, tmp_path / "first.log")
-    ckpts = lambda: sorted((run / "checkpoints").glob("*/step-*.pt"))  # noqa: E731
+    ckpts = lambda: sorted((run / "checkpoints").glob("*/step-*.pt"))
     wait_for(lambda: any(step_of(p) >= 40 for p in ckpts()), victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait(30)

@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from test_training import tiny_cohort  # noqa: F401  (fixture: a real preprocessed demo cohort)
 
 from cohortlens.models.hessian import hessian_penalty, rademacher, second_directional_differences
 from cohortlens.models.registry import PRESETS, build_model, resolve_config
@@ -15,8 +16,6 @@ from cohortlens.models.training.settings import TrainSettings, fingerprint
 from cohortlens.models.vae import BetaVAE
 from cohortlens.preprocess.store import SliceStore
 from cohortlens.runtime import seed_everything
-
-from test_training import tiny_cohort  # noqa: F401  (fixture: a real preprocessed demo cohort)
 
 
 def quadratic_forms(d: int, m: int, seed: int = 0):
@@ -63,7 +62,7 @@ def test_estimator_matches_autograd_hessian_of_a_smooth_network():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
     z0 = torch.randn(4, dtype=torch.float64)
-    H = torch.stack([torch.autograd.functional.hessian(lambda z: net(z)[o], z0) for o in range(2)]).detach()
+    H = torch.stack([torch.autograd.functional.hessian(lambda z, o=o: net(z)[o], z0) for o in range(2)]).detach()
     expected = off_diagonal_energy(H)
     assert float(expected.min()) > 1e-3  # a genuinely entangled function
     z = z0.float().expand(40000, 4).contiguous()

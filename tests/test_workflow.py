@@ -62,7 +62,7 @@ def shrink_analysis(c: dict) -> dict:
 
 # every job downstream of the pca embeddings (one model, one map method)
 AFTER_EMBEDDING = {"project_tsne": 1, "plot_projection": 1, "probe": 1, "fairness": 1, "discover": 1, "mitigate": 1,
-                   "report": 1, "all": 1}
+                   "report": 1, "publication_report": 1, "all": 1}
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -105,7 +105,7 @@ def test_changing_the_perplexity_reruns_only_tsne_and_what_depends_on_it(complet
     changed = copy.deepcopy(cfg)
     changed["project"]["tsne"]["perplexity"] = 30
     assert planned_jobs(root, write_config(tmp_path / "c.yaml", changed)) == {
-        "project_tsne": 1, "plot_projection": 1, "report": 1, "all": 1}
+        "project_tsne": 1, "plot_projection": 1, "report": 1, "publication_report": 1, "all": 1}
 
 
 def test_analysis_outputs_of_a_tiny_cohort(completed_run):
@@ -124,11 +124,12 @@ def test_analysis_outputs_of_a_tiny_cohort(completed_run):
         assert (res / rel).exists(), rel
 
 
-def test_changing_only_the_report_config_reruns_only_the_report(completed_run, tmp_path):
+def test_changing_only_the_report_config_reruns_only_the_reports(completed_run, tmp_path):
     root, cfg, _ = completed_run
     changed = copy.deepcopy(cfg)
     changed["report"]["title"] = "another title"
-    assert planned_jobs(root, write_config(tmp_path / "c.yaml", changed)) == {"report": 1, "all": 1}
+    assert planned_jobs(root, write_config(tmp_path / "c.yaml", changed)) == {"report": 1, "publication_report": 1,
+                                                                             "all": 1}
 
 
 def test_adding_one_subject_reruns_only_its_shard(tmp_path):

@@ -26,9 +26,8 @@ import jsonschema
 import yaml
 
 from cohortlens.declared_settings import declared_keys, declared_value
+from cohortlens.types import ALL_REGIONS  # the map of all regions together (workflow/rules/common.smk MAP_REGIONS)
 
-# the map of all regions together, next to one map per region (workflow/rules/common.smk MAP_REGIONS)
-ALL_REGIONS = "all"
 # PyYAML reads 1e-3 (no dot) as text, not as a number
 _YAML_FLOAT_AS_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 

@@ -82,3 +82,26 @@ def ground_truth():
     if "demo" not in config:
         return []
     return [os.path.join(config["demo"]["out_dir"], "ground_truth.json")]
+
+
+def archive_inputs(wildcards):
+    """publication: the publication report and its maps (the tables are read from results/); internal: both
+    reports."""
+    common = {
+        "subjects": "results/cohort/subjects.parquet",
+        "images": "results/cohort/images.parquet",
+        "splits": "results/cohort/splits.parquet",
+        "quarantine": "results/cohort/quarantine.parquet",
+        "preprocess_quarantine": "results/preprocessed/quarantine.parquet",
+    }
+    if wildcards.kind == "publication":
+        return {
+            **common,
+            "report": "results/report/publication.html",
+            "maps": "results/report/publication-maps",
+        }
+    return {
+        **common,
+        "report": "results/report/index.html",
+        "publication": "results/report/publication.html",
+    }

@@ -1,46 +1,48 @@
-# Stage 10: the self-contained report page, and the archive of a run for publication (`make archive`).
+# Stage 10: the self-contained report page (full and publication versions), and the archives of a run
+# (`make archive`: publication; `make archive KIND=internal`: everything).
+REPORT_INPUTS = dict(
+    subjects="results/cohort/subjects.parquet",
+    images="results/cohort/images.parquet",
+    splits="results/cohort/splits.parquet",
+    quarantine="results/cohort/quarantine.parquet",
+    index="results/preprocessed/index.parquet",
+    preprocess_quarantine="results/preprocessed/quarantine.parquet",
+    embeddings=expand(
+        "results/embeddings/{model}/{level}.parquet",
+        model=MODELS,
+        level=["slices", "volumes"],
+    ),
+    reconstructions=expand("results/models/{model}/reconstructions.png", model=MODELS),
+    train_logs=expand("results/models/{model}/train_log.csv", model=MODELS),
+    projections=expand(
+        "results/projections/{model}/{region}/{method}.parquet",
+        model=MODELS,
+        region=MAP_REGIONS,
+        method=PROJECT.get("methods", ["tsne", "umap"]),
+    ),
+    plots=expand(
+        "results/plots/{model}/{region}/{method}",
+        model=MODELS,
+        region=MAP_REGIONS,
+        method=PROJECT.get("methods", ["tsne", "umap"]),
+    ),
+    metrics=expand("results/probes/{model}/metrics.parquet", model=MODELS),
+    predictions=expand("results/probes/{model}/predictions.parquet", model=MODELS),
+    fairness_groups=expand("results/fairness/{model}/groups.parquet", model=MODELS),
+    fairness_summary=expand("results/fairness/{model}/summary.parquet", model=MODELS),
+    findings=expand("results/findings/{model}.parquet", model=MODELS),
+    finding_tests=expand("results/findings/{model}-tests.parquet", model=MODELS),
+    finding_dirs=expand("results/findings/{model}", model=MODELS),
+    reprobe=expand(
+        "results/mitigation/{model}/reprobe.parquet", model=MITIGATED_MODELS
+    ),
+    ground_truth=ground_truth(),
+)
+
+
 rule report:
     input:
-        subjects="results/cohort/subjects.parquet",
-        images="results/cohort/images.parquet",
-        splits="results/cohort/splits.parquet",
-        quarantine="results/cohort/quarantine.parquet",
-        index="results/preprocessed/index.parquet",
-        preprocess_quarantine="results/preprocessed/quarantine.parquet",
-        embeddings=expand(
-            "results/embeddings/{model}/{level}.parquet",
-            model=MODELS,
-            level=["slices", "volumes"],
-        ),
-        reconstructions=expand(
-            "results/models/{model}/reconstructions.png", model=MODELS
-        ),
-        train_logs=expand("results/models/{model}/train_log.csv", model=MODELS),
-        projections=expand(
-            "results/projections/{model}/{region}/{method}.parquet",
-            model=MODELS,
-            region=MAP_REGIONS,
-            method=PROJECT.get("methods", ["tsne", "umap"]),
-        ),
-        plots=expand(
-            "results/plots/{model}/{region}/{method}",
-            model=MODELS,
-            region=MAP_REGIONS,
-            method=PROJECT.get("methods", ["tsne", "umap"]),
-        ),
-        metrics=expand("results/probes/{model}/metrics.parquet", model=MODELS),
-        predictions=expand("results/probes/{model}/predictions.parquet", model=MODELS),
-        fairness_groups=expand("results/fairness/{model}/groups.parquet", model=MODELS),
-        fairness_summary=expand(
-            "results/fairness/{model}/summary.parquet", model=MODELS
-        ),
-        findings=expand("results/findings/{model}.parquet", model=MODELS),
-        finding_tests=expand("results/findings/{model}-tests.parquet", model=MODELS),
-        finding_dirs=expand("results/findings/{model}", model=MODELS),
-        reprobe=expand(
-            "results/mitigation/{model}/reprobe.parquet", model=MITIGATED_MODELS
-        ),
-        ground_truth=ground_truth(),
+        **REPORT_INPUTS,
     output:
         html="results/report/index.html",
     log:
@@ -56,17 +58,38 @@ rule report:
         "../scripts/report.py"
 
 
-# Not part of `all`: a run is archived on purpose, once its report is final.
+# The page that may leave the institution: aggregates only, maps as images with coarsened attributes.
+rule publication_report:
+    input:
+        **REPORT_INPUTS,
+    output:
+        html="results/report/publication.html",
+        maps=directory("results/report/publication-maps"),
+    log:
+        "results/logs/publication_report.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=res("publication_report", "mem_mb", 4000),
+        runtime=res("publication_report", "runtime", 20),
+    params:
+        report=config.get("report", {}),
+    script:
+        "../scripts/publication_report.py"
+
+
+# Not part of `all`: a run is archived on purpose, once its report is final. Two kinds, each its own file:
+# publication (aggregates only, release-checked) and internal (everything, for the lab's own storage).
 rule archive:
     input:
-        report="results/report/index.html",
-        subjects="results/cohort/subjects.parquet",
-        images="results/cohort/images.parquet",
+        unpack(archive_inputs),
     output:
-        archive="results/archive/cohortlens-results.tar.gz",
-        checksums="results/archive/SHA256SUMS",
+        archive="results/archive/cohortlens-{kind}.tar.gz",
+        checksums="results/archive/cohortlens-{kind}.SHA256SUMS",
     log:
-        "results/logs/archive.log",
+        "results/logs/archive-{kind}.log",
+    wildcard_constraints:
+        kind="publication|internal",
     conda:
         ENV
     resources:

@@ -33,13 +33,13 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, r2_score
 from sklearn.preprocessing import StandardScaler
 
-from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table, present
 from cohortlens.analysis.reprobe import REPROBE_SCHEMA, reprobe  # noqa: F401  (the stage's API)
-from cohortlens.runtime import select_device, threaded
+from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table, present
 from cohortlens.embed.parquet import EmbeddingWriter
 from cohortlens.io.tables import atomic_path, read_parquet_metadata, write_parquet
-from cohortlens.types import ALL_REGIONS, PathLike
 from cohortlens.models.adversarial_vae import AdversarialVAEConfig, fit_adversarial_vae
+from cohortlens.runtime import select_device, threaded
+from cohortlens.types import ALL_REGIONS, PathLike
 
 log = logging.getLogger(__name__)
 

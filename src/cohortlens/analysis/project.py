@@ -311,8 +311,8 @@ def write_with_kaleido(figs: list, paths: list[PathLike], scale: float = 1.0, re
     starved (seen under load), so every file is checked after the call and the missing ones are exported again,
     `retries` times; then this raises naming the file. Not the default: it needs a Chrome/Chromium."""
     try:
-        import plotly.io as pio
         import kaleido  # noqa: F401
+        import plotly.io as pio
     except ImportError as exc:
         raise StaticExportError(
             "project.plots.engine is 'kaleido' but kaleido is not installed (pip install kaleido, and a "

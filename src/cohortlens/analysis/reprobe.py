@@ -16,10 +16,10 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table, present
 from cohortlens.analysis.attack import HIGHER_IS_BETTER, PROBES, bootstrap_ci, fit_predict, metric_values, p_vs_chance
-from cohortlens.runtime import threaded
+from cohortlens.analysis.table import AnalysisTable, AttributeSpec, load_analysis_table, present
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
+from cohortlens.runtime import threaded
 from cohortlens.types import PathLike
 
 REPROBE_SCHEMA = {

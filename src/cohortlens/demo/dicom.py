@@ -72,7 +72,7 @@ def _element(tag: int, vr: str, value: bytes) -> bytes:
 
 
 def _file_meta(sop_uid: str) -> bytes:
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
     body = b"".join((
         _element(0x00020001, "OB", b"\0\1"),

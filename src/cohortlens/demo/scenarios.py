@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .phantom import EFFECTS, REGIONS, effects_for_size
 from .population import (
     BMI_LOG_MEAN_SD,
     DISCORDANT_REGION_P,
@@ -45,7 +46,6 @@ from .population import (
     sample_subjects,
     subject_id,
 )
-from .phantom import EFFECTS, REGIONS, effects_for_size
 from .streams import NULL_PERMUTATION_ENTROPY, SCENARIO_ATTR_STREAM, seed_sequence
 from .write import write_cohort
 

@@ -10,8 +10,8 @@ import numpy as np
 import polars as pl
 
 from cohortlens.cohort.build import QUARANTINE_SCHEMA
-from cohortlens.io.npyshard import NpyShardWriter
 from cohortlens.io.image import ImageReadError
+from cohortlens.io.npyshard import NpyShardWriter
 from cohortlens.io.readers import read_image
 from cohortlens.io.tables import write_parquet
 from cohortlens.preprocess.slices import SliceError, center_indices, intensity_max, normalise_, slice_stack, to_canvas

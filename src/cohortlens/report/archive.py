@@ -13,6 +13,10 @@ identifiers are per patient and study) and looks for every non-empty identifying
 birth date, institution, accession number, physicians, study id, UIDs of study and series...) in every member:
 text as is, Parquet files decoded (every cell and the key-value metadata), PNG text chunks and the images
 inlined in the report as data URIs. Any hit stops the archive (`IdentifierFound`).
+
+The workflow writes two kinds (docs/report.md): internal (this module's members under `cohortlens-internal/`) and
+publication (`report.publish`: aggregates only, under `cohortlens-publication/`, after the release check of
+`report.release`, passed in as `check`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import re
 import sys
 import tarfile
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -42,7 +46,7 @@ from cohortlens.types import PathLike
 
 log = logging.getLogger(__name__)
 
-ROOT = "cohortlens-results"
+ROOT = "cohortlens-results"  # the members' folder; the workflow names it per kind (cohortlens-internal, -publication)
 
 # DICOM attributes whose values identify a person, a visit or an institution (PS3.15 basic profile, the
 # ones such a cohort's headers carry). Dates other than the birth date are acquisition attributes the cohort
@@ -119,7 +123,7 @@ def dicom_identifiers(paths: Iterable[PathLike], keywords: Sequence[str] = IDENT
             continue
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
-        except Exception as exc:  # noqa: BLE001 - a broken input was quarantined; it has nothing to leak here
+        except Exception as exc:
             log.warning("identifier scan: cannot read %s (%s)", f, exc)
             continue
         for kw in keywords:
@@ -276,6 +280,8 @@ DEFAULT_MEMBERS = (
     "plots/*/*/*.pdf",  # the static maps for publication (the interactive pages stay out)
     "plots/*/*/*.svg",
     "mitigation/*/reprobe.parquet",
+    "report/publication.html",
+    "report/publication-maps/*.png",
 )
 
 
@@ -306,8 +312,8 @@ def collect_files(paths: Iterable[PathLike], results_dir: PathLike = "results") 
     return dict(sorted(out.items()))
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(f"{ROOT}/{name}")
+def _add(tar: tarfile.TarFile, name: str, data: bytes, root: str = ROOT) -> None:
+    info = tarfile.TarInfo(f"{root}/{name}")
     info.size = len(data)
     info.mtime = 0  # reproducible members; the creation time is in versions.json
     info.mode = 0o644
@@ -317,42 +323,51 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_archive(
     out_path: PathLike,
     *,
-    report: PathLike,
-    files: Iterable[PathLike],
+    report: PathLike | None = None,
+    files: Iterable[PathLike] = (),
     config: Mapping,
     images_parquet: PathLike | None = None,
     results_dir: PathLike = "results",
     sums_path: PathLike | None = None,
     extra_identifiers: Mapping[str, str] | None = None,
+    members: Mapping[str, bytes] | None = None,
+    root: str = ROOT,
+    check: Callable[[Mapping[str, bytes], Mapping[str, str]], None] | None = None,
 ) -> dict:
     """Write the archive (atomically) after scanning every member for the DICOM identifiers of the inputs in
     `images_parquet` (plus `extra_identifiers`); raises IdentifierFound (and writes nothing) on a hit.
-    `sums_path` also gets the SHA256SUMS file beside the archive. Returns a summary."""
-    members: dict[str, bytes] = {"report/index.html": Path(report).read_bytes()}
+    Members: `report` as report/index.html, the `files` (under their names relative to `results_dir`) and
+    `members` ({name: bytes}, e.g. the publication archive's aggregates), then config.yaml, versions.json and
+    SHA256SUMS, all under `root/`. `check(members, identifiers)` runs before anything is written and may
+    raise (the publication archive's release check). `sums_path` also gets the SHA256SUMS file beside the
+    archive. Returns a summary."""
+    out: dict[str, bytes] = {"report/index.html": Path(report).read_bytes()} if report is not None else {}
     for name, path in collect_files(files, results_dir).items():
-        if name == "report/index.html":
-            continue
-        members[name] = path.read_bytes()
-    members["config.yaml"] = yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)),
-                                            sort_keys=False, allow_unicode=True).encode()
-    members["versions.json"] = (json.dumps(package_versions(), indent=2) + "\n").encode()
-    sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in members.items())
-    members["SHA256SUMS"] = sums.encode()
+        if name not in out:
+            out[name] = path.read_bytes()
+    out.update(members or {})
+    out["config.yaml"] = yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)),
+                                        sort_keys=False, allow_unicode=True).encode()
+    out["versions.json"] = (json.dumps(package_versions(), indent=2) + "\n").encode()
+    sums = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in out.items())
+    out["SHA256SUMS"] = sums.encode()
 
     identifiers = dict(identifiers_from_images(images_parquet)) if images_parquet is not None else {}
     identifiers.update(extra_identifiers or {})
-    hits = [h for name, data in members.items() for h in scan_bytes(name, data, identifiers)]
+    if check is not None:  # the release check covers the DICOM identifiers too, with everything else it finds
+        check(out, identifiers)
+    hits = [h for name, data in out.items() for h in scan_bytes(name, data, identifiers)]
     if hits:
         lines = "\n".join(f"  {m}: {i!r} ({s})" for m, i, s in hits[:50])
         raise IdentifierFound(f"{len(hits)} DICOM identifier occurrence(s) in the archive; not written:\n{lines}")
     with atomic_path(out_path, ".tar.gz") as tmp:
         with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
-            for name, data in members.items():
-                _add(tar, name, data)
+            for name, data in out.items():
+                _add(tar, name, data, root)
     if sums_path is not None:
         with atomic_path(sums_path) as tmp:
-            tmp.write_bytes(members["SHA256SUMS"])
-    summary = {"members": len(members), "bytes": Path(out_path).stat().st_size,
+            tmp.write_bytes(out["SHA256SUMS"])
+    summary = {"members": len(out), "bytes": Path(out_path).stat().st_size,
                "identifiers_scanned": len(identifiers)}
     log.info("archive %s: %s", out_path, summary)
     return summary

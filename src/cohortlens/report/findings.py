@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import polars as pl
 
 from cohortlens.demo.truth import ground_truth_recall, ground_truth_summary
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report.fragments import by_model, not_run, png, table
+from cohortlens.report.publication import (
+    coarsen_dates,
+    findings_public,
+    pictured,
+    public_text_columns,
+    show_suppressed,
+    withhold_ids,
+)
 from cohortlens.types import PathLike
 
 
@@ -24,7 +32,7 @@ def _findings_model(path: PathLike) -> str:
 
 
 _FINDING_COLS = ["finding_id", "kind", "region", "attribute", "value", "effect_size", "effect_measure",
-                 "p_adjusted", "n", "description"]
+                 "p_adjusted", "n", "n_set", "description"]
 
 
 def _evidence_path(entry: str, dirs: Sequence[Path]) -> Path | None:
@@ -70,7 +78,10 @@ def _cause_names(row: Mapping) -> list[str]:
 
 
 def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], finding_dirs: Sequence[PathLike],
-                     cfg: dict) -> str:
+                     cfg: dict, publication: bool = False, ids: Collection[str] = ()) -> str:
+    """Findings per model, echoes folded, explanation images. `publication`: the public columns only (no
+    sample ids; `ids` withheld from the text, dates coarsened; publication.findings_public) and an explanation
+    image only for a set of at least cfg['min_cell'] images; a smaller finding is described, not pictured."""
     if not findings:
         return not_run("discovery")
     tests_by = by_model(tests, _findings_model)
@@ -80,7 +91,7 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
     parts = ["<p>Significant findings (FDR-adjusted p below α, or cleanlab flags), largest effect first. Effect "
              "sizes are in the unit named beside them (balanced accuracy above chance, R², enrichment ratio, "
              "discordant fraction, …).</p>"]
-    n_images = 0
+    n_images, k = 0, cfg.get("min_cell", 10)
     for model, path in by_model(findings, _findings_model).items():
         frame = pl.read_parquet(path)
         alpha = read_parquet_metadata(path).get("alpha", 0.05)
@@ -95,6 +106,9 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
             parts.append("<p class='muted'>no significant findings</p>" + label_issue_note(frame))
             continue
         frame = frame.sort(pl.col("effect_size").abs(), descending=True, nulls_last=True)
+        original_roots, _ = split_echoes(frame)
+        if publication:
+            frame = show_suppressed(findings_public(frame, k, ids), k)
         roots, echoes = split_echoes(frame)
         roots = roots.with_columns(pl.Series("echoes", [
             echoes.filter((pl.col("region") == r["region"]) & pl.col("explained_by").is_in(_cause_names(r))).height
@@ -110,25 +124,32 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
                              [c for c in ["explained_by", *_FINDING_COLS] if c in echoes.columns]), 500,
                              cls="findings") + "</details>")
         parts.append(label_issue_note(frame))
-        frame = roots
-        cards = []
-        for row in frame.iter_rows(named=True):
+        cards, not_pictured = [], []
+        for row, shown in zip(original_roots.iter_rows(named=True), roots.iter_rows(named=True)):
+            if publication and row.get("evidence") and not pictured(row, k):
+                not_pictured.append(shown["finding_id"])
+                continue
             for entry in row.get("evidence") or []:
                 p = _evidence_path(entry, dirs_by.get(model, []))
                 if p is None or n_images >= cfg["max_findings_images"]:
                     continue
                 n_images += 1
-                cards.append(f"<figure class='evidence'><figcaption><b>{html.escape(row['finding_id'])}</b> "
-                             f"{html.escape(row.get('description') or '')}</figcaption>{png(p)}</figure>")
+                cards.append(f"<figure class='evidence'><figcaption><b>{html.escape(shown['finding_id'])}</b> "
+                             f"{html.escape(shown.get('description') or '')}</figcaption>{png(p)}</figure>")
+        if not_pictured:
+            parts.append(f"<p class='muted'>Described, not pictured (the mean image of fewer than {k} images would "
+                         f"show participants): {html.escape(', '.join(not_pictured))}</p>")
         if cards:
             parts.append("<details open><summary>explanations: mean image and mean edge profile of the set (red) "
                          f"vs the rest (blue), {len(cards)} images</summary>{''.join(cards)}</details>")
     return "".join(parts)
 
 
-def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[PathLike]) -> tuple[str, dict]:
+def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[PathLike],
+                         publication: bool = False, ids: Collection[str] = ()) -> tuple[str, dict]:
     """Recall of every model's findings against the planted effects, with false findings and unexplained echoes;
-    returns (html, {model: (found, expected, false findings + unexplained echoes)})."""
+    returns (html, {model: (found, expected, false findings + unexplained echoes)}). `publication`: ids
+    withheld and dates coarsened in the finding ids and details."""
     if not ground_truth:
         return not_run("ground truth (demo cohorts only)"), {}
     if not findings:
@@ -139,6 +160,8 @@ def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[Pa
         alpha = read_parquet_metadata(path).get("alpha", 0.05)
         recall = ground_truth_recall(path, truth, alpha=alpha)
         recall = recall.with_columns((pl.col("found") == pl.col("expected")).alias("as expected"))
+        if publication:
+            recall = public_text_columns(recall, ids)
         score = ground_truth_summary(path, truth, alpha=alpha)
         wrong = score["false_findings"] + score["unexplained_echoes"]
         summary[model] = (score["found"], score["expected"], wrong)
@@ -150,8 +173,10 @@ def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[Pa
                      f"{score['unexplained_echoes']} unexplained echoes; {score['folded']} echoes folded under "
                      f"their root cause.</p>")
         if score["false_finding_ids"] or score["unexplained_echo_ids"]:
-            parts.append("<p class='bad'>" + html.escape(", ".join(score["false_finding_ids"]
-                                                                   + score["unexplained_echo_ids"])) + "</p>")
+            wrong_ids = ", ".join(score["false_finding_ids"] + score["unexplained_echo_ids"])
+            if publication:
+                wrong_ids = coarsen_dates(withhold_ids(wrong_ids, ids))
+            parts.append("<p class='bad'>" + html.escape(wrong_ids) + "</p>")
         parts.append(table(recall.select("row_type", "effect", "attribute", "regions", "expected", "found",
                                          "as expected", "finding_ids", "explained_ids", "precision", "recall",
                                          "detail"), 100,

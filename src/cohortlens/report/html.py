@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
+import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -14,7 +16,9 @@ from cohortlens.io.tables import atomic_path, read_parquet_metadata
 from cohortlens.report import sections
 from cohortlens.report.findings import findings_section, ground_truth_section
 from cohortlens.report.model_table import model_table_section
-from cohortlens.report.projections import projections_section
+from cohortlens.report.projections import projections_section, publication_maps_section
+from cohortlens.report.publication import cell_text, participant_ids, quarantine_reasons, show_suppressed
+from cohortlens.report.publish import cohort_counts
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:72rem;color:#1d2733;padding:0 1rem}
@@ -70,11 +74,16 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
                  fairness_groups: Sequence[str] = (), fairness_summary: Sequence[str] = (),
                  findings: Sequence[str] = (), finding_tests: Sequence[str] = (), finding_dirs: Sequence[str] = (),
                  reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (),
-                 options: Mapping | None = None) -> dict:
+                 options: Mapping | None = None, publication: bool = False, maps_dir: str | None = None) -> dict:
     """The report page. embeddings: model -> {"slices": path, "volumes": path, "reconstructions": png path or
     None}; the other inputs are lists of the run's files (any may be empty: the section says it was not run);
     `options` the config `report:` keys of `sections.DEFAULTS`. Returns the cohort counts plus a summary of what
-    the page shows (figures, findings recall)."""
+    the page shows (figures, findings recall).
+
+    `publication`: the page that may leave the institution (docs/report.md): counts below `min_cell` suppressed,
+    quarantine reasons counted by kind (no list), maps as static images with coarsened attributes (written to
+    `maps_dir`, a temporary folder if None), findings without sample ids and with explanation images only for
+    sets of at least `min_cell` images, no reconstruction grids."""
     cohort_dir, pre_dir = Path(cohort_dir), Path(preprocessed_dir)
     subjects = pl.read_parquet(cohort_dir / "subjects.parquet")
     images = pl.read_parquet(cohort_dir / "images.parquet")
@@ -87,21 +96,36 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     quarantine = pl.concat([cohort_q, pre_q]).sort("manifest_line")
 
     cfg = sections.settings(options)
+    k = cfg["min_cell"]
+    ids = participant_ids(subjects, images, cohort_q, pre_q) if publication else set()
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    if publication:
+        parts.append(f"<p class='muted'>Publication version: aggregates only. No participant ids, no per-image "
+                     f"rows, no exact dates; counts and group statistics of fewer than {k} participants are "
+                     f"suppressed (&lt; {k}).</p>")
     parts.append("<nav>" + "".join(f"<a href='#{k}'>{html.escape(v)}</a>" for k, v in SECTIONS) + "</nav>")
     parts.append(_h2("cohort"))
-    parts.append(_table(pl.DataFrame({"quantity": list(counts), "value": [str(v) for v in counts.values()]})))
+    shown = {q: (cell_text(v, k) if publication and not isinstance(v, bool) else str(v)) for q, v in counts.items()}
+    parts.append(_table(pl.DataFrame({"quantity": list(shown), "value": list(shown.values())})))
     status = "ok" if counts["balanced"] else "bad"
+    n_q = counts["quarantined_cohort"] + counts["quarantined_preprocess"]
     parts.append(
-        f"<p class='{status}'>images in = images with slices + quarantined: {counts['manifest_rows']} = "
-        f"{counts['images_with_slices']} + {counts['quarantined_cohort'] + counts['quarantined_preprocess']}</p>"
+        f"<p class='{status}'>images in = images with slices + quarantined: {shown['manifest_rows']} = "
+        f"{shown['images_with_slices']} + {cell_text(n_q, k) if publication else n_q}</p>"
     )
-    parts.append(_table(images.group_by("region").agg(pl.len().alias("images")).sort("region")))
-    parts.append(_table(splits.group_by("split").agg(pl.len().alias("subjects")).sort("split")))
+    if publication:
+        parts.append(_table(show_suppressed(cohort_counts(images, splits, k), k).drop("suppressed")))
+    else:
+        parts.append(_table(images.group_by("region").agg(pl.len().alias("images")).sort("region")))
+        parts.append(_table(splits.group_by("split").agg(pl.len().alias("subjects")).sort("split")))
     parts.append(f"<p>{subjects.height} subjects in {images['shard'].n_unique() if images.height else 0} shards.</p>")
     parts.append(_h2("quarantine"))
-    parts.append(_table(quarantine.group_by("stage", "reason").agg(pl.len().alias("images")).sort("images", descending=True)))
-    parts.append(_table(quarantine.select("manifest_line", "stage", "subject_id", "region", "image", "reason"), max_quarantine_rows))
+    if publication:
+        parts.append(f"<p class='muted'>Quarantined images per kind of reason; kinds with fewer than {k} images are "
+                     "merged.</p>" + _table(show_suppressed(quarantine_reasons(quarantine, k), k)))
+    else:
+        parts.append(_table(quarantine.group_by("stage", "reason").agg(pl.len().alias("images")).sort("images", descending=True)))
+        parts.append(_table(quarantine.select("manifest_line", "stage", "subject_id", "region", "image", "reason"), max_quarantine_rows))
     parts.append(_h2("slices"))
     parts.append(_table(index.group_by("region").agg(pl.len().alias("slices"), pl.col("is_center").sum().alias("center slices")).sort("region")))
     parts.append(_h2("embeddings"))
@@ -117,15 +141,20 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
 
     subjects_path, images_path = cohort_dir / "subjects.parquet", cohort_dir / "images.parquet"
     parts.append(_h2("models") + model_table_section(metrics))
-    proj_html, n_proj = projections_section(projections, plots, subjects_path, images_path, cfg)
+    if publication:
+        with contextlib.ExitStack() as stack:
+            folder = maps_dir or stack.enter_context(tempfile.TemporaryDirectory())
+            proj_html, n_proj = publication_maps_section(projections, subjects_path, images_path, cfg, folder), 0
+    else:
+        proj_html, n_proj = projections_section(projections, plots, subjects_path, images_path, cfg)
     parts.append(_h2("projections") + proj_html)
-    parts.append(_h2("findings") + findings_section(findings, finding_tests, finding_dirs, cfg))
-    parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg))
+    parts.append(_h2("findings") + findings_section(findings, finding_tests, finding_dirs, cfg, publication, ids))
+    parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg, publication))
     parts.append(_h2("mitigation") + sections.mitigation_section(reprobe, cfg))
-    truth_html, recall = ground_truth_section(findings, ground_truth)
+    truth_html, recall = ground_truth_section(findings, ground_truth, publication, ids)
     parts.append(_h2("ground-truth") + truth_html)
     recon = {m: f["reconstructions"] for m, f in embeddings.items() if f.get("reconstructions")}
-    train_html, n_train = sections.training_section(train_logs, recon)
+    train_html, n_train = sections.training_section(train_logs, recon, publication)
     parts.append(_h2("training") + train_html)
     # plotly.js once, before the first figure's script, and only when the page has a figure
     head_js = plotlyjs_script() if n_proj + n_train else ""
@@ -149,10 +178,12 @@ def _as_list(value) -> list[str]:
     return [str(v) for v in value]
 
 
-def build_report_from_inputs(inputs, options: Mapping | None, out_path: str) -> dict:
+def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, publication: bool = False,
+                             maps_dir: str | None = None) -> dict:
     """The report rule's job: `inputs` is snakemake.input (or any object/mapping) with the single paths
     subjects and index (cohort and preprocessed folders are theirs) and the lists of LIST_INPUTS (missing =
-    empty); `options` is config `report:`. Model / region / method are read from the paths."""
+    empty); `options` is config `report:`. Model / region / method are read from the paths. `publication`
+    and `maps_dir`: the publication page (build_report)."""
     get = inputs.get if isinstance(inputs, Mapping) else (lambda k, d=None: getattr(inputs, k, d))
     lists = {k: _as_list(get(k, None)) for k in LIST_INPUTS}
     embeddings: dict[str, dict] = {}
@@ -181,4 +212,6 @@ def build_report_from_inputs(inputs, options: Mapping | None, out_path: str) -> 
         reprobe=lists["reprobe"],
         ground_truth=lists["ground_truth"],
         options=options,
+        publication=publication,
+        maps_dir=maps_dir,
     )

@@ -9,10 +9,12 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from cohortlens.analysis.figures import save_figure, static_map
 from cohortlens.analysis.project import figure_div, projection_figure, projection_with_attributes
 from cohortlens.analysis.table import REGION_SPEC
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report.fragments import model_of, not_run, png_scaled
+from cohortlens.report.publication import OTHER, coarsen_attributes
 from cohortlens.types import ALL_REGIONS, PathLike
 
 log = logging.getLogger(__name__)
@@ -115,3 +117,43 @@ def projections_section(projections: Sequence[PathLike], plots: Sequence[PathLik
     if interactive:
         parts.append(_SELECT_JS)
     return "".join(parts) or "<p class='muted'>no maps</p>", len(interactive)
+
+
+def publication_maps_section(projections: Sequence[PathLike], subjects: PathLike, images: PathLike | None,
+                             cfg: dict, maps_dir: PathLike) -> str:
+    """The publication report's maps: for every projection, one static PNG per attribute with its values
+    coarsened (continuous values in quantile bins, dates by year, categories and bins under cfg['min_cell']
+    merged; publication.coarsen_attributes): points without ids and without hover data. The PNGs are written
+    to `maps_dir` ({model}-{region}-{method}-{attribute}.png) and inlined."""
+    if not projections:
+        return not_run("projections")
+    k = cfg["min_cell"]
+    parts = [f"<p>Maps as images: one point per image, no ids, attributes coarsened (continuous values in "
+             f"quantile bins, dates by year; categories and bins of fewer than {k} points merged into "
+             f"“{html.escape(OTHER)}”).</p>"]
+    first = True
+    for p in sorted((Path(p) for p in projections), key=lambda p: (model_of(p, 2), p.parent.name != ALL_REGIONS,
+                                                                   p.parent.name, p.stem)):
+        model, region, method = model_of(p, 2), p.parent.name, p.stem
+        try:
+            frame, specs = projection_with_attributes(p, subjects, images)
+            plotted = ({"region": REGION_SPEC} if frame["region"].n_unique() > 1 else {}) | dict(specs)
+            coarse, coarse_specs = coarsen_attributes(frame, plotted, k)
+        except Exception as exc:  # one broken projection must not cost the whole page
+            log.warning("projection %s not drawn: %s", p, exc)
+            parts.append(f"<p class='bad'>{html.escape(model)} · {html.escape(region)} · {html.escape(method)}: not "
+                         f"drawn ({html.escape(type(exc).__name__)})</p>")
+            continue
+        figures = []
+        for attribute, spec in coarse_specs.items():
+            out = Path(maps_dir) / f"{model}-{region}-{method}-{attribute}.png"
+            fig = static_map(coarse, attribute, spec, title=f"{model} · {region} · {method} — {attribute}",
+                             max_points=cfg["max_points"])
+            save_figure(fig, [out])
+            figures.append(f"<figure>{png_scaled(out, cfg['static_map_width'], cls='map')}"
+                           f"<figcaption>{html.escape(out.stem)}</figcaption></figure>")
+        parts.append(f"<details{' open' if first else ''}><summary>{html.escape(model)} · {html.escape(region)} · "
+                     f"{html.escape(method)} ({len(figures)} maps)</summary><div class='grid'>{''.join(figures)}"
+                     f"</div></details>")
+        first = False
+    return "".join(parts)

@@ -23,6 +23,7 @@ import polars as pl
 from cohortlens.analysis.attack import ATTACKERS
 from cohortlens.analysis.project import figure_div
 from cohortlens.report.fragments import by_model, fmt, not_run, png, read_frames, table
+from cohortlens.report.publication import fairness_groups_public, fairness_summary_public, show_suppressed
 from cohortlens.types import PathLike
 
 # config `report:` keys beyond title / max_quarantine_rows, with their defaults (docs/report.md)
@@ -34,6 +35,7 @@ DEFAULTS = {
     "max_findings_images": 60,  # explanation PNGs inlined (largest effects first)
     "max_table_rows": 200,  # rows of the long tables (fairness groups, tests); the Parquet has all
     "alpha": 0.05,  # mitigation: an attacker beats chance below this permutation p-value
+    "min_cell": 10,  # publication report and archive: counts and statistics of fewer participants are suppressed
 }
 
 
@@ -49,21 +51,34 @@ _SUMMARY_COLS = ["model", "region", "target", "positive", "protected", "measure"
                  "flagged", "group_high", "group_low", "n"]
 
 
-def fairness_section(summaries: Sequence[PathLike], groups: Sequence[PathLike], cfg: dict) -> str:
+def fairness_section(summaries: Sequence[PathLike], groups: Sequence[PathLike], cfg: dict,
+                     publication: bool = False) -> str:
+    """Flagged gaps first; per-group metrics folded. `publication`: groups of fewer than cfg['min_cell']
+    participants suppressed, with the gaps between them (publication.fairness_*_public)."""
     if not summaries:
         return not_run("fairness")
     summary = read_frames(summaries)
     if summary.height == 0:
         return "<p class='muted'>no fairness results (no target attributes?)</p>"
+    g = read_frames(groups)
+    k = cfg["min_cell"]
+    if publication:
+        summary = show_suppressed(fairness_summary_public(summary, g, k).with_columns(
+            pl.col("flagged").fill_null(False)), k)
+        g = show_suppressed(fairness_groups_public(g, k), k) if g.height else g
     n_flag = int(summary["flagged"].sum())
     parts = [f"<p>Gaps between protected groups of each target's probe predictions (fairlearn MetricFrame; "
              f"bootstrap CIs over subjects). <span class='{'bad' if n_flag else 'ok'}'>{n_flag} of "
              f"{summary.height} gaps flagged</span> (CI excludes zero; highlighted).</p>"]
     summary = summary.sort("flagged", "model", "region", "target", "protected", "measure",
                            descending=[True, False, False, False, False, False])
-    parts.append(table(summary.select([c for c in _SUMMARY_COLS if c in summary.columns]), cfg["max_table_rows"],
+    if publication:
+        n_low = int(summary["suppressed"].sum())
+        parts.append(f"<p class='muted'>Groups of fewer than {k} participants are suppressed (n shown as &lt; {k}), "
+                     f"and so are the {n_low} gaps that involve one.</p>")
+    cols = [*_SUMMARY_COLS, "suppressed"] if publication else _SUMMARY_COLS
+    parts.append(table(summary.select([c for c in cols if c in summary.columns]), cfg["max_table_rows"],
                        row_class=lambda r: "flag" if r.get("flagged") else None))
-    g = read_frames(groups)
     if g.height:
         parts.append("<details><summary>per-group metrics</summary>")
         parts.append(table(g, cfg["max_table_rows"]))
@@ -130,10 +145,18 @@ def _curve_columns(log_frame: pl.DataFrame) -> list[str]:
     return (losses or numeric)[:6]
 
 
-def training_section(train_logs: Sequence[PathLike], reconstructions: Mapping[str, PathLike]) -> tuple[str, int]:
-    """A small loss curve per model (Plotly) and its reconstruction / QA grid. Returns (html, figures)."""
+def training_section(train_logs: Sequence[PathLike], reconstructions: Mapping[str, PathLike],
+                     publication: bool = False) -> tuple[str, int]:
+    """A small loss curve per model (Plotly) and its reconstruction / QA grid (not in a publication: the grid
+    shows participants' slices). Returns (html, figures)."""
     if not train_logs and not reconstructions:
         return not_run("training"), 0
+    if publication and reconstructions:
+        reconstructions = {}
+        note = ("<p class='muted'>The reconstruction grids (participants' slices) are left out of the "
+                "publication report.</p>")
+    else:
+        note = ""
     import plotly.graph_objects as go
 
     logs = by_model(train_logs)
@@ -143,7 +166,7 @@ def training_section(train_logs: Sequence[PathLike], reconstructions: Mapping[st
         if model in logs:
             try:
                 frame = pl.read_csv(logs[model], infer_schema_length=10_000)
-            except Exception as exc:  # noqa: BLE001 - an unreadable log is reported, not fatal
+            except Exception as exc:
                 frame = pl.DataFrame()
                 parts.append(f"<p class='bad'>{html.escape(str(logs[model]))}: {html.escape(str(exc))}</p>")
             cols = _curve_columns(frame) if frame.height else []
@@ -167,4 +190,4 @@ def training_section(train_logs: Sequence[PathLike], reconstructions: Mapping[st
         if model in reconstructions:
             parts.append(f"<p>QA grid: input slices (top) and the model's reconstructions / decodes below</p>"
                          f"{png(reconstructions[model], f'{model} reconstructions')}")
-    return "".join(parts), n_figs
+    return note + "".join(parts), n_figs

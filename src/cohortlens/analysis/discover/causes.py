@@ -39,7 +39,6 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from cohortlens.analysis.table import present
 from cohortlens.analysis.discover.core import (
     INTERACTION_SEP,
     Finding,
@@ -48,6 +47,7 @@ from cohortlens.analysis.discover.core import (
     stratum_attributes,
 )
 from cohortlens.analysis.discover.leaks import _run
+from cohortlens.analysis.table import present
 
 MISSING = "(missing)"
 BINS = 5  # quantile bins of a continuous or date attribute used as strata

@@ -36,19 +36,19 @@ from scipy.stats import binom, fisher_exact, mannwhitneyu
 from sklearn.cluster import HDBSCAN
 from sklearn.neighbors import NearestNeighbors
 
-from cohortlens.analysis.table import present
 from cohortlens.analysis.discover.core import (
     Finding,
     RegionData,
     categorical_view,
     confine_to_any_stratum,
-    stratum_attributes,
     date_str,
     interaction_name,
     pct,
+    stratum_attributes,
     value_counts,
 )
 from cohortlens.analysis.discover.leaks import permutation_index
+from cohortlens.analysis.table import present
 
 
 @dataclass(frozen=True)

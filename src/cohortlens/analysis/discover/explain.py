@@ -179,7 +179,7 @@ def render(path: PathLike, title: str, rows: list[dict]) -> None:
         set_img = _grey(r["set_mean"], PANEL)
         rest_img = _grey(r["rest_mean"], PANEL)
         scale = PANEL / r["set_mean"].shape[0]
-        for img, prof in ((set_img, r["set_prof"]), (rest_img, r["rest_prof"])):
+        for img in (set_img, rest_img):  # both profiles on both panels
             draw = ImageDraw.Draw(img)
             with np.errstate(all="ignore"):
                 _polyline(draw, np.nanmean(r["rest_prof"], 0), scale, REST_COLOUR, 1)

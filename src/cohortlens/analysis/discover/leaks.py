@@ -26,7 +26,6 @@ from sklearn.linear_model import RidgeCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
 
-from cohortlens.analysis.table import present
 from cohortlens.analysis.discover.core import (
     Finding,
     RegionData,
@@ -36,6 +35,8 @@ from cohortlens.analysis.discover.core import (
     value_counts,
 )
 from cohortlens.analysis.discover.onset import change_point, describe
+from cohortlens.analysis.table import present
+
 
 @dataclass(frozen=True)
 class LeakSettings:

@@ -27,8 +27,8 @@ import logging
 
 import numpy as np
 
-from cohortlens.analysis.table import AnalysisTable
 from cohortlens.analysis.discover.core import Finding, RegionData, confine_to_any_stratum, interaction_name
+from cohortlens.analysis.table import AnalysisTable
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,6 @@ from scipy.stats import t as t_dist
 from sklearn.covariance import MinCovDet
 from sklearn.neighbors import NearestNeighbors
 
-
 MIXTURE_Q = 0.5  # prior share of a subgroup member's regions that carry the other value's features
 MIN_NULL_SUBJECTS = 30  # subjects of one recorded value needed to fit its null (per region, and complete ones)
 EXCEEDANCE = 0.025  # the per-region count test: subjects beyond their null's upper 2.5% point

@@ -45,6 +45,7 @@ from cohortlens.analysis.discover.subgroup_evidence import (
 from cohortlens.analysis.discover.subgroup_null import MIXTURE_Q, calibrated_subgroup, simes
 from cohortlens.types import ALL_REGIONS
 
+
 @dataclass(frozen=True)
 class SubgroupSettings:
     """Settings of the discordant-subgroup detector."""
