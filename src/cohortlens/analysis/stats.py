@@ -1,5 +1,5 @@
-"""Weighted metrics and subject bootstrap intervals: the one home of the statistics the probe and the fairness
-stage share.
+"""Weighted metrics, subject bootstrap intervals and the Benjamini-Hochberg adjustment: the one home of the
+statistics that the probe, fairness and discover stages share.
 
 A bootstrap replicate is a weight vector over the same rows (how often each row's subject was drawn), so every
 metric here takes a (B, n) weight matrix and scores all B replicates at once: one sort serves every AUC
@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import scipy.sparse
+from scipy.stats import false_discovery_control
 
 
 def _group_matrix(codes: np.ndarray, n_groups: int) -> scipy.sparse.csr_matrix:
@@ -90,3 +91,15 @@ def percentile_ci(reps: np.ndarray, level: float) -> tuple[float, float]:
     """Two-sided percentile interval at `level` (0.95: the 2.5th and 97.5th percentiles) of finite replicates."""
     return percentile_interval(reps, 100 * (1 - level) / 2, 100 * (1 + level) / 2)
 
+
+def bh_adjust(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values along `axis` (scipy's `false_discovery_control`). NaN marks a test
+    that was not run: it stays NaN and does not count towards the number of tests (1-D input only)."""
+    p = np.asarray(p, float)
+    if p.ndim != 1:
+        return false_discovery_control(p, axis=axis, method="bh")
+    q = np.full(len(p), np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
+    return q

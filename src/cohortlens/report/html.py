@@ -15,6 +15,7 @@ from cohortlens.analysis.project import plotlyjs_script
 from cohortlens.io.tables import atomic_path, read_parquet_metadata
 from cohortlens.report import sections
 from cohortlens.report.findings import findings_section, ground_truth_section
+from cohortlens.report.fragments import table
 from cohortlens.report.model_table import model_table_section
 from cohortlens.report.projections import projections_section, publication_maps_section
 from cohortlens.report.publication import cell_text, participant_ids, quarantine_reasons, show_suppressed
@@ -38,18 +39,6 @@ SECTIONS = [("cohort", "Cohort"), ("quarantine", "Quarantine"), ("slices", "Prep
             ("embeddings", "Embeddings"), ("models", "Model comparison"), ("projections", "Projections"),
             ("findings", "Findings"), ("fairness", "Fairness"), ("mitigation", "Mitigation"),
             ("ground-truth", "Ground-truth recall"), ("training", "Training")]
-
-
-def _table(df: pl.DataFrame, max_rows: int = 50) -> str:
-    if df.height == 0:
-        return "<p class='muted'>none</p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in row) + "</tr>"
-        for row in df.head(max_rows).iter_rows()
-    )
-    more = f"<p class='muted'>{df.height - max_rows} more rows in the Parquet file</p>" if df.height > max_rows else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
 
 
 def reconcile(n_manifest: int, cohort_q: pl.DataFrame, images: pl.DataFrame, pre_q: pl.DataFrame, index: pl.DataFrame) -> dict:
@@ -106,7 +95,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     parts.append("<nav>" + "".join(f"<a href='#{k}'>{html.escape(v)}</a>" for k, v in SECTIONS) + "</nav>")
     parts.append(_h2("cohort"))
     shown = {q: (cell_text(v, k) if publication and not isinstance(v, bool) else str(v)) for q, v in counts.items()}
-    parts.append(_table(pl.DataFrame({"quantity": list(shown), "value": list(shown.values())})))
+    parts.append(table(pl.DataFrame({"quantity": list(shown), "value": list(shown.values())})))
     status = "ok" if counts["balanced"] else "bad"
     n_q = counts["quarantined_cohort"] + counts["quarantined_preprocess"]
     parts.append(
@@ -114,20 +103,20 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
         f"{shown['images_with_slices']} + {cell_text(n_q, k) if publication else n_q}</p>"
     )
     if publication:
-        parts.append(_table(show_suppressed(cohort_counts(images, splits, k), k).drop("suppressed")))
+        parts.append(table(show_suppressed(cohort_counts(images, splits, k), k).drop("suppressed")))
     else:
-        parts.append(_table(images.group_by("region").agg(pl.len().alias("images")).sort("region")))
-        parts.append(_table(splits.group_by("split").agg(pl.len().alias("subjects")).sort("split")))
+        parts.append(table(images.group_by("region").agg(pl.len().alias("images")).sort("region")))
+        parts.append(table(splits.group_by("split").agg(pl.len().alias("subjects")).sort("split")))
     parts.append(f"<p>{subjects.height} subjects in {images['shard'].n_unique() if images.height else 0} shards.</p>")
     parts.append(_h2("quarantine"))
     if publication:
         parts.append(f"<p class='muted'>Quarantined images per kind of reason; kinds with fewer than {k} images are "
-                     "merged.</p>" + _table(show_suppressed(quarantine_reasons(quarantine, k), k)))
+                     "merged.</p>" + table(show_suppressed(quarantine_reasons(quarantine, k), k)))
     else:
-        parts.append(_table(quarantine.group_by("stage", "reason").agg(pl.len().alias("images")).sort("images", descending=True)))
-        parts.append(_table(quarantine.select("manifest_line", "stage", "subject_id", "region", "image", "reason"), max_quarantine_rows))
+        parts.append(table(quarantine.group_by("stage", "reason").agg(pl.len().alias("images")).sort("images", descending=True)))
+        parts.append(table(quarantine.select("manifest_line", "stage", "subject_id", "region", "image", "reason"), max_quarantine_rows))
     parts.append(_h2("slices"))
-    parts.append(_table(index.group_by("region").agg(pl.len().alias("slices"), pl.col("is_center").sum().alias("center slices")).sort("region")))
+    parts.append(table(index.group_by("region").agg(pl.len().alias("slices"), pl.col("is_center").sum().alias("center slices")).sort("region")))
     parts.append(_h2("embeddings"))
     rows = []
     for model, files in embeddings.items():
@@ -137,7 +126,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
             m = read_parquet_metadata(files[level])
             n = pl.scan_parquet(files[level]).select(pl.len()).collect().item()
             rows.append({"model": model, "level": level, "rows": n, "dim": m.get("dim"), "config hash": m.get("config_hash")})
-    parts.append(_table(pl.DataFrame(rows)))
+    parts.append(table(pl.DataFrame(rows)))
 
     subjects_path, images_path = cohort_dir / "subjects.parquet", cohort_dir / "images.parquet"
     parts.append(_h2("models") + model_table_section(metrics))

@@ -48,6 +48,7 @@ from cohortlens.analysis.discover.core import (
     value_counts,
 )
 from cohortlens.analysis.discover.leaks import permutation_index
+from cohortlens.analysis.stats import bh_adjust
 from cohortlens.analysis.table import present
 
 
@@ -276,17 +277,6 @@ def knn(Zc: np.ndarray, k: int) -> np.ndarray:
     return idx[:, 1:]
 
 
-def bh_rows(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values of every row of a (rows, tests) array."""
-    m = p.shape[1]
-    order = np.argsort(p, axis=1)
-    ranked = np.take_along_axis(p, order, 1) * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[:, ::-1], axis=1)[:, ::-1]
-    out = np.empty_like(ranked)
-    np.put_along_axis(out, order, np.minimum(ranked, 1.0), 1)
-    return out
-
-
 def enriched_neighbourhoods(is_v: np.ndarray, ok: np.ndarray, nbrs: np.ndarray, q: float) -> np.ndarray:
     """(rows, n) mask of neighbourhoods over-representing the value, for one or many label vectors."""
     is_v, ok = np.atleast_2d(is_v), np.atleast_2d(ok)
@@ -294,7 +284,7 @@ def enriched_neighbourhoods(is_v: np.ndarray, ok: np.ndarray, nbrs: np.ndarray, 
     valid = np.maximum(ok[:, nbrs].sum(2), 1)
     base = is_v.sum(1) / np.maximum(ok.sum(1), 1)
     p = binom.sf(counts - 1, valid, base[:, None])
-    return bh_rows(p) <= q
+    return bh_adjust(p, axis=1) <= q
 
 
 def pockets_of(sig: np.ndarray, nbrs: np.ndarray, min_pocket: int) -> list[np.ndarray]:

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from scipy.stats import false_discovery_control
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
+from cohortlens.analysis.stats import bh_adjust
 from cohortlens.analysis.table import AttributeSpec, attribute_values, present
 
 KINDS = ("attribute_leak", "cluster", "discordant_subgroup", "label_issue", "outlier", "near_duplicate", "non_iid")
@@ -174,7 +174,7 @@ def adjust(findings: list[Finding]) -> None:
         if not tested:
             continue
         ps = np.clip(np.array([f.p_value for f in tested], float), 0.0, 1.0)
-        for f, q in zip(tested, false_discovery_control(ps, method="bh")):
+        for f, q in zip(tested, bh_adjust(ps)):
             f.p_adjusted = float(q)
 
 

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.stats import binomtest, chi2, false_discovery_control
+from scipy.stats import binomtest, chi2
 from scipy.stats import f as f_dist
 from scipy.stats import t as t_dist
 from sklearn.covariance import MinCovDet
 from sklearn.neighbors import NearestNeighbors
+
+from cohortlens.analysis.stats import bh_adjust
 
 MIXTURE_Q = 0.5  # prior share of a subgroup member's regions that carry the other value's features
 MIN_NULL_SUBJECTS = 30  # subjects of one recorded value needed to fit its null (per region, and complete ones)
@@ -200,11 +202,8 @@ def conditional_z(null: dict, j: int) -> np.ndarray:
 
 
 def _bh(p: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    q = np.full(len(p), np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        q[ok] = false_discovery_control(p[ok], method="bh")
-    return q, ok & (np.nan_to_num(q, nan=1.0) < alpha)
+    q = bh_adjust(p)
+    return q, np.nan_to_num(q, nan=1.0) < alpha
 
 
 def _smallest(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
