@@ -12,8 +12,8 @@ import pydicom
 import pytest
 import yaml
 
-from conftest import demo_config
-from test_workflow import planned_jobs, shrink_analysis, snakemake
+from conftest import load_test_config
+from test_workflow import planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -21,11 +21,7 @@ pytestmark = pytest.mark.workflow
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    cfg = demo_config()
-    cfg["demo"].update(out_dir="data/demo", n_subjects=24, size=32, n_slices=14, dicom_fraction=0.25, bad_inputs=True)
-    cfg["preprocess"].update(canvas=[32, 32], subjects_per_shard=8)
-    cfg["models"] = {"pca": {**cfg["models"]["pca"], "crop": 32, "n_components": 8}}
-    shrink_analysis(cfg)
+    cfg = load_test_config("tiny-demo")
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     snakemake(root, config=config)

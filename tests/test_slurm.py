@@ -17,7 +17,6 @@ into a failure. Run alone: `tests/slurm/cluster.sh up && .venv/bin/pytest -m slu
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import re
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, demo_config
+from conftest import REPO, load_test_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
@@ -94,24 +93,17 @@ def forcerun_rule() -> str:
 
 
 def tiny_demo_config() -> dict:
-    """24 subjects at 32 px in 2 shards, every model tiny, the analysis stages at their cheapest (as the local workflow
-    tests run them), and one CPU per job so that two jobs share the 2-CPU node."""
-    cfg = copy.deepcopy(demo_config())
-    cfg["demo"].update(out_dir="data/demo", n_subjects=N_SUBJECTS, size=32, n_slices=14, dicom_fraction=0.25,
-                       bad_inputs=True, workers=1)
-    cfg["preprocess"].update(canvas=[32, 32], subjects_per_shard=max(16, N_SUBJECTS * 2 // 3), threads=1)  # 2 shards
-    cfg["models"] = {"pca": {**cfg["models"]["pca"], "crop": 32, "n_components": 8}}
+    """.test/config/tiny-demo.yaml (pca, the analysis stages at their cheapest) with N_SUBJECTS subjects in 2
+    shards, every autoencoder tiny, and one CPU per job so that two jobs share the 2-CPU node."""
+    cfg = load_test_config("tiny-demo")
+    cfg["demo"].update(n_subjects=N_SUBJECTS, workers=1)
+    cfg["preprocess"].update(subjects_per_shard=max(16, N_SUBJECTS * 2 // 3), threads=1)  # 2 shards
     resources = {name: {"threads": 1} for name in ("project", "probe", "mitigate")}
     for m in autoencoders():
         cfg["models"][m] = dict(TINY_MODELS[m])
         resources[f"train_{m}"] = dict(TINY_TRAIN_RESOURCES)
         resources[f"embed_{m}"] = {"threads": 1}
     cfg["resources"] = resources
-    for key, value in {"project": {"methods": ["tsne"], "plots": {"formats": []}}, "probe": {"n_bootstrap": 50},
-                       "fairness": {"n_boot": 50}, "mitigate": {"methods": ["leace"]},
-                       "discover": {"permutations": 19, "pocket_permutations": 49, "stability_runs": 3}}.items():
-        if key in cfg:  # the stage exists in this checkout
-            cfg[key].update(value)
     return cfg
 
 

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import REPO, demo_config, small_manifest, write_volume
+from conftest import REPO, demo_config, load_test_config, small_manifest, write_volume
 
 pytestmark = pytest.mark.workflow
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -39,24 +39,9 @@ def planned_jobs(workdir: Path, config: Path) -> dict[str, int]:
 
 
 def tiny_config(root: Path, manifest: Path) -> dict:
-    c = demo_config()
-    c.pop("demo")
+    """.test/config/tiny.yaml with the manifest that small_manifest wrote."""
+    c = load_test_config("tiny")
     c["cohort"]["manifest"] = str(manifest)
-    c["preprocess"].update(canvas=[32, 32], subjects_per_shard=2, threads=1)
-    c["models"] = {"pca": {**c["models"]["pca"], "crop": 32, "n_components": 8}}
-    # unstratified: 8 subjects in sex x age-quartile strata of one subject each would all land in train
-    c["cohort"]["split"]["stratify"] = []
-    return shrink_analysis(c)
-
-
-def shrink_analysis(c: dict) -> dict:
-    """A few subjects: the analysis stages run (and must cope with tiny regions); t-SNE is the one map and
-    LEACE the one mitigation, to keep the suite short (the session's full demo runs everything)."""
-    c["project"].update(methods=["tsne"], plots={"formats": []})
-    c["probe"].update(n_bootstrap=50)
-    c["fairness"].update(n_boot=50)
-    c["mitigate"].update(methods=["leace"])
-    c["discover"].update(permutations=19, pocket_permutations=49, stability_runs=3)
     return c
 
 
