@@ -60,8 +60,9 @@ SLURM_MODELS = tuple(os.environ.get("COHORTLENS_SLURM_MODELS", "vae").split(",")
 # the corrupt setting planted for one training job: a value the parse-time config check lets through (it checks
 # keys and types) and the trainer rejects when the job starts, so exactly that job fails
 BAD_VALUE = "bogus-slices"
-# size of the tiny demo cohort: >= 10 images of every site in every region (discover's per-site tests need them)
-N_SUBJECTS = int(os.environ.get("COHORTLENS_SLURM_SUBJECTS", "100"))
+# size of the tiny demo cohort (default: .test/config/tiny-demo.yaml's 24 subjects; the analysis stages cope with
+# tiny regions, as tests/test_demo_workflow.py shows on the same config)
+N_SUBJECTS = int(os.environ.get("COHORTLENS_SLURM_SUBJECTS", "0")) or None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -96,8 +97,9 @@ def tiny_demo_config() -> dict:
     """.test/config/tiny-demo.yaml (pca, the analysis stages at their cheapest) with N_SUBJECTS subjects in 2
     shards, every autoencoder tiny, and one CPU per job so that two jobs share the 2-CPU node."""
     cfg = load_test_config("tiny-demo")
-    cfg["demo"].update(n_subjects=N_SUBJECTS, workers=1)
-    cfg["preprocess"].update(subjects_per_shard=max(16, N_SUBJECTS * 2 // 3), threads=1)  # 2 shards
+    n_subjects = N_SUBJECTS or cfg["demo"]["n_subjects"]
+    cfg["demo"].update(n_subjects=n_subjects, workers=1)
+    cfg["preprocess"].update(subjects_per_shard=max(8, n_subjects * 2 // 3), threads=1)  # 2 shards
     resources = {name: {"threads": 1} for name in ("project", "probe", "mitigate")}
     for m in autoencoders():
         cfg["models"][m] = dict(TINY_MODELS[m])
