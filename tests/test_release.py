@@ -262,3 +262,14 @@ def test_coarsen_attributes():
     ages = out["age"].value_counts()
     assert ages.height >= 2 and ages["count"].min() >= K
     assert not any(v == str(a) for v, a in zip(out["age"].to_list(), frame["age"].to_list()))
+
+
+def test_small_counts_in_text_are_suppressed():
+    from cohortlens.report.publication import suppress_small_counts
+
+    text = "cleanlab flags 1 of 300 chest images as outliers; 12 of 300 images; 3 subjects, 25 participants"
+    assert suppress_small_counts(text, 10) == ("cleanlab flags < 10 of 300 chest images as outliers; 12 of 300 "
+                                               "images; < 10 subjects, 25 participants")
+    # other numbers stay: statistics, dates, ids, regions
+    for other in ("balanced accuracy 0.97 vs 0.50", "p=0.005", "from 2015-05", "R² 0.96 (r = 0.98)", "0 of 300 images"):
+        assert suppress_small_counts(other, 10) == other

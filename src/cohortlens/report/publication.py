@@ -10,7 +10,8 @@ run's tables through these functions (library functions on frames; the report an
 * `quarantine_reasons`: quarantined images counted per kind of reason (values, ids and file names stripped),
   kinds under k merged into one row, that row suppressed if it is still under k;
 * `findings_public`: the findings without sample-id lists, per-sample details or evidence paths; ids in the
-  descriptions withheld, dates coarsened to the month, the size of the finding's set (`n_set`) suppressed below k;
+  descriptions withheld, dates coarsened to the month, counts below k in the text written "< k", the size of the
+  finding's set (`n_set`) suppressed below k;
 * `coarsen_attributes`: the attributes of a map's points coarsened (continuous values in quantile bins, dates
   by year, categories under k merged into "other").
 """
@@ -28,6 +29,8 @@ FINDING_PUBLIC_COLS = ("finding_id", "kind", "region", "attribute", "value", "ef
                        "p_value", "p_adjusted", "n", "n_set", "description", "explained_by")
 # a date written as 2015-05-27, 2015_05_27, 2015/05/27, 2015.05.27 or 20150527 (not inside a longer number)
 DATE_PATTERN = re.compile(r"(?<![\d.])(\d{4})([-_/.]?)(\d{2})\2(\d{2})(?![\d])")
+# a count of participants or images written in text: "3 of 300", "3 images", "1 subject", "4 participants"
+_TEXT_COUNT = re.compile(r"(?<![\w.,])(\d+)(?=( of \d| (?:images?|subjects?|participants?|people|scans?)\b))")
 _ID_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9_.\-]+)?")
 
 
@@ -157,6 +160,14 @@ def withhold_ids(text: str | None, ids: Collection[str]) -> str | None:
     return "".join(out + [text[pos:]])
 
 
+def suppress_small_counts(text: str | None, k: int) -> str | None:
+    """Counts of fewer than k participants or images written in text ("1 of 300 images", "3 subjects") as
+    "< k": the table cells' small-cell rule applied to descriptions."""
+    if text is None:
+        return None
+    return _TEXT_COUNT.sub(lambda m: f"< {k}" if 0 < int(m.group(1)) < k else m.group(1), text)
+
+
 def findings_public(frame: pl.DataFrame, k: int, ids: Collection[str] = ()) -> pl.DataFrame:
     """The findings as a publication shows them: FINDING_PUBLIC_COLS only (no sample_ids, details, evidence),
     `n_set` = the size of the finding's set of images (suppressed below k, with the effect statistics of a
@@ -166,8 +177,10 @@ def findings_public(frame: pl.DataFrame, k: int, ids: Collection[str] = ()) -> p
     keep = [c for c in FINDING_PUBLIC_COLS if c in frame.columns]
     out = frame.select(keep)
     text_cols = [c for c in ("finding_id", "value", "description", "explained_by") if c in out.columns]
-    out = out.with_columns(*[pl.col(c).map_elements(lambda s: coarsen_dates(withhold_ids(s, ids)),
-                                                    return_dtype=pl.Utf8) for c in text_cols])
+    def public(text):
+        return suppress_small_counts(coarsen_dates(withhold_ids(text, ids)), k)
+
+    out = out.with_columns(*[pl.col(c).map_elements(public, return_dtype=pl.Utf8) for c in text_cols])
     out = suppress_small_cells(out, k, "n", [c for c in ("effect_size", "p_value", "p_adjusted") if c in out.columns])
     if "n_set" in out.columns:
         low = (pl.col("n_set") > 0) & (pl.col("n_set") < k)
