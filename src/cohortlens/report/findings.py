@@ -14,12 +14,11 @@ from cohortlens.demo.truth import ground_truth_recall, ground_truth_summary
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report.fragments import by_model, not_run, png, table
 from cohortlens.report.publication import (
-    coarsen_dates,
     findings_public,
     pictured,
+    public_text,
     public_text_columns,
     show_suppressed,
-    withhold_ids,
 )
 from cohortlens.types import PathLike
 
@@ -175,7 +174,7 @@ def ground_truth_section(findings: Sequence[PathLike], ground_truth: Sequence[Pa
         if score["false_finding_ids"] or score["unexplained_echo_ids"]:
             wrong_ids = ", ".join(score["false_finding_ids"] + score["unexplained_echo_ids"])
             if publication:
-                wrong_ids = coarsen_dates(withhold_ids(wrong_ids, ids))
+                wrong_ids = public_text(wrong_ids, ids)
             parts.append("<p class='bad'>" + html.escape(wrong_ids) + "</p>")
         parts.append(table(recall.select("row_type", "effect", "attribute", "regions", "expected", "found",
                                          "as expected", "finding_ids", "explained_ids", "precision", "recall",

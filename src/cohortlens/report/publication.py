@@ -160,6 +160,11 @@ def withhold_ids(text: str | None, ids: Collection[str]) -> str | None:
     return "".join(out + [text[pos:]])
 
 
+def public_text(text: str | None, ids: Collection[str]) -> str | None:
+    """Text a publication may show: participant ids withheld, exact dates coarsened to the month."""
+    return coarsen_dates(withhold_ids(text, ids))
+
+
 def suppress_small_counts(text: str | None, k: int) -> str | None:
     """Counts of fewer than k participants or images written in text ("1 of 300 images", "3 subjects") as
     "< k": the table cells' small-cell rule applied to descriptions."""
@@ -177,8 +182,9 @@ def findings_public(frame: pl.DataFrame, k: int, ids: Collection[str] = ()) -> p
     keep = [c for c in FINDING_PUBLIC_COLS if c in frame.columns]
     out = frame.select(keep)
     text_cols = [c for c in ("finding_id", "value", "description", "explained_by") if c in out.columns]
-    def public(text):
-        return suppress_small_counts(coarsen_dates(withhold_ids(text, ids)), k)
+
+    def public(text):  # a finding's text also counts images and subjects: small ones go, as in its cells
+        return suppress_small_counts(public_text(text, ids), k)
 
     out = out.with_columns(*[pl.col(c).map_elements(public, return_dtype=pl.Utf8) for c in text_cols])
     out = suppress_small_cells(out, k, "n", [c for c in ("effect_size", "p_value", "p_adjusted") if c in out.columns])
@@ -197,7 +203,7 @@ def show_suppressed(frame: pl.DataFrame, k: int, columns: Sequence[str] = ("n", 
 def public_text_columns(frame: pl.DataFrame, ids: Collection[str]) -> pl.DataFrame:
     """Every text column (and list of texts) with participant ids withheld and dates coarsened to the month."""
     def clean(s):
-        return coarsen_dates(withhold_ids(s, ids))
+        return public_text(s, ids)
 
     exprs = []
     for c, t in frame.schema.items():

@@ -28,15 +28,14 @@ import pyarrow.parquet as pq
 
 from cohortlens.report.archive import write_archive
 from cohortlens.report.publication import (
-    coarsen_dates,
     fairness_groups_public,
     fairness_summary_public,
     findings_public,
     participant_ids,
     pictured,
+    public_text,
     quarantine_reasons,
     suppress_small_cells,
-    withhold_ids,
 )
 from cohortlens.report.release import check_release, cohort_needles, public_dates
 from cohortlens.report.sections import settings
@@ -73,21 +72,27 @@ def cohort_counts(images: pl.DataFrame, splits: pl.DataFrame, k: int) -> pl.Data
     return suppress_small_cells(frame.sort("what", "value"), k, "n", [])
 
 
-def publication_members(results_dir: PathLike, *, report: PathLike, k: int, maps_dir: PathLike | None = None,
+def quarantine_tables(results_dir: PathLike) -> list[pl.DataFrame]:
+    """The cohort and preprocess quarantine tables of a run (those that exist)."""
+    res = Path(results_dir)
+    return [pl.read_parquet(p) for p in (res / "cohort/quarantine.parquet", res / "preprocessed/quarantine.parquet")
+            if p.is_file()]
+
+
+def publication_members(results_dir: PathLike, *, report: PathLike, k: int, images: pl.DataFrame,
+                        quarantines: Collection[pl.DataFrame] = (), maps_dir: PathLike | None = None,
                         ids: Collection[str] = ()) -> dict[str, bytes]:
     """{archive name: bytes} of the publication archive from a run's results folder (see the module
-    docstring); `ids` are the cohort's subject ids / image uids (withheld from the findings' text)."""
+    docstring), given its images table and quarantine tables; `ids` are the cohort's subject ids / image uids
+    (withheld from the findings' text)."""
     res = Path(results_dir)
     members: dict[str, bytes] = {"report/publication.html": Path(report).read_bytes()}
     if maps_dir is not None and Path(maps_dir).is_dir():
         for f in sorted(Path(maps_dir).glob("*.png")):
             members[f"report/maps/{f.name}"] = f.read_bytes()
-    images = pl.read_parquet(res / "cohort/images.parquet")
     splits = pl.read_parquet(res / "cohort/splits.parquet")
     members["cohort/counts.parquet"] = parquet_bytes(cohort_counts(images, splits, k))
-    quarantine = [pl.read_parquet(p) for p in (res / "cohort/quarantine.parquet",
-                                               res / "preprocessed/quarantine.parquet") if p.is_file()]
-    quarantine = pl.concat(quarantine, how="diagonal_relaxed") if quarantine else pl.DataFrame()
+    quarantine = pl.concat(list(quarantines), how="diagonal_relaxed") if quarantines else pl.DataFrame()
     members["quarantine/reasons.parquet"] = parquet_bytes(quarantine_reasons(quarantine, k))
 
     for p in sorted(res.glob("probes/*/metrics.parquet")):
@@ -112,7 +117,7 @@ def publication_members(results_dir: PathLike, *, report: PathLike, k: int, maps
             for entry in row.get("evidence") or []:
                 png = res / "findings" / p.stem / Path(entry).name
                 if png.is_file():
-                    name = coarsen_dates(withhold_ids(png.name, ids))
+                    name = public_text(png.name, ids)
                     members[f"findings/{p.stem}/{name}"] = png.read_bytes()
     for p in sorted(res.glob("mitigation/*/reprobe.parquet")):
         frame, meta = _read(p)
@@ -136,10 +141,9 @@ def write_publication_archive(out_path: PathLike, *, results_dir: PathLike, repo
     k = int(settings(config.get("report")).get("min_cell", 10))
     subjects = pl.read_parquet(res / "cohort/subjects.parquet")
     images = pl.read_parquet(res / "cohort/images.parquet")
-    quarantines = [pl.read_parquet(p) for p in (res / "cohort/quarantine.parquet",
-                                                res / "preprocessed/quarantine.parquet") if p.is_file()]
-    members = publication_members(res, report=report, k=k, maps_dir=maps_dir,
-                                  ids=participant_ids(subjects, images, *quarantines))
+    quarantines = quarantine_tables(res)
+    members = publication_members(res, report=report, k=k, images=images, quarantines=quarantines,
+                                  maps_dir=maps_dir, ids=participant_ids(subjects, images, *quarantines))
     needles = cohort_needles(subjects, images, quarantines, min_cell=k, public_dates=public_dates(config))
 
     def check(out: Mapping[str, bytes], identifiers: Mapping[str, str]) -> None:
