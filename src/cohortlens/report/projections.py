@@ -108,8 +108,7 @@ def projections_section(projections: Sequence[PathLike], plots: Sequence[PathLik
         pngs = sorted(d.glob(f"{method}-*.png"))
         if not pngs:
             continue
-        imgs = "".join(f"<figure>{png_scaled(f, cfg['static_map_width'], cls='map')}<figcaption>{html.escape(f.stem)}</figcaption></figure>"
-                       for f in pngs)
+        imgs = "".join(_map_figure(f, cfg["static_map_width"]) for f in pngs)
         static.append(f"<details><summary>{html.escape(model)} · {html.escape(region)} · {html.escape(method)} "
                       f"({len(pngs)} maps)</summary><div class='grid'>{imgs}</div></details>")
     if static:
@@ -117,6 +116,11 @@ def projections_section(projections: Sequence[PathLike], plots: Sequence[PathLik
     if interactive:
         parts.append(_SELECT_JS)
     return "".join(parts) or "<p class='muted'>no maps</p>", len(interactive)
+
+
+def _map_figure(path: Path, width: int) -> str:
+    """A static map PNG as a thumbnail figure captioned with its file name."""
+    return f"<figure>{png_scaled(path, width, cls='map')}<figcaption>{html.escape(path.stem)}</figcaption></figure>"
 
 
 def publication_maps_section(projections: Sequence[PathLike], subjects: PathLike, images: PathLike | None,
@@ -150,8 +154,7 @@ def publication_maps_section(projections: Sequence[PathLike], subjects: PathLike
             fig = static_map(coarse, attribute, spec, title=f"{model} · {region} · {method} — {attribute}",
                              max_points=cfg["max_points"])
             save_figure(fig, [out])
-            figures.append(f"<figure>{png_scaled(out, cfg['static_map_width'], cls='map')}"
-                           f"<figcaption>{html.escape(out.stem)}</figcaption></figure>")
+            figures.append(_map_figure(out, cfg["static_map_width"]))
         parts.append(f"<details{' open' if first else ''}><summary>{html.escape(model)} · {html.escape(region)} · "
                      f"{html.escape(method)} ({len(figures)} maps)</summary><div class='grid'>{''.join(figures)}"
                      f"</div></details>")
