@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,19 +56,22 @@ def seed_everything(seed: int) -> None:
 def limit_threads(threads: int | None, *, device: torch.device | None = None):
     """Cap BLAS/OpenMP pools (threadpoolctl) and torch's intra-op threads to a rule's `threads` for the
     duration. On a shared 2-core machine an uncapped BLAS pool made each probe fit 30-60x slower
-    (oversubscription). No cap when `threads` is falsy or the work runs on a GPU."""
+    (oversubscription). No cap when `threads` is falsy or the work runs on a GPU. torch is capped only when the
+    caller has imported it: the analysis stages that never use torch do not pay its import for a cap."""
     if not threads or (device is not None and device.type != "cpu"):
         yield
         return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
+    threads = max(1, int(threads))
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(threads)
     try:
-        with threadpool_limits(limits=max(1, int(threads))):
+        with threadpool_limits(limits=threads):
             yield
     finally:
-        torch.set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(before)
 
 
 def threaded(fn):
