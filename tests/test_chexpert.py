@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from cohortlens.io.chexpert import (
     CHEXPERT_FINDINGS,
@@ -118,12 +120,12 @@ def test_columns_and_types(source, tmp_path):
     _, df = convert(source, tmp_path)
     assert df.columns[:3] == ["subject_id", "image", "region"]
     assert set(df.columns) == {
-        "subject_id", "image", "region", "image_id", "study", "sex", "age", "projection",
-        *FINDING_COLUMNS,
+        "subject_id", "image", "region", "image_id", "study", "sex", "age", "view", "projection",
+        *FINDING_COLUMNS, "finding",
     }
     assert df.schema["age"] == pl.Int64
-    for c in ("subject_id", "image", "region", "image_id", "study", "sex", "projection",
-              *FINDING_COLUMNS):
+    for c in ("subject_id", "image", "region", "image_id", "study", "sex", "view", "projection",
+              *FINDING_COLUMNS, "finding"):
         assert df.schema[c] == pl.Utf8, c
 
 
@@ -486,7 +488,7 @@ def test_chexpert_config_is_valid_and_accepts_every_converted_row(source, tmp_pa
     cfg = yaml.safe_load((REPO / "config" / "chexpert.yaml").read_text())
     validate(cfg, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     attrs = cfg["attributes"]
-    assert set(attrs) == {"sex", "age", "projection", *FINDING_COLUMNS}
+    assert set(attrs) == {"sex", "age", "view", "projection", "finding", *FINDING_COLUMNS}
     assert cfg["regions"]["frontal"]["center_slices"] == 1
     _, df = convert(source, tmp_path)
     tables = build_cohort(tmp_path / "manifest.parquet", attributes=attrs, regions=list(cfg["regions"]), split=cfg["cohort"]["split"],
@@ -494,3 +496,284 @@ def test_chexpert_config_is_valid_and_accepts_every_converted_row(source, tmp_pa
                           manifest_schema=str(REPO / "workflow" / "schemas" / "manifest.schema.yaml"))
     assert tables.n_manifest_rows == df.height
     assert set(tables.quarantine["reason"]) == {"missing file"}
+
+
+# --- CheXpert as evaluated: policies, derived attributes, the competition AUC ------------------------------
+
+# train.csv as the real file has it: its exact header, labels written 1.0 / 0.0 / -1.0 / blank, "Unknown" sex
+# with age 0, laterals with a blank AP/PA, several studies per patient, No Finding only ever 1.0 or blank.
+REAL_HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
+               "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
+               "Pleural Effusion,Pleural Other,Fracture,Support Devices")
+T = "CheXpert-v1.0-small/train/"
+REAL_ROWS = [
+    T + "patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,1.0,,,,,,,,,0.0,,,,1.0",
+    T + "patient00002/study2/view1_frontal.jpg,Female,87,Frontal,AP,,,-1.0,1.0,,-1.0,-1.0,,-1.0,,-1.0,,1.0,",
+    T + "patient00002/study1/view1_frontal.jpg,Female,83,Frontal,AP,,,,1.0,,,-1.0,,,,,,1.0,",
+    T + "patient00002/study1/view2_lateral.jpg,Female,83,Lateral,,,,,1.0,,,-1.0,,,,,,1.0,",
+    T + "patient00003/study1/view1_frontal.jpg,Male,41,Frontal,AP,,,,,,1.0,,,,0.0,,,,",
+    T + "patient00004/study1/view1_frontal.jpg,Female,20,Frontal,PA,1.0,0.0,,,,,,,,,0.0,,,",
+    T + "patient00004/study1/view2_lateral.jpg,Female,20,Lateral,,1.0,0.0,,,,,,,,,0.0,,,",
+    T + "patient00005/study1/view1_frontal.jpg,Unknown,0,Frontal,AP,,,,,,,,,-1.0,,,,,",
+    T + "patient00005/study2/view1_lateral.jpg,Unknown,0,Lateral,,,,0.0,,,,,,,,-1.0,,,1.0",
+    T + "patient00006/study1/view1_frontal.jpg,Male,55,Frontal,PA,1.0,,1.0,,,,,,,,,,,",
+    T + "patient00006/study1/view2_lateral.jpg,Male,55,Lateral,,,,,,,,,,,,,,,",
+    T + "patient00007/study1/view1_frontal.jpg,Male,72,Frontal,AP,,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,",
+]
+# expected `finding` per image under each uncertain policy (the blank policy does not change it)
+FINDING = {  # image_id: (keep, positive = U-Ones, negative = U-Zeros)
+    "patient00001/study1/view1_frontal": ("negative",) * 3,  # No Finding 1.0 beside Support Devices 1.0
+    "patient00002/study2/view1_frontal": ("positive",) * 3,
+    "patient00002/study1/view1_frontal": ("positive",) * 3,
+    "patient00002/study1/view2_lateral": ("positive",) * 3,
+    "patient00003/study1/view1_frontal": ("positive",) * 3,
+    "patient00004/study1/view1_frontal": ("negative",) * 3,
+    "patient00004/study1/view2_lateral": ("negative",) * 3,
+    "patient00005/study1/view1_frontal": (None, "positive", None),  # only Atelectasis -1.0
+    "patient00005/study2/view1_lateral": (None, "positive", None),  # Pleural Effusion -1.0, Support Devices 1.0
+    "patient00006/study1/view1_frontal": (None,) * 3,  # No Finding 1.0 and Cardiomegaly 1.0 contradict
+    "patient00006/study1/view2_lateral": (None,) * 3,  # nothing labelled
+    "patient00007/study1/view1_frontal": (None,) * 3,  # all negative, but No Finding blank
+}
+POLICY_INDEX = {"keep": 0, "positive": 1, "negative": 2}
+
+
+@pytest.fixture
+def real(tmp_path):
+    assert all(len(r.split(",")) == len(REAL_HEADER.split(",")) == 19 for r in REAL_ROWS)
+    return write_csv(tmp_path, rows=REAL_ROWS, header=REAL_HEADER)
+
+
+def expected_label(raw: str, uncertain: str, blank: str) -> str | None:
+    """The label policy written out independently of the converter."""
+    return {"1.0": "positive", "0.0": "negative",
+            "-1.0": {"keep": "uncertain", "positive": "positive", "negative": "negative"}[uncertain],
+            "": {"null": None, "negative": "negative"}[blank]}[raw]
+
+
+@pytest.mark.parametrize("blank", ["null", "negative"])
+@pytest.mark.parametrize("uncertain", ["keep", "positive", "negative"])
+def test_real_file_labels_follow_the_uncertain_and_blank_policies(real, tmp_path, uncertain, blank):
+    result, df = convert(real, tmp_path, uncertain=uncertain, blank=blank)
+    assert result == {"rows_in": 12, "rows_out": 12, "skipped": []}
+    rows = by_image_id(df)
+    with real.open(newline="") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == len(rows) == 12
+    for rec in records:
+        r = rows[rec["Path"].removeprefix(T).removesuffix(".jpg")]
+        for finding, column in zip(CHEXPERT_FINDINGS, FINDING_COLUMNS):
+            assert r[column] == expected_label(rec[finding], uncertain, blank), (rec["Path"], finding)
+    values = set().union(*(set(df[c].unique()) for c in FINDING_COLUMNS))
+    assert ("uncertain" in values) == (uncertain == "keep")
+    assert (None in values) == (blank == "null")
+
+
+def test_real_file_sex_age_view_and_projection(real, tmp_path):
+    _, df = convert(real, tmp_path, uncertain="positive", blank="negative")
+    rows = by_image_id(df)
+    assert df["view"].to_list() == df["region"].to_list()
+    assert df.filter(pl.col("view") == "lateral")["image_id"].to_list() == [
+        "patient00002/study1/view2_lateral", "patient00004/study1/view2_lateral",
+        "patient00005/study2/view1_lateral", "patient00006/study1/view2_lateral"]
+    # laterals have no AP/PA: null, and nothing was skipped for it
+    assert df.filter(pl.col("view") == "lateral")["projection"].null_count() == 4
+    assert df.filter(pl.col("view") == "frontal")["projection"].to_list() == ["AP", "AP", "AP", "AP", "PA", "AP",
+                                                                               "PA", "AP"]
+    p5 = rows["patient00005/study1/view1_frontal"]
+    assert (p5["sex"], p5["age"]) == (None, None)  # Unknown, 0
+    assert (rows["patient00001/study1/view1_frontal"]["sex"], rows["patient00003/study1/view1_frontal"]["sex"]) == (
+        "F", "M")
+    # several studies per patient, one subject
+    assert df.filter(pl.col("subject_id") == "patient00002")["study"].to_list() == ["study2", "study1", "study1"]
+    assert df.group_by("subject_id").len().height == 7
+
+
+@pytest.mark.parametrize("blank", ["null", "negative"])
+@pytest.mark.parametrize("uncertain", ["keep", "positive", "negative"])
+def test_derived_finding_attribute(real, tmp_path, uncertain, blank):
+    _, df = convert(real, tmp_path, uncertain=uncertain, blank=blank)
+    got = dict(zip(df["image_id"], df["finding"]))
+    assert got == {k: v[POLICY_INDEX[uncertain]] for k, v in FINDING.items()}
+    # the reason for it: in train.csv No Finding is one class (or blank), `finding` has two
+    assert set(df["no_finding"].drop_nulls()) == ({"positive"} if blank == "null" else {"positive", "negative"})
+    assert set(df["finding"].drop_nulls()) == {"positive", "negative"}
+
+
+def test_bad_blank_policy(real, tmp_path):
+    with pytest.raises(ValueError, match="blank"):
+        chexpert_to_manifest(real, tmp_path / "m.csv", blank="zero")
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_cli_poster_policies(real, tmp_path, capsys):
+    out = tmp_path / "m.parquet"
+    assert main([str(real), str(out), "--uncertain", "positive", "--blank", "negative"]) == 0
+    assert "12 of 12 rows written" in capsys.readouterr().out
+    df = pl.read_parquet(out)
+    for c in FINDING_COLUMNS:
+        assert df[c].null_count() == 0 and set(df[c]) <= {"positive", "negative"}, c
+    assert df.filter(pl.col("image_id") == "patient00005/study1/view1_frontal")["atelectasis"].item() == "positive"
+    with pytest.raises(SystemExit):
+        main([str(real), str(out), "--blank", "zero"])
+
+
+def test_chexpert_config_accepts_the_real_file_under_the_poster_policies(real, tmp_path):
+    from cohortlens.cohort.build import build_cohort
+
+    cfg = yaml.safe_load((REPO / "config" / "chexpert.yaml").read_text())
+    attrs = cfg["attributes"]
+    assert attrs["view"] == {"type": "categorical", "role": "acquisition", "categories": ["frontal", "lateral"],
+                             "level": "image"}
+    assert attrs["finding"]["role"] == "target" and attrs["finding"]["categories"] == ["positive", "negative"]
+    _, df = convert(real, tmp_path, uncertain="positive", blank="negative")
+    tables = build_cohort(tmp_path / "manifest.parquet", attributes=attrs, regions=list(cfg["regions"]),
+                          split=cfg["cohort"]["split"], subjects_per_shard=4, image_root=str(tmp_path),
+                          manifest_schema=str(REPO / "workflow" / "schemas" / "manifest.schema.yaml"))
+    assert tables.n_manifest_rows == df.height == 12
+    assert set(tables.quarantine["reason"]) == {"missing file"}
+
+
+# --- the competition mean AUC ------------------------------------------------------------------------------
+
+
+def _predictions(rng, attribute, classes, n=60, split="test", flip=False):
+    """A probe's predictions for one finding: y_true from the classes, class_scores in the order of `classes`
+    (the positive class's score is noisy truth), subjects shared between findings."""
+    y = rng.choice(classes, n)
+    s = (y == "positive") + rng.normal(0, 0.8, n)
+    s = -s if flip else s
+    cols = {c: (s if c == "positive" else -s + (0.3 if c == "uncertain" else 0)) for c in classes}
+    scores = np.column_stack([cols[c] for c in classes])
+    frame = pl.DataFrame({"model": "m", "region": "frontal", "attribute": attribute,
+                          "subject_id": [f"S{i % 25}" for i in range(n)], "image_uid": [f"S{i % 25}/{i}" for i in range(n)],
+                          "split": split, "y_true": y.tolist(), "class_scores": scores.tolist()})
+    pos = y != "uncertain"
+    return frame, roc_auc_score(y[pos] == "positive", s[pos])
+
+
+def test_competition_mean_auc_matches_roc_auc_score():
+    from cohortlens.analysis.chexpert_auc import competition_metrics, finding_aucs
+    from cohortlens.io.chexpert import COMPETITION_COLUMNS
+
+    rng = np.random.default_rng(3)
+    classes = {"atelectasis": ["positive", "negative"], "cardiomegaly": ["negative", "positive"],
+               "consolidation": ["positive", "negative"], "edema": ["positive", "negative", "uncertain"],
+               "pleural_effusion": ["positive", "negative"], "fracture": ["positive", "negative"]}
+    frames, expected = [], {}
+    for a, cls in classes.items():
+        frame, auc = _predictions(rng, a, np.array(cls))
+        frames += [frame, _predictions(rng, a, np.array(cls), split="val", flip=True)[0]]  # val must not count
+        expected[a] = auc
+    preds = pl.concat(frames)
+    assert COMPETITION_COLUMNS == ("atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion")
+
+    per = finding_aucs(preds, classes)
+    assert per["attribute"].to_list() == list(COMPETITION_COLUMNS)  # fracture is not a competition finding
+    assert per["auc"].to_list() == pytest.approx([expected[a] for a in COMPETITION_COLUMNS], abs=1e-12)
+    edema = preds.filter((pl.col("attribute") == "edema") & (pl.col("split") == "test"))
+    assert per.filter(pl.col("attribute") == "edema")["n_positive"].item() + per.filter(
+        pl.col("attribute") == "edema")["n_negative"].item() == edema.filter(pl.col("y_true") != "uncertain").height
+
+    (row,) = competition_metrics(preds, classes, model="m", region="frontal", backend="exact", n_bootstrap=200,
+                                 seed=0)
+    mean = np.mean([expected[a] for a in COMPETITION_COLUMNS])
+    assert 0.6 < mean < 0.95
+    assert row["value"] == pytest.approx(mean, abs=1e-12)
+    assert row["ci_low"] < row["value"] < row["ci_high"]
+    assert (row["attribute"], row["kind"], row["metric"], row["chance"]) == ("chexpert_competition", "summary",
+                                                                             "mean_auc", 0.5)
+    # the images scored, each once: the five findings share their images
+    assert row["n_test"] == preds.filter((pl.col("split") == "test") & (pl.col("y_true") != "uncertain"))[
+        "image_uid"].n_unique() == 60
+    # all five or no mean: a missing finding, or one with a single label in its test rows
+    assert competition_metrics(preds.filter(pl.col("attribute") != "edema"), classes, model="m", region="frontal",
+                               backend="exact", n_bootstrap=0, seed=0) == []
+    one_label = preds.filter((pl.col("attribute") != "consolidation") | (pl.col("y_true") == "negative"))
+    assert competition_metrics(one_label, classes, model="m", region="frontal", backend="exact", n_bootstrap=0,
+                               seed=0) == []
+    # a probe without a class `positive` (e.g. sex) has no AUC here
+    assert finding_aucs(preds, {**classes, "atelectasis": ["F", "M"]})["attribute"].to_list() == list(
+        COMPETITION_COLUMNS[1:])
+
+
+def _metrics(rows):
+    from cohortlens.analysis.probe import METRICS_SCHEMA
+
+    base = {"kind": "classification", "metric": "balanced_accuracy", "ci_low": 0.5, "ci_high": 0.9, "n_train": 10,
+            "n_test": 5, "chance": 0.5, "backend": "exact"}
+    return pl.DataFrame([{**base, **r} for r in rows], schema=METRICS_SCHEMA)
+
+
+def test_model_table_shows_the_competition_mean_auc(tmp_path):
+    from cohortlens.analysis.chexpert_auc import COMPETITION_LABEL
+    from cohortlens.analysis.model_table import model_table
+    from cohortlens.report.model_table import model_table_html, model_table_section
+
+    plain = [{"model": m, "region": "frontal", "attribute": "sex", "value": v} for m, v in (("pca", 0.6), ("vae", 0.7))]
+    summary = [{"model": m, "region": "frontal", "attribute": "chexpert_competition", "kind": "summary",
+                "metric": "mean_auc", "value": v, "ci_low": v - 0.05, "ci_high": v + 0.05, "n_train": None}
+               for m, v in (("pca", 0.712), ("vae", 0.801))]
+    without = model_table(_metrics(plain))
+    assert COMPETITION_LABEL not in without.columns
+    table = model_table(_metrics(plain + summary))
+    assert table.columns == ["model", "region", "probe", "sex balanced accuracy ↑", COMPETITION_LABEL]
+    assert dict(zip(table["model"], table[COMPETITION_LABEL])) == {"pca": 0.712, "vae": 0.801}
+    html = model_table_html(_metrics(plain + summary))
+    assert f"<th>{COMPETITION_LABEL}</th>" in html
+    assert "<b>0.801 <span class='muted'>[0.751, 0.851]</span></b>" in html and "0.712" in html
+    # the report's section explains the column only where it is shown
+    for name, rows in (("plain", plain), ("summary", plain + summary)):
+        _metrics(rows).write_parquet(tmp_path / f"{name}.parquet")
+    assert "Pleural Effusion" not in model_table_section([tmp_path / "plain.parquet"])
+    assert "Pleural Effusion" in model_table_section([tmp_path / "summary.parquet"])
+
+
+def test_probe_stage_writes_the_competition_mean_auc(tmp_path):
+    """End to end through run_probes: the probe records its class order, and the mean AUC row on its test
+    predictions agrees with the probe's own ROC AUC per finding (one scoring path checks the other)."""
+    from cohortlens.analysis.probe import run_probes
+    from cohortlens.embed.parquet import VOLUME_KEYS, EmbeddingWriter
+    from cohortlens.io.chexpert import COMPETITION_COLUMNS
+    from cohortlens.io.tables import write_parquet
+
+    rng = np.random.default_rng(0)
+    n, dim = 160, 16
+    subjects = [f"patient{i:05d}" for i in range(n)]
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    labels = {}
+    for i, a in enumerate(COMPETITION_COLUMNS):
+        pos = rng.random(n) < 0.4
+        X[:, 2 * i:2 * i + 2] += 1.5 * pos[:, None]
+        labels[a] = np.where(pos, "positive", "negative").astype(object)
+    labels["edema"][rng.random(n) < 0.15] = "uncertain"  # the keep policy: a third class, left out of the AUC
+    emb = tmp_path / "pca/volumes.parquet"
+    with EmbeddingWriter(emb, VOLUME_KEYS, dim, {"model": "pca", "dim": dim, "level": "volume"}) as w:
+        w.write(pl.DataFrame({"image_uid": [f"{s}/frontal" for s in subjects], "subject_id": subjects,
+                              "region": ["frontal"] * n}), X)
+    attrs = {a: {"type": "categorical", "role": "target", "categories": ["positive", "negative", "uncertain"]}
+             for a in COMPETITION_COLUMNS}
+    write_parquet(pl.DataFrame({"subject_id": subjects, **{a: v.tolist() for a, v in labels.items()}}),
+                  tmp_path / "subjects.parquet", metadata={"attributes": attrs})
+    split = np.where(np.arange(n) % 10 < 6, "train", np.where(np.arange(n) % 10 < 7, "val", "test"))
+    write_parquet(pl.DataFrame({"subject_id": subjects, "split": split.tolist()}), tmp_path / "splits.parquet")
+    settings = {"C_grid": [1.0, 10.0], "gamma_grid": [1.0], "n_bootstrap": 50, "backend": "exact"}
+
+    metrics, preds, params = run_probes(emb, tmp_path / "subjects.parquet", tmp_path / "splits.parquet",
+                                        settings=settings)
+    assert params["frontal"]["cardiomegaly"]["classes"] == ["positive", "negative"]
+    assert params["frontal"]["edema"]["classes"] == ["positive", "negative", "uncertain"]
+    (row,) = metrics.filter(pl.col("attribute") == "chexpert_competition").iter_rows(named=True)
+    assert (row["model"], row["region"], row["metric"], row["backend"]) == ("pca", "frontal", "mean_auc", "exact")
+    own = metrics.filter(pl.col("metric") == "roc_auc").sort("attribute")
+    binary = own.filter(pl.col("attribute") != "edema")["value"].to_list()
+    edema = preds.filter((pl.col("attribute") == "edema") & (pl.col("split") == "test")
+                         & (pl.col("y_true") != "uncertain"))
+    edema_auc = roc_auc_score(edema["y_true"] == "positive", edema["class_scores"].list.get(0))
+    assert row["value"] == pytest.approx(np.mean([*binary, edema_auc]), abs=1e-9)
+    assert row["value"] > 0.75  # the planted signal, scored with the right sign
+    assert row["ci_low"] <= row["value"] <= row["ci_high"]
+    # no competition findings, no row
+    m2, _, _ = run_probes(emb, tmp_path / "subjects.parquet", tmp_path / "splits.parquet", settings=settings,
+                          probe_attributes=["cardiomegaly", "edema"])
+    assert "chexpert_competition" not in set(m2["attribute"])

@@ -4,7 +4,9 @@ One row per (model, region): the probe that produced the row's numbers, then bal
 categorical attributes and MAE (↓) for continuous ones. The probe column says which backend ran
 (`BACKEND_NAMES`), because they are not the same estimator: above `exact_max_train` rows the CPU probe is a
 ridge on Nyström RBF features (a least-squares kernel machine), and a reader comparing with the paper's SVM
-numbers must be able to see that. The HTML rendering is the report's (`cohortlens.report.model_table`).
+numbers must be able to see that. Summary rows of the probe stage (kind `summary`: the CheXpert competition mean AUC of
+`chexpert_auc`) become one more column after the attributes, only where the metrics have them. The HTML rendering
+is the report's (`cohortlens.report.model_table`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from typing import Iterable
 
 import polars as pl
 
+from cohortlens.analysis.chexpert_auc import (
+    COMPETITION_ATTRIBUTE,
+    COMPETITION_LABEL,
+    MEAN_AUC_METRIC,
+    SUMMARY_KIND,
+)
 from cohortlens.types import PathLike
 
 # What each probe backend is (metrics.parquet's `backend` column), as the table and the report name it.
@@ -21,12 +29,17 @@ BACKEND_NAMES = {"exact": "SVM (RBF, exact)", "approx": "Nyström RBF + ridge", 
 UNRECORDED = "not recorded"
 PROBE_COLUMN = "probe"
 
-_METRIC_LABEL = {"balanced_accuracy": ("balanced accuracy", "↑"), "mae": ("MAE", "↓"), "roc_auc": ("ROC AUC", "↑")}
-TABLE_METRICS = {"classification": "balanced_accuracy", "regression": "mae"}
+_METRIC_LABEL = {"balanced_accuracy": ("balanced accuracy", "↑"), "mae": ("MAE", "↓"), "roc_auc": ("ROC AUC", "↑"),
+                 MEAN_AUC_METRIC: ("mean ROC AUC", "↑")}
+TABLE_METRICS = {"classification": "balanced_accuracy", "regression": "mae", SUMMARY_KIND: MEAN_AUC_METRIC}
+# summary rows' column labels, by their attribute
+_SUMMARY_LABEL = {COMPETITION_ATTRIBUTE: COMPETITION_LABEL}
 
 
 def column_label(attribute: str, metric: str) -> str:
     """The table's column name for an attribute's metric, with its direction (↑ / ↓)."""
+    if metric == MEAN_AUC_METRIC and attribute in _SUMMARY_LABEL:
+        return _SUMMARY_LABEL[attribute]
     name, arrow = _METRIC_LABEL[metric]
     return f"{attribute} {name} {arrow}"
 
@@ -54,15 +67,17 @@ def probe_names(metrics: pl.DataFrame) -> pl.DataFrame:
 def model_table(metrics: pl.DataFrame | Iterable[PathLike]) -> pl.DataFrame:
     """Models × regions against attributes in the layout of paper 003's Table 1: balanced accuracy (↑) for
     categorical attributes, MAE (↓) for continuous ones; one row per (model, region) with the probe that
-    ran, column names carry the metric and its direction. Region classification sits in the 'all' row."""
+    ran, column names carry the metric and its direction. Region classification sits in the 'all' row; summary
+    rows (the CheXpert competition mean AUC) are the last columns, present only when the metrics have them."""
     metrics = read_metrics(metrics)
-    chosen = metrics.filter(
-        ((pl.col("kind") == "classification") & (pl.col("metric") == TABLE_METRICS["classification"]))
-        | ((pl.col("kind") == "regression") & (pl.col("metric") == TABLE_METRICS["regression"]))
-    )
+    chosen = metrics.filter(pl.any_horizontal(
+        [(pl.col("kind") == kind) & (pl.col("metric") == metric) for kind, metric in TABLE_METRICS.items()]))
+
+    def of_kind(kind: str) -> list[str]:
+        return list(dict.fromkeys(chosen.filter(pl.col("kind") == kind)["attribute"].to_list()))
+
     order = (["region"] if "region" in chosen["attribute"].to_list() else []) + [
-        a for a in dict.fromkeys(chosen.filter(pl.col("kind") == "classification")["attribute"].to_list()) if a != "region"
-    ] + list(dict.fromkeys(chosen.filter(pl.col("kind") == "regression")["attribute"].to_list()))
+        a for a in of_kind("classification") if a != "region"] + of_kind("regression") + of_kind(SUMMARY_KIND)
     label = {a: column_label(a, m) for a, m in chosen.select("attribute", "metric").unique().iter_rows()}
     # attributes become columns; a prefix keeps the 'region' attribute apart from the region key column
     wide = chosen.with_columns(("attr:" + pl.col("attribute")).alias("attribute")).pivot(

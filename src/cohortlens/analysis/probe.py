@@ -6,7 +6,9 @@ train split, C and γ are tuned on the val split (`probe_fit`), scores are taken
 bootstrap CIs that resample test *subjects* (`stats`). Which kernel machine fits (`probe_backends`: cuML,
 exact scikit-learn SVMs, or Nyström features + ridge above `exact_max_train` rows) is recorded per metric
 (`backend` column) and named in the model table (`model_table.BACKEND_NAMES`): an approx result is a kernel
-ridge, not an SVM. Settings: `probe_settings.ProbeSettings` (config `probe:`).
+ridge, not an SVM. Settings: `probe_settings.ProbeSettings` (config `probe:`). A classifier's params record its
+class order (`classes`: the columns of `class_scores`). Where a region has probes of the five CheXpert competition
+findings, `chexpert_auc` adds their mean ROC AUC on the test predictions as one more metrics row.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from cohortlens.analysis.chexpert_auc import competition_metrics
 from cohortlens.analysis.probe_backends import FeatureSpace, feature_space, predict_codes
 from cohortlens.analysis.probe_fit import PreparedAttribute, fit_tuned, prepare_attribute
 from cohortlens.analysis.probe_settings import ProbeSettings
@@ -110,6 +113,8 @@ def probe_attribute(
         for r, D, split in ((val, D_val, "val"), (test, D_test, "test"))
     ])
     params = {"C": C, "gamma": g * space.gamma_scale, "gamma_multiple": g, "tuned_on": where, "backend": space.backend}
+    if prep.kind == "classification":
+        params["classes"] = list(prep.classes)  # the order of class_scores' columns
     log.info("probe %s/%s/%s: %s", model, region, attribute,
              ", ".join(f"{m}={v:.3f} [{lo:.3f}, {hi:.3f}]" for m, v, lo, hi, _ in rows) + f" ({params})")
     return ProbeResult(metrics=metrics, predictions=predictions, backend=space.backend, params=params)
@@ -186,6 +191,7 @@ def run_probes(
         table = load_analysis_table(embeddings, subjects, splits, images, region, attributes=attributes)
         names = list(probe_attributes) if probe_attributes is not None else _default_attributes(table, None)
         m, p, prm = probe_table(table, names, settings, region=region)
+        m = pl.concat([m, _competition_row(m, p, prm, settings, table.model or "", region)])
         metrics.append(m), predictions.append(p)
         params[region] = prm
         del table
@@ -195,6 +201,16 @@ def run_probes(
         metrics.append(m), predictions.append(p)
         params[ALL_REGIONS] = prm
     return pl.concat(metrics), pl.concat(predictions), params
+
+
+def _competition_row(metrics: pl.DataFrame, predictions: pl.DataFrame, params: Mapping, settings: ProbeSettings,
+                     model: str, region: str) -> pl.DataFrame:
+    """The CheXpert competition mean AUC of this region's test predictions (no row without the five findings)."""
+    classes = {a: p["classes"] for a, p in params.items() if "classes" in p}
+    backend = metrics["backend"][0] if metrics.height else ""
+    rows = competition_metrics(predictions, classes, model=model, region=region, backend=backend,
+                               n_bootstrap=settings.n_bootstrap, seed=settings.seed)
+    return pl.DataFrame(rows, schema=METRICS_SCHEMA)
 
 
 def write_probes(

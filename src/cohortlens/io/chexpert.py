@@ -8,6 +8,13 @@ rows unique.
 Nothing is dropped silently: every data row either lands in the manifest or
 is listed in ``skipped`` with its 1-based line number in the source file
 (the header is line 1), so ``rows_in == rows_out + len(skipped)`` always.
+
+Labels (docs/chexpert.md): a -1 ("uncertain") follows ``uncertain`` (keep, or
+the paper's U-Ones = positive / U-Zeros = negative); a blank ("not mentioned")
+follows ``blank`` (null, or negative: the usual evaluation convention). Two
+columns are derived: ``view`` (frontal/lateral, also the region) and
+``finding`` (any of the 12 pathologies positive vs the labeller's
+``No Finding``), a binary target where ``No Finding`` itself is only 1 or blank.
 """
 
 from __future__ import annotations
@@ -23,8 +30,12 @@ from pathlib import Path
 import polars as pl
 
 __all__ = [
+    "BLANK_POLICIES",
     "CHEXPERT_FINDINGS",
+    "COMPETITION_COLUMNS",
+    "COMPETITION_FINDINGS",
     "FINDING_COLUMNS",
+    "PATHOLOGIES",
     "UNCERTAIN_POLICIES",
     "chexpert_to_manifest",
     "finding_column",
@@ -55,11 +66,30 @@ def finding_column(name: str) -> str:
 
 FINDING_COLUMNS: tuple[str, ...] = tuple(finding_column(f) for f in CHEXPERT_FINDINGS)
 
+# What the derived `finding` attribute counts: every observation except "No Finding" itself and
+# "Support Devices" (a device, not a pathology; CheXpert's labeller sets No Finding next to it).
+PATHOLOGIES: tuple[str, ...] = tuple(f for f in CHEXPERT_FINDINGS if f not in ("No Finding", "Support Devices"))
+_PATHOLOGY_COLUMNS = tuple(finding_column(f) for f in PATHOLOGIES)
+
+# The five observations of the CheXpert competition (Irvin et al. 2019); their mean ROC AUC is the
+# competition's score (analysis.chexpert_auc).
+COMPETITION_FINDINGS: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion",
+)
+COMPETITION_COLUMNS: tuple[str, ...] = tuple(finding_column(f) for f in COMPETITION_FINDINGS)
+
 # keep = leave the label as CheXpert's labeller reported it; positive/negative
 # are the U-Ones / U-Zeros policies from the CheXpert paper.
 UNCERTAIN_POLICIES: dict[str, str] = {
     "keep": "uncertain",
     "positive": "positive",
+    "negative": "negative",
+}
+
+# null = a blank ("not mentioned") stays unknown; negative = blank counts as absent, the convention of
+# CheXpert evaluations on train.csv (valid.csv, labelled by radiologists, has no blanks).
+BLANK_POLICIES: dict[str, str | None] = {
+    "null": None,
     "negative": "negative",
 }
 
@@ -96,8 +126,10 @@ _SCHEMA: dict[str, pl.DataType] = {
     "study": pl.Utf8,
     "sex": pl.Utf8,
     "age": pl.Int64,
+    "view": pl.Utf8,
     "projection": pl.Utf8,
     **{c: pl.Utf8 for c in FINDING_COLUMNS},
+    "finding": pl.Utf8,
 }
 
 
@@ -119,9 +151,9 @@ def _read_text(csv_path: Path) -> str:
         ) from None
 
 
-def _finding(raw: str, column: str, uncertain_label: str) -> str | None:
+def _finding(raw: str, column: str, uncertain_label: str, blank_label: str | None) -> str | None:
     if raw == "":
-        return None  # "not mentioned" in the report: genuinely unknown, not negative
+        return blank_label  # "not mentioned" in the report: null unless blank = negative
     try:
         value = float(raw)
     except ValueError:
@@ -148,7 +180,17 @@ def _age(raw: str) -> int | None:
     return int(value) or None
 
 
-def _convert_row(fields: dict[str, str], uncertain_label: str) -> dict[str, object]:
+def _any_finding(row: dict[str, object]) -> str | None:
+    """positive: a pathology is positive (after the uncertain policy); negative: the labeller's No Finding is
+    1; null: neither (e.g. only uncertain labels under keep) or both (contradictory labels)."""
+    positive = any(row[c] == "positive" for c in _PATHOLOGY_COLUMNS)
+    nothing = row["no_finding"] == "positive"
+    if positive == nothing:
+        return None
+    return "positive" if positive else "negative"
+
+
+def _convert_row(fields: dict[str, str], uncertain_label: str, blank_label: str | None) -> dict[str, object]:
     path = fields["Path"]
     if path == "":
         raise _Malformed("missing Path")
@@ -165,6 +207,7 @@ def _convert_row(fields: dict[str, str], uncertain_label: str) -> dict[str, obje
     if sex_raw.lower() not in _SEX:
         raise _Malformed(f"Sex: unknown value {sex_raw!r}")
 
+    # Lateral rows have no AP/PA in CheXpert: a blank is null, never an error.
     projection = fields["AP/PA"].upper() or None
     if projection is not None and projection not in _PROJECTIONS:
         raise _Malformed(f"AP/PA: unknown value {fields['AP/PA']!r}")
@@ -177,10 +220,12 @@ def _convert_row(fields: dict[str, str], uncertain_label: str) -> dict[str, obje
         "study": match["study"],
         "sex": _SEX[sex_raw.lower()],
         "age": _age(fields["Age"]),
+        "view": region,
         "projection": projection,
     }
     for finding, column in zip(CHEXPERT_FINDINGS, FINDING_COLUMNS):
-        row[column] = _finding(fields[finding], finding, uncertain_label)
+        row[column] = _finding(fields[finding], finding, uncertain_label, blank_label)
+    row["finding"] = _any_finding(row)
     return row
 
 
@@ -213,11 +258,13 @@ def chexpert_to_manifest(
     out_path: str | os.PathLike[str],
     *,
     uncertain: str = "keep",
+    blank: str = "null",
 ) -> dict:
     """Convert a CheXpert label CSV into a cohortlens manifest.
 
     ``uncertain`` decides what a -1 label becomes: ``"keep"`` -> ``"uncertain"``,
-    ``"positive"`` (U-Ones) or ``"negative"`` (U-Zeros).
+    ``"positive"`` (U-Ones) or ``"negative"`` (U-Zeros). ``blank`` decides what
+    a blank label becomes: ``"null"`` (unknown) or ``"negative"``.
 
     Returns ``{"rows_in", "rows_out", "skipped"}`` where ``skipped`` is a list
     of ``(line_number, reason)``. Raises ``ValueError`` for a bad policy or
@@ -228,7 +275,10 @@ def chexpert_to_manifest(
         raise ValueError(
             f"uncertain must be one of {sorted(UNCERTAIN_POLICIES)}, got {uncertain!r}"
         )
+    if blank not in BLANK_POLICIES:
+        raise ValueError(f"blank must be one of {sorted(BLANK_POLICIES)}, got {blank!r}")
     uncertain_label = UNCERTAIN_POLICIES[uncertain]
+    blank_label = BLANK_POLICIES[blank]
     csv_path = Path(csv_path)
     out_path = Path(out_path)
     suffix = out_path.suffix.lower()
@@ -272,7 +322,7 @@ def chexpert_to_manifest(
                 continue
             fields = {name: record[index[name]].strip() for name in _REQUIRED_COLUMNS}
             try:
-                row = _convert_row(fields, uncertain_label)
+                row = _convert_row(fields, uncertain_label, blank_label)
                 image_id = str(row["image_id"])
                 if image_id in first_seen:
                     raise _Malformed(
@@ -306,9 +356,17 @@ def main(argv: list[str] | None = None) -> int:
         default="keep",
         help="what -1 labels become: keep (uncertain), positive (U-Ones), negative (U-Zeros)",
     )
+    parser.add_argument(
+        "--blank",
+        choices=sorted(BLANK_POLICIES),
+        default="null",
+        help="what blank labels become: null (unknown) or negative (blank = absent, for evaluation)",
+    )
     args = parser.parse_args(argv)
     try:
-        result = chexpert_to_manifest(args.csv_path, args.out_path, uncertain=args.uncertain)
+        result = chexpert_to_manifest(
+            args.csv_path, args.out_path, uncertain=args.uncertain, blank=args.blank
+        )
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     print(f"{args.out_path}: {result['rows_out']} of {result['rows_in']} rows written")

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import polars as pl
 
+from cohortlens.analysis.chexpert_auc import COMPETITION_ATTRIBUTE, COMPETITION_LABEL
 from cohortlens.analysis.model_table import (
     BACKEND_NAMES,
     PROBE_COLUMN,
@@ -73,6 +74,11 @@ def model_table_section(metrics: Sequence[PathLike]) -> str:
              f"rows, {html.escape(BACKEND_NAMES['approx'])} (kernel approximation, a least-squares kernel "
              f"machine rather than an SVM) above it, {html.escape(BACKEND_NAMES['cuml'])} on a GPU.</p>",
              model_table_html(frame)]
+    if frame.filter(pl.col("attribute") == COMPETITION_ATTRIBUTE).height:
+        parts.insert(1, f"<p>{html.escape(COMPETITION_LABEL)}: scikit-learn ROC AUC of each probe's test decision "
+                        f"values for Atelectasis, Cardiomegaly, Consolidation, Edema and Pleural Effusion (rows "
+                        f"labelled positive or negative after the manifest's uncertain/blank policies), averaged; "
+                        f"95% subject-bootstrap CI (docs/chexpert.md).</p>")
     extra = frame.filter(pl.col("metric") == "roc_auc")
     if extra.height:
         parts.append("<details><summary>ROC AUC (one-vs-rest macro) and chance levels</summary>")
