@@ -25,8 +25,9 @@ def recorded(y: torch.Tensor, head: AdversaryHead) -> torch.Tensor:
     return y >= 0 if head.kind == "classification" else torch.isfinite(y)
 
 
-def adversary_losses(outputs: dict, targets: dict, heads: dict[str, AdversaryHead]) -> dict[str, torch.Tensor]:
-    """Per head: cross-entropy (label -1 = missing) or MSE on the standardised value (NaN = missing)."""
+def _per_head(outputs: dict, targets: dict, heads: dict[str, AdversaryHead], classification, regression) -> dict:
+    """One loss per head on its recorded rows: ``classification(name, logits, labels)`` or
+    ``regression(name, prediction, value)``; a batch without a recorded row gives a zero that keeps the graph."""
     losses = {}
     for name, out in outputs.items():
         y, head = targets[name], heads[name]
@@ -34,25 +35,23 @@ def adversary_losses(outputs: dict, targets: dict, heads: dict[str, AdversaryHea
         if not keep.any():
             losses[name] = out.sum() * 0.0
         elif head.kind == "classification":
-            losses[name] = F.cross_entropy(out[keep], y[keep])
+            losses[name] = classification(name, out[keep], y[keep])
         else:
-            losses[name] = F.mse_loss(out[keep, 0], y[keep])
+            losses[name] = regression(name, out[keep, 0], y[keep])
     return losses
+
+
+def adversary_losses(outputs: dict, targets: dict, heads: dict[str, AdversaryHead]) -> dict[str, torch.Tensor]:
+    """Per head: cross-entropy (label -1 = missing) or MSE on the standardised value (NaN = missing)."""
+    return _per_head(outputs, targets, heads, lambda _, out, y: F.cross_entropy(out, y),
+                     lambda _, out, y: F.mse_loss(out, y))
 
 
 def confusion_losses(outputs: dict, targets: dict, heads: dict[str, AdversaryHead], priors: dict) -> dict:
     """How far each head's output is from the chance prediction (train prior / train mean)."""
-    losses = {}
-    for name, out in outputs.items():
-        y, head = targets[name], heads[name]
-        keep = recorded(y, head)
-        if not keep.any():
-            losses[name] = out.sum() * 0.0
-        elif head.kind == "classification":
-            losses[name] = -(priors[name] * F.log_softmax(out[keep], dim=1)).sum(1).mean()
-        else:
-            losses[name] = out[keep, 0].pow(2).mean()
-    return losses
+    return _per_head(outputs, targets, heads,
+                     lambda name, out, _: -(priors[name] * F.log_softmax(out, dim=1)).sum(1).mean(),
+                     lambda _, out, __: out.pow(2).mean())
 
 
 def linear_leakage(mu: torch.Tensor, strata: torch.Tensor, targets: dict, heads: dict[str, AdversaryHead],
