@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import polars as pl
 import pytest
 
 from cohortlens.cohort.build import assign_shards, assign_splits, build_cohort, shard_count, stable_unit_hash
+from cohortlens.cohort.shards import files_stamp, read_shard_list, shard_list_path, write_shard_lists
 from cohortlens.io.tables import ManifestError
 
 from conftest import SCHEMA, small_manifest
@@ -70,6 +74,47 @@ def test_shards_power_of_two_and_stable_under_growth():
     assert (s1 == s2[:300]).all()
     assert len(set(s1)) == 8
     assert (stable_unit_hash(ids, 3) == stable_unit_hash(ids, 3)).all()
+
+
+def test_shard_lists_are_rewritten_only_when_their_rows_change(tmp_path, config):
+    """The preprocess rule's rerun signal: a list's mtime moves only with its shard's rows (docs/architecture.md)."""
+    manifest = small_manifest(tmp_path, 8)
+    t = build(manifest, config, subjects_per_shard=3)  # 8 and 9 subjects: 4 shards
+    lists = tmp_path / "shards"
+    shards = sorted(t.images["shard"].unique())
+    assert write_shard_lists(t.images, lists) == {"written": shards, "kept": [], "removed": []}
+    for k in shards:
+        assert read_shard_list(shard_list_path(lists, k)) == t.images.filter(pl.col("shard") == k)["path"].to_list()
+    before = {p.name: p.stat().st_mtime_ns for p in lists.glob("shard-*.tsv")}
+
+    edit_manifest(manifest, lambda df: pl.concat([df, df.filter(pl.col("subject_id") == "T0001").with_columns(
+        pl.lit("T0100").alias("subject_id"))]))  # a new subject (its files are T0001's)
+    t2 = build(manifest, config, subjects_per_shard=3)
+    new = t2.images.filter(pl.col("subject_id") == "T0100")["shard"].unique().to_list()
+    assert write_shard_lists(t2.images, lists) == {"written": new, "kept": [k for k in shards if k not in new],
+                                                  "removed": []}
+    after = {p.name: p.stat().st_mtime_ns for p in lists.glob("shard-*.tsv")}
+    assert sorted(n for n in after if after[n] != before[n]) == [f"shard-{new[0]}.tsv"]
+    # fewer shards: the lists of shards that are gone are removed
+    assert write_shard_lists(t2.images.filter(pl.col("shard") == new[0]), lists)["removed"] == [
+        k for k in shards if k != new[0]]
+    assert [p.name for p in lists.glob("shard-*.tsv")] == [f"shard-{new[0]}.tsv"]
+
+
+def test_files_stamp_changes_with_any_listed_file(tmp_path):
+    paths = [str(tmp_path / f"{i}.bin") for i in range(3)]
+    for p in paths:
+        Path(p).write_bytes(b"x")
+    stamp = files_stamp(paths)
+    assert files_stamp(paths) == stamp
+    Path(paths[1]).write_bytes(b"xy")  # replaced in place
+    assert files_stamp(paths) != stamp
+    stamp = files_stamp(paths)
+    os.utime(paths[2], ns=(1, 1))  # an older file put in its place
+    assert files_stamp(paths) != stamp
+    stamp = files_stamp(paths)
+    os.unlink(paths[0])
+    assert files_stamp(paths) != stamp
 
 
 def test_missing_file_is_quarantined(tmp_path, config):

@@ -147,6 +147,17 @@ def test_adding_one_subject_reruns_only_its_shard(tmp_path):
     changed = sorted(n for n in after if after[n] != before.get(n))
     assert changed == [f"shard-{new_shard[0]}.npy"]
     assert pl.read_parquet(pre / "index.parquet").filter(pl.col("subject_id") == "T0100").height == 3 * 16
+    # the shard's input is its file list (results/cohort/shards/), rewritten by the cohort stage only for that shard
+    kept = images["shard"].n_unique() - 1
+    assert f"shard lists: 1 written, {kept} unchanged, 0 removed" in (tmp_path / "results/logs/cohort.log").read_text()
+
+    # an image edited in place (same manifest row, so the cohort stage does not rerun) reruns only its shard
+    edited = images.filter(pl.col("subject_id") == "T0003")
+    write_volume(Path(edited["path"][0]), seed=7)
+    run = snakemake(tmp_path, index, config=config)
+    ran = re.findall(r"rule preprocess_shard:.*?wildcards: shard=(\d+)", run.stdout + run.stderr, re.S)
+    assert "checkpoint cohort" not in run.stdout + run.stderr
+    assert [int(s) for s in ran] == edited["shard"].unique().to_list()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-# Stage 1: manifest + attribute config -> subjects, images (with shard), splits, quarantine.
-# A checkpoint: the shard list it writes decides the preprocess jobs.
+# Stage 1: manifest + attribute config -> subjects, images (with shard), splits, quarantine, shard lists.
+# A checkpoint: the shard lists it writes decide the preprocess jobs.
 checkpoint cohort:
     input:
         manifest=config["cohort"]["manifest"],
@@ -9,6 +9,8 @@ checkpoint cohort:
         images="results/cohort/images.parquet",
         splits="results/cohort/splits.parquet",
         quarantine="results/cohort/quarantine.parquet",
+        # one file list per shard, rewritten only when the shard's rows change (kept, not deleted, before the job)
+        shards=update(directory("results/cohort/shards")),
     log:
         "results/logs/cohort.log",
     conda:

@@ -1,11 +1,11 @@
 # Helpers shared by the rules: shard lists come from the cohort checkpoint, so the DAG has one job per
 # shard (not per image) and grows with the cohort only through the shard count.
 import functools
-import hashlib
-import json
 import os
 
 import polars as pl
+
+from cohortlens.cohort.shards import files_stamp, read_shard_list, shard_list_path
 
 MODELS = list(config["models"])
 ENV = "../../envs/cohortlens.yaml"  # CPU stages
@@ -18,34 +18,28 @@ def res(rule_name, key, default):
 
 
 @functools.cache
-def _images_table(path, mtime_ns):
-    return pl.read_parquet(path, columns=["image_uid", "region", "path", "shard"])
-
-
-def cohort_images():
-    path = checkpoints.cohort.get().output.images
-    return _images_table(path, os.stat(path).st_mtime_ns)
+def _shard_ids(path, mtime_ns):
+    return sorted(pl.read_parquet(path, columns=["shard"])["shard"].unique().to_list())
 
 
 def shard_ids(wildcards=None):
-    return sorted(cohort_images()["shard"].unique().to_list())
+    path = checkpoints.cohort.get().output.images
+    return _shard_ids(path, os.stat(path).st_mtime_ns)
 
 
-def shard_images(wildcards):
-    """The shard's image files: touching or adding one image reruns only its own shard."""
-    rows = cohort_images().filter(pl.col("shard") == int(wildcards.shard))
-    return sorted(rows["path"].to_list())
+def shard_list(wildcards):
+    """The shard's file list, results/cohort/shards/shard-{k}.tsv, rewritten by the checkpoint only when the
+    shard's rows change: one new image reruns only its own shard. One input per shard, not one per image
+    (223k image inputs cost ~20 s of bookkeeping per dry run: docs/benchmarks.md)."""
+    return shard_list_path(checkpoints.cohort.get().output.shards, wildcards.shard)
 
 
-def shard_digest(wildcards):
-    """Digest of the shard's rows, so a changed region or id (same files) also reruns the shard."""
-    rows = (
-        cohort_images()
-        .filter(pl.col("shard") == int(wildcards.shard))
-        .sort("image_uid")
-    )
-    text = json.dumps(rows.select("image_uid", "region", "path").rows())
-    return hashlib.sha256(text.encode()).hexdigest()
+def shard_files_stamp(wildcards):
+    """Digest of the shard's image files' mtime and size (a param): an image edited in place reruns its shard."""
+    path = shard_list(wildcards)
+    if not os.path.exists(path):
+        return "no shard list"  # Snakemake then names the missing input instead of this param failing
+    return files_stamp(read_shard_list(path))
 
 
 def shard_files(pattern):

@@ -2,7 +2,7 @@
 rule preprocess_shard:
     input:
         images=ancient("results/cohort/images.parquet"),
-        files=shard_images,
+        files=shard_list,
     output:
         slices="results/preprocessed/shard-{shard}.npy",
         index="results/preprocessed/index-{shard}.parquet",
@@ -22,7 +22,7 @@ rule preprocess_shard:
             for k, v in config["preprocess"].items()
             if k not in ("subjects_per_shard", "threads")
         },
-        rows=shard_digest,
+        files=shard_files_stamp,
     script:
         "../scripts/preprocess_shard.py"
 
