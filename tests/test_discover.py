@@ -218,6 +218,25 @@ def test_a_date_effect_in_every_site_keeps_its_name():
     assert len(date) == 1 and date[0].p_value <= 0.02, [f.summary for f in found]
 
 
+def test_a_significant_leak_below_the_relevance_floor_is_no_finding():
+    """The same global date effect is significant either way; with the R² floor above its R² it stays in the
+    tests table (described as below the floor) and is not a finding."""
+    rd = synthetic_region(date_effect="global")
+    low = discover_leaks.attribute_leaks(rd, _cfg(), np.random.default_rng(0))
+    date = next(f for f in low if f.attribute == "date")
+    date.p_adjusted = date.p_value
+    assert date.reportable and date.is_finding(0.05) and date.details["relevance_floor"] == 0.05
+    high = discover_leaks.attribute_leaks(rd, _cfg(min_r2=date.effect_size + 0.01), np.random.default_rng(0))
+    date = next(f for f in high if f.attribute == "date")
+    date.p_adjusted = date.p_value
+    assert date.p_value <= 0.02 and not date.is_finding(0.05)
+    assert date.row(0.05)["description"].startswith("not a finding (significant, below the relevance floor)")
+    # categories use their own floor, on balanced accuracy minus chance
+    site = next(f for f in discover_leaks.attribute_leaks(rd, _cfg(min_accuracy_gain=1.0), np.random.default_rng(0))
+                if f.attribute == "site")
+    assert not site.reportable and site.effect_measure == "balanced_accuracy_minus_chance"
+
+
 @pytest.mark.slow
 def test_leak_permutation_tests_are_calibrated_under_the_null():
     """No attribute in the embedding: p-values of the site, sex and (within-site permuted) date tests must not

@@ -113,7 +113,10 @@ class Finding:
     def row(self, alpha: float | None = None) -> dict:
         description = self.description
         if alpha is not None and self.p_value is not None and not self.is_finding(alpha):
-            description = "not a finding: " + description  # the tests table keeps what was checked, too
+            # the tests table keeps what was checked, too
+            below = not self.reportable and self.p_adjusted is not None and self.p_adjusted < alpha
+            description = ("not a finding (significant, below the relevance floor): " if below
+                           else "not a finding: ") + description
         return {
             "finding_id": self.finding_id,
             "kind": self.kind,

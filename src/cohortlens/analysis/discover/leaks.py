@@ -43,6 +43,10 @@ class LeakSettings:
     """Settings of the leak detector (besides `core.CoreSettings`' folds and permutations)."""
 
     interaction_min_site: int = 30  # images of one site for the within-site date leak
+    # Relevance floors: a significant leak is a finding only when the embedding explains at least this much.
+    # At NAKO's 30k subjects an R² of 0.002 is significant; a report listing it buries the leaks that matter.
+    min_r2: float = 0.05  # numbers and dates (out-of-fold R²)
+    min_accuracy_gain: float = 0.05  # categories: balanced accuracy minus chance
     onset_bootstraps: int = 200  # subject bootstrap resamples for the 95 % interval of a date effect's onset
 
 
@@ -209,15 +213,16 @@ def _leak_finding(rd: RegionData, attribute: str, res: dict, cfg: dict, rng) -> 
         summary = (f"{attribute} is predictable from {rd.region} embeddings: balanced accuracy {res['stat']:.2f} "
                    f"vs chance {chance:.2f}; best recognised {attribute} {best} (AUC {res['auc'].get(best, 0):.2f})"
                    f" — {risk}")
-        return Finding("attribute_leak", rd.region, attribute, best, res["stat"] - chance,
-                       "balanced_accuracy_minus_chance", res["p"], n, ids[hit].tolist(), summary, details)
+        return _floored(Finding("attribute_leak", rd.region, attribute, best, res["stat"] - chance,
+                                "balanced_accuracy_minus_chance", res["p"], n, ids[hit].tolist(), summary, details),
+                        cfg)
 
     details.update(r2=res["stat"], pearson_r=res["r"])
     what = "R² {:.2f} (r = {:.2f}) of out-of-fold ridge predictions".format(res["stat"], res["r"])
     if spec.type != "date":
         summary = f"{attribute} is predictable from {rd.region} embeddings: {what} — {risk}"
-        return Finding("attribute_leak", rd.region, attribute, None, res["stat"], "r2", res["p"], n, [],
-                       summary, details)
+        return _floored(Finding("attribute_leak", rd.region, attribute, None, res["stat"], "r2", res["p"], n, [],
+                                summary, details), cfg)
 
     stratum_attrs = stratum_attributes(rd)
     attr_name, value = attribute, None
@@ -236,8 +241,17 @@ def _leak_finding(rd: RegionData, attribute: str, res: dict, cfg: dict, rng) -> 
             summary = (f"{attribute} is predictable from {rd.region} embeddings only through {stratum} {site}: "
                        f"{what}; without {site} p = {p_without[stratum][site]:.2g} — a {attribute} effect within "
                        f"{stratum} {site}, not a {attribute} effect of its own")
-    return Finding("attribute_leak", rd.region, attr_name, value, res["stat"], "r2", res["p"], n, [], summary,
-                   details)
+    return _floored(Finding("attribute_leak", rd.region, attr_name, value, res["stat"], "r2", res["p"], n, [],
+                            summary, details), cfg)
+
+
+def _floored(f: Finding, cfg: dict) -> Finding:
+    """Below the detector's relevance floor a leak stays in the tests table, significant or not, but is no
+    finding (`Finding.reportable`); the floor is written into its details."""
+    floor = cfg["min_r2"] if f.effect_measure == "r2" else cfg["min_accuracy_gain"]
+    f.details["relevance_floor"] = floor
+    f.reportable = bool(np.isfinite(f.effect_size) and f.effect_size >= floor)
+    return f
 
 
 def site_date_leaks(rd: RegionData, cfg: dict, rng) -> list[Finding]:
@@ -272,7 +286,7 @@ def site_date_leaks(rd: RegionData, cfg: dict, rng) -> list[Finding]:
                            "scope": f"within {stratum}", **{k: v for k, v in cp.items() if k != "n"}}
                 if cp["shape"] == "step":
                     details["direction"] = "from"
-                out.append(Finding("attribute_leak", rd.region, interaction_name(stratum, date_attr), value,
-                                   res["stat"], "r2", res["p"], int(res["mask"].sum()), ids[after].tolist(),
-                                   summary, details, tag="within"))
+                out.append(_floored(Finding("attribute_leak", rd.region, interaction_name(stratum, date_attr),
+                                            value, res["stat"], "r2", res["p"], int(res["mask"].sum()),
+                                            ids[after].tolist(), summary, details, tag="within"), cfg))
     return out
