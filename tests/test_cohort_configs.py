@@ -83,6 +83,8 @@ def check_plan(text: str, cfg: dict) -> None:
         assert res["runtime"] == str(want["runtime"]) and res["mem_mb"] == str(want["mem_mb"])
     embed = planned_resources(text, "embed_autoencoder")
     assert {m: r["gpu"] for m, r in embed.items()} == {"vae": "1", "dae": "1"}
+    # one GPU job per supervised baseline architecture
+    assert jobs.get("train_baseline", 0) == len(cfg.get("baselines", {}))
 
 
 def cohort_tables(cfg: dict):
@@ -186,6 +188,8 @@ def test_gpu_resources_of_the_autoencoders(name):
     res = shipped(name)["resources"]
     for model in ("vae", "dae"):
         assert res[f"train_{model}"]["gpu"] == 1 and res[f"embed_{model}"]["gpu"] == 1
+    for arch in shipped(name)["baselines"]:
+        assert res[f"baseline_{arch}"]["gpu"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ the template

@@ -86,6 +86,9 @@ def test_unknown_key_in_a_section(cfg, section, typo, meant):
     (("models", "dae"), "base_channel", "base_channels"),  # a key of the model (dae.DEFAULT_CONFIG)
     (("cohort", "split"), "stratiffy", "stratify"),
     (("resources", "train_vae"), "mem", "mem_mb"),
+    (("baselines", "resnet10"), "wieght_decays", "weight_decays"),  # a key of the protocol (BaselineSettings)
+    (("baselines", "densenet121"), "epoch", "epochs"),  # a key of the engine (SupervisedSettings)
+    (("resources", "baseline_resnet34"), "threds", "threads"),
 ])
 def test_unknown_nested_key(cfg, path, typo, meant):
     section = cfg
@@ -107,6 +110,18 @@ def test_unknown_model(cfg):
     assert one_problem(cfg) == "config key models.vea is not known; did you mean models.vae?"
 
 
+def test_unknown_baseline_architecture(cfg):
+    cfg["baselines"]["resnet18"] = {"preset": "demo"}
+    assert one_problem(cfg) == "config key baselines.resnet18 is not known; did you mean baselines.resnet10?"
+
+
+def test_unknown_baseline_preset(cfg):
+    cfg["baselines"]["resnet34"]["preset"] = "nak"
+    problem = one_problem(cfg)
+    assert problem.startswith("config key baselines.resnet34.preset = 'nak' is not one of [")
+    assert problem.endswith("did you mean nako?")
+
+
 def test_unknown_preset(cfg):
     cfg["models"]["dae"]["preset"] = "dmeo"
     problem = one_problem(cfg)
@@ -117,6 +132,7 @@ def test_unknown_preset(cfg):
 @pytest.mark.parametrize("path, key, why", [
     (("models", "vae"), "image_size", "set crop"),
     (("mitigate", "inlp"), "seed", "set mitigate.seed"),
+    (("baselines", "resnet10"), "weight_decay", "set weight_decays"),
 ])
 def test_key_set_elsewhere(cfg, path, key, why):
     section = cfg
@@ -144,6 +160,7 @@ def _set(cfg: dict, path: tuple, value) -> None:
     (("fairness", "bins"), {"heigth": 3}, "fairness.bins.heigth"),
     (("fairness", "positive"), {"heigth": "tall"}, "fairness.positive.heigth"),
     (("cohort", "split", "stratify"), ["heigth"], "cohort.split.stratify[0]"),
+    (("baselines", "resnet10", "attributes"), ["sex", "heigth"], "baselines.resnet10.attributes[1]"),
 ])
 def test_unknown_attribute(cfg, path, value, key):
     _set(cfg, path, value)
@@ -168,6 +185,8 @@ def test_a_default_naming_a_missing_attribute(cfg):
                                                         "of the map regions (neck, chest, lumbar, all); did you mean "
                                                         "neck?"),
     (("resources", "train_vea"), {"gpu": 1}, "config key resources.train_vea: 'train_vea' is not one of the jobs ("),
+    (("resources", "baseline_resnet18"), {"gpu": 1}, "config key resources.baseline_resnet18: 'baseline_resnet18' is "
+                                                      "not one of the jobs ("),
 ])
 def test_other_names(cfg, path, value, expected):
     _set(cfg, path, value)
@@ -192,6 +211,12 @@ def test_interactive_method_must_be_a_map_method(cfg):
     (("mitigate", "methods"), ["leac"], "config key mitigate.methods[0] = 'leac' is not one of ['leace', 'inlp', "
                                         "'avae']; did you mean leace?"),
     (("cohort",), {"split": {}}, "config key cohort.manifest is missing"),
+    (("baselines", "resnet10", "heads"), "both", "config key baselines.resnet10.heads = 'both' is not one of "
+                                                  "['separate', 'shared']"),
+    (("baselines", "resnet10", "weight_decays"), [], "config key baselines.resnet10.weight_decays: [] should be "
+                                                     "non-empty"),
+    (("baselines", "resnet34", "lr"), "1e-3", "config key baselines.resnet34.lr = '1e-3' is not of type number (YAML "
+                                              "reads 1e-3 as text; write it with a dot, e.g. 1.0e-3)"),
 ])
 def test_wrong_type_or_value(cfg, path, value, expected):
     _set(cfg, path, value)
@@ -246,14 +271,22 @@ def test_resource_jobs_of_the_schema_are_those_the_rules_read():
     text = "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
     jobs = set(re.findall(r'(?<![\w])res\("(\w+)"', text))
     model_jobs = set(re.findall(r'model_res\("(\w+)"', text))
+    arch_jobs = set(re.findall(r'arch_res\("(\w+)"', text))
     resources = yaml.safe_load(SCHEMA.read_text())["properties"]["resources"]
     assert set(resources["x-jobs"]) == jobs
     assert set(resources["x-model-jobs"]) == model_jobs
+    assert set(resources["x-arch-jobs"]) == arch_jobs == {"baseline"}
 
 
 def test_models_of_the_schema_are_pca_and_the_registered_ones():
     models = yaml.safe_load(SCHEMA.read_text())["properties"]["models"]["properties"]
     assert set(models) == {"pca", *declared_value("cohortlens.models.registry:MODELS")}
+
+
+def test_baseline_architectures_of_the_schema_are_the_engines_and_the_presets():
+    archs = yaml.safe_load(SCHEMA.read_text())["properties"]["baselines"]["properties"]
+    assert tuple(archs) == declared_value("cohortlens.models.supervised.networks:ARCHITECTURES")
+    assert set(archs) == set(declared_value("cohortlens.analysis.baseline_settings:PRESETS"))
 
 
 def test_a_schema_constraint_on_a_key_the_library_lacks_is_a_schema_error(tmp_path):
@@ -286,7 +319,7 @@ def test_library_sections_have_no_defaults_in_the_schema():
 
     schema = yaml.safe_load(SCHEMA.read_text())
     sections = list(library_sections(schema))
-    assert len(sections) == 8  # probe, fairness, discover, mitigate.inlp, mitigate.avae, vae, dae, report
+    assert len(sections) == 11  # probe, baselines x 3, fairness, discover, mitigate.inlp, mitigate.avae, vae, dae, report
     for section in sections:
         declared = {k for ref in ([section["x-settings"]] if isinstance(section["x-settings"], str)
                                   else section["x-settings"]) for k in declared_keys(ref)}
@@ -336,4 +369,12 @@ def test_model_declarations_read_from_source_match_the_imported_ones():
         f.name for f in dataclasses.fields(AdversarialVAEConfig)}
     for model in registry.MODELS:
         assert set(declared_value(f"cohortlens.models.registry:PRESETS.{model}")) == set(registry.PRESETS[model])
+    from cohortlens.analysis import baseline_settings
+    from cohortlens.models.supervised.settings import SupervisedSettings
+
+    assert set(declared_keys("cohortlens.models.supervised.settings:SupervisedSettings")) == {
+        f.name for f in dataclasses.fields(SupervisedSettings)}
+    assert set(declared_keys("cohortlens.analysis.baseline_settings:BaselineSettings")) == {
+        f.name for f in dataclasses.fields(baseline_settings.BaselineSettings)}
+    assert declared_value("cohortlens.analysis.baseline_settings:PRESETS") == baseline_settings.PRESETS
     assert declared_value("cohortlens.embed.autoencoder:NORMALISATIONS") == NORMALISATIONS

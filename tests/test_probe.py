@@ -133,7 +133,8 @@ def test_model_table_names_the_backend_that_ran():
     assert set(approx["backend"]) == {"approx"} and set(exact["backend"]) == {"exact"}
     both = pl.concat([approx, exact.with_columns(pl.lit("other").alias("model"))])
     t = model_table(both)
-    assert t.columns[:3] == ["model", "region", "probe"]
+    assert t.columns[:5] == ["model", "supervision", "type", "region", "probe"]
+    assert set(t["supervision"]) == {"semi"} and set(t["type"]) == {"embedding"}  # probes of embeddings
     assert dict(zip(t["model"], t["probe"])) == {"synthetic": "Nyström RBF + ridge", "other": "SVM (RBF, exact)"}
     html = model_table_html(both)
     assert "<td>Nyström RBF + ridge</td>" in html and "<td>SVM (RBF, exact)</td>" in html
@@ -309,7 +310,7 @@ def test_model_table_layout(probe_run):
     vae_like = metrics.with_columns(pl.lit("other").alias("model"), pl.col("value") * 0.9)
     both = pl.concat([metrics, vae_like])
     table = model_table(both)
-    assert table.columns[:4] == ["model", "region", "probe", "region balanced accuracy ↑"]
+    assert table.columns[:6] == ["model", "supervision", "type", "region", "probe", "region balanced accuracy ↑"]
     assert "sex balanced accuracy ↑" in table.columns and "age MAE ↓" in table.columns
     assert table.height == 2 * 4  # two models × (neck, chest, lumbar, all)
     all_rows = table.filter(pl.col("region") == "all")

@@ -158,7 +158,9 @@ def _known_names(kind: str, config: Mapping, schema: Mapping, section: Mapping) 
         # any model the workflow knows, configured or not: resources left for a model switched off are harmless
         models = list(schema["properties"]["models"]["properties"])
         per_model = [f"{job}_{m}" for job in section.get("x-model-jobs", []) for m in models]
-        return list(dict.fromkeys([*section.get("x-jobs", []), *per_model]))
+        archs = list(schema["properties"].get("baselines", {}).get("properties", {}))
+        per_arch = [f"{job}_{a}" for job in section.get("x-arch-jobs", []) for a in archs]
+        return list(dict.fromkeys([*section.get("x-jobs", []), *per_model, *per_arch]))
     raise SchemaError(f"x-names: unknown kind of name {kind!r}")
 
 

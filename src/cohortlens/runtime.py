@@ -31,6 +31,14 @@ def select_device(requested: str = "auto") -> torch.device:
     return dev
 
 
+def bf16_autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (no loss scaling needed); a no-op elsewhere: CPU autocast is slower on most CPUs, and
+    CPU runs are the reference for determinism. Every trainer (autoencoders, supervised networks) uses this one."""
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
 @functools.cache
 def cuml_available() -> bool:
     """cuML importable and a CUDA device visible: only then do t-SNE/UMAP/SVM run on the GPU. A GPU machine

@@ -63,6 +63,15 @@ def model_res(stage, key, default):
     return lambda wildcards: res(f"{stage}_{wildcards.model}", key, default)
 
 
+# Supervised baselines (config `baselines:`): one train_baseline job per architecture listed there.
+BASELINES = list(config.get("baselines", {}))
+
+
+def arch_res(stage, key, default):
+    """A resource of the `stage` job of one baseline architecture, from config resources `<stage>_<arch>`."""
+    return lambda wildcards: res(f"{stage}_{wildcards.arch}", key, default)
+
+
 REGIONS = list(config["regions"])
 # projections per region and of all regions together (paper 003, Fig. 1: region clusters)
 MAP_REGIONS = REGIONS + ["all"]

@@ -28,6 +28,7 @@ REPORT_INPUTS = dict(
     ),
     metrics=expand("results/probes/{model}/metrics.parquet", model=MODELS),
     predictions=expand("results/probes/{model}/predictions.parquet", model=MODELS),
+    baseline_metrics=expand("results/baselines/{arch}/metrics.parquet", arch=BASELINES),
     fairness_groups=expand("results/fairness/{model}/groups.parquet", model=MODELS),
     fairness_summary=expand("results/fairness/{model}/summary.parquet", model=MODELS),
     findings=expand("results/findings/{model}.parquet", model=MODELS),

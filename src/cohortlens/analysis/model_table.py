@@ -1,12 +1,13 @@
-"""The model comparison table of the probe stage, in the layout of paper 003's Table 1.
+"""The model comparison table of the probe stage and the supervised baselines, in the layout of paper 003's Table 1.
 
-One row per (model, region): the probe that produced the row's numbers, then balanced accuracy (↑) for
-categorical attributes and MAE (↓) for continuous ones. The probe column says which backend ran
-(`BACKEND_NAMES`), because they are not the same estimator: above `exact_max_train` rows the CPU probe is a
-ridge on Nyström RBF features (a least-squares kernel machine), and a reader comparing with the paper's SVM
-numbers must be able to see that. Summary rows of the probe stage (kind `summary`: the CheXpert competition mean AUC of
-`chexpert_auc`) become one more column after the attributes, only where the metrics have them. The HTML rendering
-is the report's (`cohortlens.report.model_table`).
+One row per (model, region): its supervision and type (Table 1's columns: an embedding probed by a supervised
+probe is `semi` / `embedding`, a network trained on the images `fully` / `image`), the probe that produced the
+row's numbers, then balanced accuracy (↑) for categorical attributes and MAE (↓) for continuous ones. The probe
+column says which backend ran (`BACKEND_NAMES`; the baselines': "network"), because they are not the same
+estimator: above `exact_max_train` rows the CPU probe is a ridge on Nyström RBF features (a least-squares kernel
+machine), and a reader comparing with the paper's SVM numbers must be able to see that. Summary rows of the probe stage (kind `summary`: the CheXpert competition mean AUC of `chexpert_auc`) become one
+more column after the attributes, only where the metrics have them. The HTML rendering is the report's
+(`cohortlens.report.model_table`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from cohortlens.analysis.chexpert_auc import (
 from cohortlens.types import PathLike
 
 # What each probe backend is (metrics.parquet's `backend` column), as the table and the report name it.
-BACKEND_NAMES = {"exact": "SVM (RBF, exact)", "approx": "Nyström RBF + ridge", "cuml": "cuML SVM"}
+BACKEND_NAMES = {"exact": "SVM (RBF, exact)", "approx": "Nyström RBF + ridge", "cuml": "cuML SVM",
+                 "network": "trained network (volume = mean of its slices)"}
 # metrics.parquet written before the backend was recorded
 UNRECORDED = "not recorded"
 PROBE_COLUMN = "probe"
+# Table 1's supervision and type of a metrics file without these columns (a probe's: an embedding, semi-supervised)
+PROBE_SUPERVISION, PROBE_TYPE = "semi", "embedding"
+KEY_COLUMNS = ("model", "supervision", "type", "region", PROBE_COLUMN)
 
 _METRIC_LABEL = {"balanced_accuracy": ("balanced accuracy", "↑"), "mae": ("MAE", "↓"), "roc_auc": ("ROC AUC", "↑"),
                  MEAN_AUC_METRIC: ("mean ROC AUC", "↑")}
@@ -45,11 +50,15 @@ def column_label(attribute: str, metric: str) -> str:
 
 
 def read_metrics(metrics: pl.DataFrame | Iterable[PathLike]) -> pl.DataFrame:
-    """A metrics frame, or the metrics.parquet files concatenated."""
-    if isinstance(metrics, pl.DataFrame):
-        return metrics
-    # diagonal: a metrics file from before the backend column still reads (its probe is "not recorded")
-    return pl.concat([pl.read_parquet(p) for p in metrics], how="diagonal_relaxed")
+    """A metrics frame, or the metrics.parquet files concatenated (probes' and baselines'), with Table 1's
+    `supervision` and `type` (a probe's file has neither: semi, embedding)."""
+    if not isinstance(metrics, pl.DataFrame):
+        # diagonal: a metrics file from before the backend column still reads (its probe is "not recorded")
+        metrics = pl.concat([pl.read_parquet(p) for p in metrics], how="diagonal_relaxed")
+    for col, default in (("supervision", PROBE_SUPERVISION), ("type", PROBE_TYPE)):
+        value = pl.col(col).fill_null(default) if col in metrics.columns else pl.lit(default)
+        metrics = metrics.with_columns(value.cast(pl.Utf8).alias(col))
+    return metrics
 
 
 def probe_names(metrics: pl.DataFrame) -> pl.DataFrame:
@@ -66,9 +75,10 @@ def probe_names(metrics: pl.DataFrame) -> pl.DataFrame:
 
 def model_table(metrics: pl.DataFrame | Iterable[PathLike]) -> pl.DataFrame:
     """Models × regions against attributes in the layout of paper 003's Table 1: balanced accuracy (↑) for
-    categorical attributes, MAE (↓) for continuous ones; one row per (model, region) with the probe that
-    ran, column names carry the metric and its direction. Region classification sits in the 'all' row; summary
-    rows (the CheXpert competition mean AUC) are the last columns, present only when the metrics have them."""
+    categorical attributes, MAE (↓) for continuous ones; one row per (model, region) with its supervision, type
+    and the probe that ran (embeddings first, then the networks trained on the images), column names carry the
+    metric and its direction. Region classification sits in the 'all' row;
+    summary rows (the CheXpert competition mean AUC) are the last columns, present only when the metrics have them."""
     metrics = read_metrics(metrics)
     chosen = metrics.filter(pl.any_horizontal(
         [(pl.col("kind") == kind) & (pl.col("metric") == metric) for kind, metric in TABLE_METRICS.items()]))
@@ -88,7 +98,10 @@ def model_table(metrics: pl.DataFrame | Iterable[PathLike]) -> pl.DataFrame:
             if ("region_attribute" if a == "region" else a) in wide.columns]
     label["region_attribute"] = label.get("region", "")
     wide = wide.join(probe_names(chosen), on=["model", "region"], how="left")
+    kinds = metrics.select("model", "supervision", "type").unique("model", keep="first", maintain_order=True)
+    wide = wide.join(kinds, on="model", how="left")
     regions = list(dict.fromkeys(metrics["region"].to_list()))
-    wide = wide.with_columns(pl.col("region").cast(pl.Enum(regions))).sort("region", "model").with_columns(
-        pl.col("region").cast(pl.Utf8))
-    return wide.select("model", "region", PROBE_COLUMN, *cols).rename({a: label[a] for a in cols})
+    types = list(dict.fromkeys([PROBE_TYPE, *metrics["type"].to_list()]))
+    wide = wide.with_columns(pl.col("region").cast(pl.Enum(regions)), pl.col("type").cast(pl.Enum(types))).sort(
+        "region", "type", "model").with_columns(pl.col("region").cast(pl.Utf8), pl.col("type").cast(pl.Utf8))
+    return wide.select(*KEY_COLUMNS, *cols).rename({a: label[a] for a in cols})

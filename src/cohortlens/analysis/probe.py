@@ -79,7 +79,29 @@ def probe_attribute(
         return None
     C, g, where, (D_test, D_val), mu, sd = fit_tuned(table, space, prep, settings, [test, val])
     model = table.model or ""
-    n_train = len(prep.rows["train"])
+    metrics = score_decisions(table, prep, test, D_test, mu, sd, settings, model=model, region=region,
+                           n_train=len(prep.rows["train"]), backend=space.backend)
+    predictions = pl.concat([
+        prediction_frame(table, prep, r, D, split, model, region, mu, sd)
+        for r, D, split in ((val, D_val, "val"), (test, D_test, "test"))
+    ])
+    params = {"C": C, "gamma": g * space.gamma_scale, "gamma_multiple": g, "tuned_on": where, "backend": space.backend}
+    if prep.kind == "classification":
+        params["classes"] = list(prep.classes)  # the order of class_scores' columns
+    log.info("probe %s/%s/%s: %s", model, region, attribute, ", ".join(
+        f"{m}={v:.3f} [{lo:.3f}, {hi:.3f}]" for m, v, lo, hi in metrics.select(
+            "metric", "value", "ci_low", "ci_high").iter_rows()) + f" ({params})")
+    return ProbeResult(metrics=metrics, predictions=predictions, backend=space.backend, params=params)
+
+
+def score_decisions(table: AnalysisTable, prep: PreparedAttribute, test: np.ndarray, D_test: np.ndarray, mu: float,
+                 sd: float, settings: ProbeSettings, *, model: str, region: str, n_train: int,
+                 backend: str) -> pl.DataFrame:
+    """The metrics rows (METRICS_SCHEMA) of one attribute's decisions on the test rows: balanced accuracy and ROC
+    AUC (classification; `D_test` the binary decision or the per-class scores) or MAE (regression; `D_test[:, 0]`
+    the standardised prediction, `· sd + mu` its value), each with a 95% bootstrap CI over test subjects. Shared by
+    the probes and the supervised baselines, so both are scored alike (the probes: RBF decisions; the baselines:
+    volume means of the network outputs)."""
     subj_codes = np.unique(table.frame["subject_id"].to_numpy()[test], return_inverse=True)[1]
     rng = np.random.default_rng(settings.seed)
     rows = []
@@ -101,23 +123,12 @@ def probe_attribute(
         # chance: predicting the train mean for everyone
         baseline = float(np.mean(np.abs(y - np.nanmean(prep.values[prep.rows["train"]])))) if len(y) else np.nan
         rows.append(("mae", v, lo, hi, baseline))
-    metrics = pl.DataFrame(
-        [{"model": model, "region": region, "attribute": attribute, "kind": prep.kind, "metric": m, "value": v,
-          "ci_low": lo, "ci_high": hi, "n_train": n_train, "n_test": len(test), "chance": ch,
-          "backend": space.backend}
+    return pl.DataFrame(
+        [{"model": model, "region": region, "attribute": prep.spec.name, "kind": prep.kind, "metric": m, "value": v,
+          "ci_low": lo, "ci_high": hi, "n_train": n_train, "n_test": len(test), "chance": ch, "backend": backend}
          for m, v, lo, hi, ch in rows],
         schema=METRICS_SCHEMA,
     )
-    predictions = pl.concat([
-        _prediction_frame(table, prep, r, D, split, model, region, mu, sd)
-        for r, D, split in ((val, D_val, "val"), (test, D_test, "test"))
-    ])
-    params = {"C": C, "gamma": g * space.gamma_scale, "gamma_multiple": g, "tuned_on": where, "backend": space.backend}
-    if prep.kind == "classification":
-        params["classes"] = list(prep.classes)  # the order of class_scores' columns
-    log.info("probe %s/%s/%s: %s", model, region, attribute,
-             ", ".join(f"{m}={v:.3f} [{lo:.3f}, {hi:.3f}]" for m, v, lo, hi, _ in rows) + f" ({params})")
-    return ProbeResult(metrics=metrics, predictions=predictions, backend=space.backend, params=params)
 
 
 def _region_label(table: AnalysisTable) -> str:
@@ -125,7 +136,9 @@ def _region_label(table: AnalysisTable) -> str:
     return regions[0] if len(regions) == 1 else ALL_REGIONS
 
 
-def _prediction_frame(table, prep: PreparedAttribute, rows, D, split, model, region, mu, sd) -> pl.DataFrame:
+def prediction_frame(table, prep: PreparedAttribute, rows, D, split, model, region, mu, sd) -> pl.DataFrame:
+    """Predictions (PREDICTIONS_SCHEMA) of one attribute on the given rows of one split, from decisions as
+    `score_decisions` takes them."""
     keys = table.frame[rows].select("subject_id", "image_uid")
     n = len(rows)
     if prep.kind == "classification":

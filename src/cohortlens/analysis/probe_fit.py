@@ -126,11 +126,17 @@ def fit_tuned(table: AnalysisTable, space: FeatureSpace, prep: PreparedAttribute
 
 
 def _tune_score(task: Task, D: np.ndarray, y: np.ndarray) -> float:
-    """Higher is better: balanced accuracy (AUC breaks ties) or negative MAE."""
+    return tuning_score(task.kind, task.n_classes, D, y)
+
+
+def tuning_score(kind: str, n_classes: int, D: np.ndarray, y: np.ndarray) -> float:
+    """How good decisions D are on tuning rows with targets y (class codes, or standardised values), higher is
+    better: balanced accuracy (AUC breaks ties) or negative MAE. The probes' C/γ and the baselines' weight decay
+    are chosen by it."""
     one = np.ones((1, len(y)))
-    if task.kind == "classification":
-        ba = balanced_accuracy_w(y, predict_codes(D, task.n_classes), one, task.n_classes)[0]
-        auc = macro_auc_w(y, D, one, task.n_classes)[0]
+    if kind == "classification":
+        ba = balanced_accuracy_w(y, predict_codes(D, n_classes), one, n_classes)[0]
+        auc = macro_auc_w(y, D, one, n_classes)[0]
         return float(ba + 1e-3 * np.nan_to_num(auc))
     return -float(np.mean(np.abs(D[:, 0] - y)))
 

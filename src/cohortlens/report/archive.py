@@ -274,6 +274,8 @@ DEFAULT_MEMBERS = (
     "models/*/reconstructions.png",
     "projections/*/*/*.parquet",
     "probes/*/*.parquet",
+    "baselines/*/*.parquet",
+    "baselines/*/train_log.csv",
     "fairness/*/*.parquet",
     "findings/*.parquet",
     "findings/*/*.png",

@@ -60,6 +60,7 @@ def _h2(key: str) -> str:
 def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddings: dict[str, dict],
                  out_path: str, max_quarantine_rows: int = 50, train_logs: Sequence[str] = (),
                  projections: Sequence[str] = (), plots: Sequence[str] = (), metrics: Sequence[str] = (),
+                 baseline_metrics: Sequence[str] = (),
                  fairness_groups: Sequence[str] = (), fairness_summary: Sequence[str] = (),
                  findings: Sequence[str] = (), finding_tests: Sequence[str] = (), finding_dirs: Sequence[str] = (),
                  reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (),
@@ -129,7 +130,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     parts.append(table(pl.DataFrame(rows)))
 
     subjects_path, images_path = cohort_dir / "subjects.parquet", cohort_dir / "images.parquet"
-    parts.append(_h2("models") + model_table_section(metrics))
+    parts.append(_h2("models") + model_table_section(metrics, baseline_metrics))
     if publication:
         with contextlib.ExitStack() as stack:
             folder = maps_dir or stack.enter_context(tempfile.TemporaryDirectory())
@@ -154,9 +155,9 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     return {**counts, "interactive_figures": n_proj + n_train, "recall": recall}
 
 
-LIST_INPUTS = ("embeddings", "reconstructions", "train_logs", "projections", "plots", "metrics", "predictions",
-               "fairness_groups", "fairness_summary", "findings", "finding_tests", "finding_dirs", "reprobe",
-               "ground_truth")
+LIST_INPUTS = ("embeddings", "reconstructions", "train_logs", "projections", "plots", "metrics", "baseline_metrics",
+               "predictions", "fairness_groups", "fairness_summary", "findings", "finding_tests", "finding_dirs",
+               "reprobe", "ground_truth")
 
 
 def _as_list(value) -> list[str]:
@@ -193,6 +194,7 @@ def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, pub
         projections=lists["projections"],
         plots=lists["plots"],
         metrics=lists["metrics"],
+        baseline_metrics=lists["baseline_metrics"],
         fairness_groups=lists["fairness_groups"],
         fairness_summary=lists["fairness_summary"],
         findings=lists["findings"],

@@ -1,5 +1,6 @@
 """The model comparison section: paper 003's Table 1 (`analysis.model_table.model_table`) as HTML, each cell
-value [95% CI] with the best model per region and column in bold, plus the ROC AUCs and chance levels."""
+value [95% CI] with the best model per region and column in bold, plus the ROC AUCs and chance levels. The probes
+of the embeddings and the supervised baselines (networks trained on the images) share the table."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import polars as pl
 from cohortlens.analysis.chexpert_auc import COMPETITION_ATTRIBUTE, COMPETITION_LABEL
 from cohortlens.analysis.model_table import (
     BACKEND_NAMES,
-    PROBE_COLUMN,
+    KEY_COLUMNS,
     TABLE_METRICS,
     column_label,
     model_table,
@@ -23,11 +24,11 @@ from cohortlens.types import PathLike
 
 
 def model_table_html(metrics: pl.DataFrame | Iterable[PathLike], digits: int = 3) -> str:
-    """Model comparison table as an HTML fragment: the probe that ran, value [95% CI] per cell, the best model
-    per region and column in bold."""
+    """Model comparison table as an HTML fragment: supervision, type and the probe that ran, value [95% CI] per
+    cell, the best model per region and column in bold."""
     metrics = read_metrics(metrics)
     wide = model_table(metrics)
-    value_cols = wide.columns[3:]
+    value_cols = wide.columns[len(KEY_COLUMNS):]
     ci = {(m, r, a): (lo, hi) for m, r, a, metric, lo, hi in metrics.select(
         "model", "region", "attribute", "metric", "ci_low", "ci_high").iter_rows()
         if metric in TABLE_METRICS.values()}
@@ -43,7 +44,7 @@ def model_table_html(metrics: pl.DataFrame | Iterable[PathLike], digits: int = 3
     head = "".join(f"<th>{html.escape(c)}</th>" for c in wide.columns)
     body = []
     for row in wide.iter_rows(named=True):
-        cells = [f"<td>{html.escape(row[c])}</td>" for c in ("model", "region", PROBE_COLUMN)]
+        cells = [f"<td>{html.escape(row[c] or '')}</td>" for c in KEY_COLUMNS]
         for col in value_cols:
             v = row[col]
             if v is None:
@@ -60,10 +61,11 @@ def model_table_html(metrics: pl.DataFrame | Iterable[PathLike], digits: int = 3
     return (f"<table class='model-table'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
-def model_table_section(metrics: Sequence[PathLike]) -> str:
-    if not metrics:
+def model_table_section(metrics: Sequence[PathLike], baseline_metrics: Sequence[PathLike] = ()) -> str:
+    """The probes' metrics files and the supervised baselines' (`results/baselines/{arch}/metrics.parquet`)."""
+    if not metrics and not baseline_metrics:
         return not_run("probes")
-    frame = read_frames(metrics)
+    frame = read_frames([*metrics, *baseline_metrics])
     if frame.height == 0:
         return "<p class='muted'>the probes produced no metrics</p>"
     # the probes are not all SVMs: each row names the estimator that produced it
@@ -72,7 +74,10 @@ def model_table_section(metrics: Sequence[PathLike]) -> str:
              f"(layout of Table 1, paper 003). The probe column names the estimator that ran (backend auto): "
              f"{html.escape(BACKEND_NAMES['exact'])} up to the probe's <code>exact_max_train</code> training "
              f"rows, {html.escape(BACKEND_NAMES['approx'])} (kernel approximation, a least-squares kernel "
-             f"machine rather than an SVM) above it, {html.escape(BACKEND_NAMES['cuml'])} on a GPU.</p>",
+             f"machine rather than an SVM) above it, {html.escape(BACKEND_NAMES['cuml'])} on a GPU. Rows of "
+             f"supervision <i>fully</i> and type <i>image</i> are the supervised baselines: networks trained on the "
+             f"images per attribute with the probes' splits and balancing, weight decay chosen on val, a volume "
+             f"predicted by the mean over its center slices (docs/findings.md, supervised baselines).</p>",
              model_table_html(frame)]
     if frame.filter(pl.col("attribute") == COMPETITION_ATTRIBUTE).height:
         parts.insert(1, f"<p>{html.escape(COMPETITION_LABEL)}: scikit-learn ROC AUC of each probe's test decision "

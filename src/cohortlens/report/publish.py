@@ -5,14 +5,14 @@
 * `report/publication.html` (the publication report) and `report/maps/*.png` (its coarsened maps);
 * `cohort/counts.parquet` (images per region, subjects per split, small cells suppressed) and
   `quarantine/reasons.parquet` (`publication.quarantine_reasons`);
-* `probes/{model}/metrics.parquet` (the model table's numbers), `fairness/{model}/{summary,groups}.parquet`
-  (groups under k suppressed), `findings/{model}.parquet` and `{model}-tests.parquet` (`findings_public`),
+* `probes/{model}/metrics.parquet` and `baselines/{arch}/metrics.parquet` (the model table's numbers),
+  `fairness/{model}/{summary,groups}.parquet` (groups under k suppressed), `findings/{model}.parquet` and `{model}-tests.parquet` (`findings_public`),
   the explanation PNGs of findings whose set has at least k images (names with dates coarsened),
   `mitigation/{model}/reprobe.parquet`, `models/{model}/train_log.csv` (loss curves; not the reconstruction grids,
   which show participants' slices).
 
 Left out on purpose: subjects/images/splits/quarantine tables, the slice index, embeddings and projections
-(one row per participant or image), probe predictions (per image), the static maps of results/plots (exact
+(one row per participant or image), probe and baseline predictions (per image), the static maps of results/plots (exact
 attribute colours per point), the reconstruction grids, the full report (per-participant hover data).
 config.yaml, versions.json and SHA256SUMS are added by `archive.write_archive`.
 """
@@ -95,7 +95,7 @@ def publication_members(results_dir: PathLike, *, report: PathLike, k: int, imag
     quarantine = pl.concat(list(quarantines), how="diagonal_relaxed") if quarantines else pl.DataFrame()
     members["quarantine/reasons.parquet"] = parquet_bytes(quarantine_reasons(quarantine, k))
 
-    for p in sorted(res.glob("probes/*/metrics.parquet")):
+    for p in sorted([*res.glob("probes/*/metrics.parquet"), *res.glob("baselines/*/metrics.parquet")]):
         frame, meta = _read(p)
         members[p.relative_to(res).as_posix()] = parquet_bytes(frame, meta)
     for d in sorted(res.glob("fairness/*")):

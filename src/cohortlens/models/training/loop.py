@@ -29,16 +29,10 @@ from cohortlens.models.training.data import SliceBatches, batch_loader
 from cohortlens.models.training.ema import ema_update
 from cohortlens.models.training.progress import Progress, fmt_time, open_tensorboard, save_qa_grid, write_log_csv
 from cohortlens.models.training.settings import TrainSettings
-from cohortlens.runtime import limit_threads, select_device
+from cohortlens.runtime import bf16_autocast, limit_threads, select_device
 from cohortlens.types import PathLike
 
 LOG = logging.getLogger("cohortlens.models.training")
-
-
-def _autocast(device: torch.device, enabled: bool):
-    # bf16 needs no loss scaling; CPU autocast is left off (slower on most CPUs, and CPU runs are the
-    # reference for determinism)
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -57,11 +51,12 @@ class TrainResult:
     elapsed_s: float
 
 
-def _lr_lambda(settings: TrainSettings) -> Callable[[int], float]:
+def lr_lambda(schedule: str, warmup_steps: int, steps: int) -> Callable[[int], float]:
+    """The LR factor at a step: linear warm-up over `warmup_steps`, then constant or cosine to 0 at `steps`."""
     def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
-        if settings.lr_schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(step, settings.steps) / settings.steps))
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        if schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
         return warm
 
     return factor
@@ -131,7 +126,8 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
                                   fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(settings.lr_schedule, settings.warmup_steps, settings.steps))
     ema = None
     if settings.ema_decay:
         ema = AveragedModel(model, multi_avg_fn=ema_update(settings.ema_decay, settings.ema_warmup), use_buffers=True)
@@ -176,7 +172,7 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
         try:
             while step < settings.steps:
                 x = to_device(next(batches), device, channels_last)
-                with _autocast(device, settings.amp):
+                with bf16_autocast(device, settings.amp):
                     loss, parts = loss_fn(x)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -227,7 +223,7 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
     final = ema.module if ema is not None else model
     final.eval()
     if qa_batch is not None and hasattr(final, "qa_images"):
-        with torch.no_grad(), _autocast(device, settings.amp):
+        with torch.no_grad(), bf16_autocast(device, settings.amp):
             images = final.qa_images(to_device(qa_batch, device, channels_last))
         save_qa_grid(images, reconstructions)
     write_log_csv(log_rows, log_csv)

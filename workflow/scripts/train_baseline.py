@@ -1,0 +1,31 @@
+"""Supervised baseline of one architecture (resnet10 | resnet34 | densenet121) on every attribute: trained on the
+images, scored like the probes; resumes from its checkpoints after a preemption."""
+
+import sys
+
+from cohortlens.analysis.baselines import write_baselines
+from cohortlens.logs import to_rule_log
+from cohortlens.models.training.checkpoint import TrainingPreempted
+
+log = to_rule_log(snakemake)
+try:
+    metrics = write_baselines(
+        snakemake.params.arch,
+        snakemake.params.cfg,
+        snakemake.input.index,
+        snakemake.input.subjects,
+        snakemake.input.splits,
+        images=snakemake.input.images,
+        attributes=snakemake.params.attributes,
+        probe=snakemake.params.probe,
+        metrics_out=snakemake.output.metrics,
+        predictions_out=snakemake.output.predictions,
+        log_csv=snakemake.output.log_csv,
+        threads=snakemake.threads,
+    )
+except TrainingPreempted as stop:
+    # SLURM preemption / time limit: the checkpoint is on disk; a non-zero exit lets SLURM requeue or Snakemake
+    # retry the job, which resumes from it (finished networks are loaded, not trained again)
+    log.warning("%s", stop)
+    sys.exit(stop.exit_code)
+log.info("%d metric rows", metrics.height)
