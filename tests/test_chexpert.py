@@ -717,7 +717,8 @@ def test_model_table_shows_the_competition_mean_auc(tmp_path):
     without = model_table(_metrics(plain))
     assert COMPETITION_LABEL not in without.columns
     table = model_table(_metrics(plain + summary))
-    assert table.columns == ["model", "region", "probe", "sex balanced accuracy ↑", COMPETITION_LABEL]
+    assert table.columns == ["model", "supervision", "type", "region", "probe", "sex balanced accuracy ↑",
+                             COMPETITION_LABEL]
     assert dict(zip(table["model"], table[COMPETITION_LABEL])) == {"pca": 0.712, "vae": 0.801}
     html = model_table_html(_metrics(plain + summary))
     assert f"<th>{COMPETITION_LABEL}</th>" in html
