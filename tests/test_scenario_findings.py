@@ -29,15 +29,18 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 pytestmark = pytest.mark.workflow
 
 
-def _run_scenario(name: str, root: Path) -> Path:
+def _run_scenario(name: str, root: Path, models: tuple[str, ...] = ("pca",)) -> Path:
+    """The scenario's workflow up to the findings of `models` (default pca: the suite's tier; the trained
+    autoencoders are the `scenario_models` tier, `make test-scenarios`)."""
     cfg = yaml.safe_load((REPO / "config" / "scenarios" / f"{name}.yaml").read_text())
-    cfg["models"] = {"pca": cfg["models"]["pca"]}  # the autoencoders are the demo's business; pca is enough
+    cfg["models"] = {m: cfg["models"][m] for m in models}
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    # the target first: --configfile takes every following word as another config file
-    proc = subprocess.run([SNAKEMAKE, "results/findings/pca.parquet", "--snakefile", str(REPO / "Snakefile"),
+    targets = [f"results/findings/{m}.parquet" for m in models]
+    # the targets first: --configfile takes every following word as another config file
+    proc = subprocess.run([SNAKEMAKE, *targets, "--snakefile", str(REPO / "Snakefile"),
                            "--directory", str(root), "--cores", "2", "--configfile", str(config)],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return root
 
@@ -99,3 +102,54 @@ def test_null_world_has_no_acquisition_finding(null_world):
         pl.col("attribute").str.split("×").list.first().is_in(["site", "date"]))
     assert acquisition.height == 0, acquisition.select("finding_id", "description").to_dicts()
     assert null_world["summary"]["false_findings"] == 0, null_world["summary"]["false_finding_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trained autoencoders on the scenarios (`make test-scenarios`, ~20 min on 2 cores; not in `make test`)
+
+AUTOENCODERS = ("vae", "dae")
+
+
+def _summaries(root: Path, scenario: str) -> dict:
+    truth = root / f"data/{scenario}/ground_truth.json"
+    out = {}
+    for m in AUTOENCODERS:
+        findings = root / f"results/findings/{m}.parquet"
+        out[m] = {"findings": pl.read_parquet(findings), "summary": ground_truth_summary(findings, truth),
+                  "truth": json.loads(truth.read_text())}
+    return out
+
+
+@pytest.fixture(scope="module")
+def confounded_autoencoders(tmp_path_factory):
+    root = _run_scenario("confounded", tmp_path_factory.mktemp("confounded-ae"), AUTOENCODERS)
+    return _summaries(root, "confounded")
+
+
+@pytest.fixture(scope="module")
+def null_autoencoders(tmp_path_factory):
+    root = _run_scenario("null", tmp_path_factory.mktemp("null-ae"), AUTOENCODERS)
+    return _summaries(root, "null")
+
+
+@pytest.mark.scenario_models
+@pytest.mark.parametrize("model", AUTOENCODERS)
+def test_trained_autoencoders_on_the_confounded_scenario(confounded_autoencoders, model):
+    s = confounded_autoencoders[model]["summary"]
+    print(model, {k: v for k, v in s.items() if not k.endswith("_ids")}, s["false_finding_ids"],
+          s["unexplained_echo_ids"])
+    assert s["recall"] == 1.0, s["missed"]
+    assert s["false_findings"] == 0, s["false_finding_ids"]
+    assert s["unexplained_echoes"] == 0, s["unexplained_echo_ids"]
+
+
+@pytest.mark.scenario_models
+@pytest.mark.parametrize("model", AUTOENCODERS)
+def test_trained_autoencoders_date_the_protocol_change(confounded_autoencoders, model):
+    test_confounded_protocol_change_is_dated(confounded_autoencoders[model])
+
+
+@pytest.mark.scenario_models
+@pytest.mark.parametrize("model", AUTOENCODERS)
+def test_trained_autoencoders_find_no_acquisition_effect_in_the_null_world(null_autoencoders, model):
+    test_null_world_has_no_acquisition_finding(null_autoencoders[model])
