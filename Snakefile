@@ -31,6 +31,7 @@ include: "workflow/rules/probe.smk"
 include: "workflow/rules/baselines.smk"
 include: "workflow/rules/fairness.smk"
 include: "workflow/rules/discover.smk"
+include: "workflow/rules/counterfactuals.smk"
 include: "workflow/rules/mitigate.smk"
 include: "workflow/rules/report.smk"
 

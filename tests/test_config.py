@@ -319,7 +319,8 @@ def test_library_sections_have_no_defaults_in_the_schema():
 
     schema = yaml.safe_load(SCHEMA.read_text())
     sections = list(library_sections(schema))
-    assert len(sections) == 11  # probe, baselines x 3, fairness, discover, mitigate.inlp, mitigate.avae, vae, dae, report
+    assert len(sections) == 12  # probe, baselines x 3, fairness, discover, counterfactuals, mitigate.inlp,
+    # mitigate.avae, vae, dae, report
     for section in sections:
         declared = {k for ref in ([section["x-settings"]] if isinstance(section["x-settings"], str)
                                   else section["x-settings"]) for k in declared_keys(ref)}
@@ -333,6 +334,7 @@ def test_library_sections_have_no_defaults_in_the_schema():
 
 def test_declarations_read_from_source_match_the_imported_settings():
     from cohortlens.analysis import fairness, probe_settings
+    from cohortlens.analysis.counterfactuals import CounterfactualSettings
     from cohortlens.analysis.discover import settings as discover_settings
     from cohortlens.report import sections
 
@@ -346,6 +348,8 @@ def test_declarations_read_from_source_match_the_imported_settings():
         assert set(declared_keys(ref)) == {f.name for f in dataclasses.fields(cls)}
     assert {k for ref in refs for k in declared_keys(ref)} == set(discover_settings.DEFAULTS)
     assert set(declared_keys("cohortlens.report.sections:DEFAULTS")) == set(sections.DEFAULTS)
+    assert set(declared_keys("cohortlens.analysis.counterfactuals:CounterfactualSettings")) == {
+        f.name for f in dataclasses.fields(CounterfactualSettings)}
 
 
 def test_model_declarations_read_from_source_match_the_imported_ones():

@@ -51,6 +51,8 @@ def shard_files(pattern):
 
 # Autoencoders: every configured model but the pca baseline (its own rules) and external embeddings.
 AUTOENCODERS = [m for m in MODELS if m != "pca"]
+# Counterfactual strips need a DDIM decoder: the dae only.
+COUNTERFACTUAL_MODELS = [m for m in AUTOENCODERS if m == "dae"]
 
 
 def one_of(names):

@@ -44,6 +44,13 @@ REPORT_INPUTS = dict(
 rule report:
     input:
         **REPORT_INPUTS,
+        # the DAE's counterfactual strips show individual images: the full report only, not the publication one
+        counterfactuals=expand(
+            "results/counterfactuals/{model}.parquet", model=COUNTERFACTUAL_MODELS
+        ),
+        counterfactual_dirs=expand(
+            "results/counterfactuals/{model}", model=COUNTERFACTUAL_MODELS
+        ),
     output:
         html="results/report/index.html",
     log:

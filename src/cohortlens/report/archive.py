@@ -279,6 +279,8 @@ DEFAULT_MEMBERS = (
     "fairness/*/*.parquet",
     "findings/*.parquet",
     "findings/*/*.png",
+    "counterfactuals/*.parquet",  # the DAE's counterfactual index and strips (the .npy decodes stay out: pixel data)
+    "counterfactuals/*/*.png",
     "plots/*/*/*.pdf",  # the static maps for publication (the interactive pages stay out)
     "plots/*/*/*.svg",
     "mitigation/*/reprobe.parquet",

@@ -12,7 +12,7 @@ import polars as pl
 
 from cohortlens.demo.truth import ground_truth_recall, ground_truth_summary
 from cohortlens.io.tables import read_parquet_metadata
-from cohortlens.report.fragments import by_model, not_run, png, table
+from cohortlens.report.fragments import by_model, fmt, not_run, png, table
 from cohortlens.report.publication import (
     findings_public,
     pictured,
@@ -76,13 +76,39 @@ def _cause_names(row: Mapping) -> list[str]:
     return [attribute] + ([f"{attribute}={value}"] if value is not None else [])
 
 
+def counterfactual_strips(indexes: Sequence[PathLike]) -> dict[str, dict[str, tuple[Path, dict]]]:
+    """{model: {finding_id: (strip PNG, index row)}} from results/counterfactuals/{model}.parquet (the strips are
+    in the folder of the same name beside it); missing PNGs are left out."""
+    out: dict[str, dict[str, tuple[Path, dict]]] = {}
+    for path in indexes:
+        path = Path(path)
+        for row in pl.read_parquet(path).iter_rows(named=True):
+            png_path = path.parent / path.stem / row["png"]
+            if png_path.is_file():
+                out.setdefault(path.stem, {})[row["finding_id"]] = (png_path, row)
+    return out
+
+
+def _strip_card(finding_id: str, png_path: Path, row: Mapping) -> str:
+    caption = (f"<b>{html.escape(finding_id)}</b> counterfactual: {html.escape(row['set'])} vs "
+               f"{html.escape(row['rest'])}; z_sem moved from {fmt(row['sigmas'][0])} to {fmt(row['sigmas'][-1])} sd "
+               f"along the difference of their means (class means {fmt(row['gap_sigma'])} sd apart); last column: "
+               f"the change between the ends (red: brighter). What the model decodes, not a measured effect "
+               f"(docs/findings.md).")
+    return f"<figure class='evidence'><figcaption>{caption}</figcaption>{png(png_path)}</figure>"
+
+
 def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], finding_dirs: Sequence[PathLike],
-                     cfg: dict, publication: bool = False, ids: Collection[str] = ()) -> str:
-    """Findings per model, echoes folded, explanation images. `publication`: the public columns only (no
-    sample ids; `ids` withheld from the text, dates coarsened; publication.findings_public) and an explanation
-    image only for a set of at least cfg['min_cell'] images; a smaller finding is described, not pictured."""
+                     cfg: dict, publication: bool = False, ids: Collection[str] = (),
+                     counterfactuals: Sequence[PathLike] = ()) -> str:
+    """Findings per model, echoes folded, explanation images (and the DAE's counterfactual strips, from the index
+    files in `counterfactuals`, beside them). `publication`: the public columns only (no sample ids; `ids`
+    withheld from the text, dates coarsened; publication.findings_public), an explanation image only for a set of
+    at least cfg['min_cell'] images (a smaller finding is described, not pictured) and no counterfactual strips
+    (they show individual images)."""
     if not findings:
         return not_run("discovery")
+    strips = {} if publication else counterfactual_strips(counterfactuals)
     tests_by = by_model(tests, _findings_model)
     dirs_by: dict[str, list[Path]] = {}
     for d in finding_dirs:
@@ -135,12 +161,17 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
                 n_images += 1
                 cards.append(f"<figure class='evidence'><figcaption><b>{html.escape(shown['finding_id'])}</b> "
                              f"{html.escape(shown.get('description') or '')}</figcaption>{png(p)}</figure>")
+            strip = strips.get(model, {}).get(row["finding_id"])
+            if strip is not None and n_images < cfg["max_findings_images"]:
+                n_images += 1
+                cards.append(_strip_card(row["finding_id"], *strip))
         if not_pictured:
             parts.append(f"<p class='muted'>Described, not pictured (the mean image of fewer than {k} images would "
                          f"show participants): {html.escape(', '.join(not_pictured))}</p>")
         if cards:
+            cf = (", each DAE counterfactual strip after its finding's mean images" if strips.get(model) else "")
             parts.append("<details open><summary>explanations: mean image and mean edge profile of the set (red) "
-                         f"vs the rest (blue), {len(cards)} images</summary>{''.join(cards)}</details>")
+                         f"vs the rest (blue){cf}, {len(cards)} images</summary>{''.join(cards)}</details>")
     return "".join(parts)
 
 

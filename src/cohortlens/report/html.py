@@ -63,17 +63,18 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
                  baseline_metrics: Sequence[str] = (),
                  fairness_groups: Sequence[str] = (), fairness_summary: Sequence[str] = (),
                  findings: Sequence[str] = (), finding_tests: Sequence[str] = (), finding_dirs: Sequence[str] = (),
-                 reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (),
+                 reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (), counterfactuals: Sequence[str] = (),
                  options: Mapping | None = None, publication: bool = False, maps_dir: str | None = None) -> dict:
     """The report page. embeddings: model -> {"slices": path, "volumes": path, "reconstructions": png path or
-    None}; the other inputs are lists of the run's files (any may be empty: the section says it was not run);
+    None}; `counterfactuals`: results/counterfactuals/{model}.parquet (strips beside them); the other inputs are
+    lists of the run's files (any may be empty: the section says it was not run);
     `options` the config `report:` keys of `sections.DEFAULTS`. Returns the cohort counts plus a summary of what
     the page shows (figures, findings recall).
 
     `publication`: the page that may leave the institution (docs/report.md): counts below `min_cell` suppressed,
     quarantine reasons counted by kind (no list), maps as static images with coarsened attributes (written to
     `maps_dir`, a temporary folder if None), findings without sample ids and with explanation images only for
-    sets of at least `min_cell` images, no reconstruction grids."""
+    sets of at least `min_cell` images, no reconstruction grids and no counterfactual strips."""
     cohort_dir, pre_dir = Path(cohort_dir), Path(preprocessed_dir)
     subjects = pl.read_parquet(cohort_dir / "subjects.parquet")
     images = pl.read_parquet(cohort_dir / "images.parquet")
@@ -138,7 +139,8 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     else:
         proj_html, n_proj = projections_section(projections, plots, subjects_path, images_path, cfg)
     parts.append(_h2("projections") + proj_html)
-    parts.append(_h2("findings") + findings_section(findings, finding_tests, finding_dirs, cfg, publication, ids))
+    parts.append(_h2("findings") + findings_section(findings, finding_tests, finding_dirs, cfg, publication, ids,
+                                                     counterfactuals))
     parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg, publication))
     parts.append(_h2("mitigation") + sections.mitigation_section(reprobe, cfg))
     truth_html, recall = ground_truth_section(findings, ground_truth, publication, ids)
@@ -157,7 +159,8 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
 
 LIST_INPUTS = ("embeddings", "reconstructions", "train_logs", "projections", "plots", "metrics", "baseline_metrics",
                "predictions", "fairness_groups", "fairness_summary", "findings", "finding_tests", "finding_dirs",
-               "reprobe", "ground_truth")
+               "reprobe", "ground_truth",
+               "counterfactuals")
 
 
 def _as_list(value) -> list[str]:
@@ -202,6 +205,7 @@ def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, pub
         finding_dirs=lists["finding_dirs"],
         reprobe=lists["reprobe"],
         ground_truth=lists["ground_truth"],
+        counterfactuals=lists["counterfactuals"],
         options=options,
         publication=publication,
         maps_dir=maps_dir,

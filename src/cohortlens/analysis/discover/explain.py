@@ -18,8 +18,10 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import polars as pl
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from cohortlens.analysis.panels import REST_COLOUR, SET_COLOUR, diverging_panel, grey_panel, plain_text
+from cohortlens.analysis.panels import font as load_font
 from cohortlens.io.tables import atomic_path
 from cohortlens.preprocess.store import SliceStore
 from cohortlens.types import PathLike
@@ -33,8 +35,6 @@ class ExplainSettings:
     edge_threshold: float = 0.15  # body = above this fraction of the [-1, 1] intensity range
 
 
-SET_COLOUR = (220, 50, 32)
-REST_COLOUR = (30, 110, 220)
 PANEL = 256  # panel height in pixels
 BATCH = 256
 
@@ -93,31 +93,6 @@ def _sample(items: list[str], cap: int, rng: np.random.Generator) -> list[str]:
     return [items[i] for i in np.sort(rng.choice(len(items), cap, replace=False))]
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType
-        return ImageFont.load_default()
-
-
-def _grey(image: np.ndarray, size: int) -> Image.Image:
-    g = np.clip((image + 1.0) * 127.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(g).convert("RGB").resize((round(size * image.shape[1] / image.shape[0]), size),
-                                                    Image.Resampling.NEAREST)
-
-
-def _diverging(diff: np.ndarray, size: int) -> Image.Image:
-    """Blue (set darker) - white - red (set brighter), symmetric around zero."""
-    scale = max(float(np.nanmax(np.abs(diff))), 1e-6)
-    t = np.clip(diff / scale, -1, 1)
-    rgb = np.ones((*diff.shape, 3))
-    pos, neg = np.clip(t, 0, 1)[..., None], np.clip(-t, 0, 1)[..., None]
-    rgb = rgb * (1 - pos) + pos * np.array(SET_COLOUR) / 255.0
-    rgb = rgb * (1 - neg) + neg * np.array(REST_COLOUR) / 255.0
-    img = Image.fromarray((rgb * 255).astype(np.uint8))
-    return img.resize((round(size * diff.shape[1] / diff.shape[0]), size), Image.Resampling.NEAREST)
-
-
 def _polyline(draw: ImageDraw.ImageDraw, cols: np.ndarray, scale: float, colour, width: int = 2) -> None:
     """A profile (column per row) as a line in a panel scaled by `scale`; gaps where the row has no body."""
     segment: list[tuple[float, float]] = []
@@ -159,32 +134,28 @@ def _profile_panel(set_prof: np.ndarray, rest_prof: np.ndarray, width: int, size
     panel = Image.alpha_composite(panel.convert("RGBA"), overlay).convert("RGB")
     d = ImageDraw.Draw(panel)
     d.rectangle([0, 0, size - 1, size - 1], outline=(180, 180, 180))
-    font = _font(11)
+    font = load_font(11)
     d.text((4, size - 14), f"column {lo:.0f}", fill=(90, 90, 90), font=font)
     d.text((size - 70, size - 14), f"column {hi:.0f}", fill=(90, 90, 90), font=font)
     return panel
 
 
-_PLAIN = str.maketrans({"×": "x", "−": "-", "—": "-", "²": "^2", "≥": ">=", "≤": "<="})
-
-
 def render(path: PathLike, title: str, rows: list[dict]) -> None:
     """One PNG: a title, then per region [mean set | mean rest | set - rest | edge profiles]."""
-    font, small = _font(13), _font(11)
-    # Pillow's built-in font has no glyphs for these
-    header = textwrap.wrap(title.translate(_PLAIN), 150)[:4]
+    font, small = load_font(13), load_font(11)
+    header = textwrap.wrap(plain_text(title), 150)[:4]
     head_h, label_h, gap = 8 + 16 * len(header), 18, 8
     panels = []
     for r in rows:
-        set_img = _grey(r["set_mean"], PANEL)
-        rest_img = _grey(r["rest_mean"], PANEL)
+        set_img = grey_panel(r["set_mean"], PANEL)
+        rest_img = grey_panel(r["rest_mean"], PANEL)
         scale = PANEL / r["set_mean"].shape[0]
         for img in (set_img, rest_img):  # both profiles on both panels
             draw = ImageDraw.Draw(img)
             with np.errstate(all="ignore"):
                 _polyline(draw, np.nanmean(r["rest_prof"], 0), scale, REST_COLOUR, 1)
                 _polyline(draw, np.nanmean(r["set_prof"], 0), scale, SET_COLOUR, 1)
-        diff = _diverging(r["set_mean"] - r["rest_mean"], PANEL)
+        diff = diverging_panel(r["set_mean"] - r["rest_mean"], PANEL)
         prof = _profile_panel(r["set_prof"], r["rest_prof"], r["set_mean"].shape[1], PANEL)
         labels = [f"{r['region']}: set, n={r['n_set']}", f"rest, n={r['n_rest']}", "set - rest (red: brighter)",
                   "back contour: rightmost body edge, mean ± sd"]
