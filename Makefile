@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= profiles/local
 
-.PHONY: demo test test-fast test-scenarios install lint bench archive clean
+.PHONY: demo test test-fast test-models install lint bench archive clean
 
 $(BIN)/snakemake: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +30,12 @@ archive: install
 # the whole suite (docs/testing.md): unit tests, the session's demo run, end-to-end workflows, SLURM; the slowest
 # tests are printed so the 20-minute budget stays visible
 test: install
-	$(BIN)/python -m pytest -q tests -m "not scenario_models" --durations=25
+	$(BIN)/python -m pytest -q tests -m "not trained_models" --durations=25
 
-# the trained vae and dae on the confounded and null scenarios (~20 min on 2 cores; docs/testing.md)
-test-scenarios: install
-	$(BIN)/python -m pytest -q tests/test_scenario_findings.py -m scenario_models --durations=10
+# tests that train the demo vae/dae: the confounded and null scenarios, the DAE counterfactuals (~25 min on 2 cores;
+# docs/testing.md)
+test-models: install
+	$(BIN)/python -m pytest -q tests -m trained_models --durations=10
 
 # the inner loop (< 3 min): no test marked slow, demo, workflow or slurm
 test-fast: install

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.workflow
 
 def _run_scenario(name: str, root: Path, models: tuple[str, ...] = ("pca",)) -> Path:
     """The scenario's workflow up to the findings of `models` (default pca: the suite's tier; the trained
-    autoencoders are the `scenario_models` tier, `make test-scenarios`)."""
+    autoencoders are the `trained_models` tier, `make test-models`)."""
     cfg = yaml.safe_load((REPO / "config" / "scenarios" / f"{name}.yaml").read_text())
     cfg["models"] = {m: cfg["models"][m] for m in models}
     config = root / "config.yaml"
@@ -105,7 +105,7 @@ def test_null_world_has_no_acquisition_finding(null_world):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the trained autoencoders on the scenarios (`make test-scenarios`, ~20 min on 2 cores; not in `make test`)
+# the trained autoencoders on the scenarios (`make test-models`, ~20 min on 2 cores; not in `make test`)
 
 AUTOENCODERS = ("vae", "dae")
 
@@ -132,7 +132,7 @@ def null_autoencoders(tmp_path_factory):
     return _summaries(root, "null")
 
 
-@pytest.mark.scenario_models
+@pytest.mark.trained_models
 @pytest.mark.parametrize("model", AUTOENCODERS)
 def test_trained_autoencoders_on_the_confounded_scenario(confounded_autoencoders, model):
     s = confounded_autoencoders[model]["summary"]
@@ -143,13 +143,13 @@ def test_trained_autoencoders_on_the_confounded_scenario(confounded_autoencoders
     assert s["unexplained_echoes"] == 0, s["unexplained_echo_ids"]
 
 
-@pytest.mark.scenario_models
+@pytest.mark.trained_models
 @pytest.mark.parametrize("model", AUTOENCODERS)
 def test_trained_autoencoders_date_the_protocol_change(confounded_autoencoders, model):
     test_confounded_protocol_change_is_dated(confounded_autoencoders[model])
 
 
-@pytest.mark.scenario_models
+@pytest.mark.trained_models
 @pytest.mark.parametrize("model", AUTOENCODERS)
 def test_trained_autoencoders_find_no_acquisition_effect_in_the_null_world(null_autoencoders, model):
     test_null_world_has_no_acquisition_finding(null_autoencoders[model])
