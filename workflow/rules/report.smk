@@ -62,6 +62,7 @@ rule report:
         runtime=res("report", "runtime", 20),
     params:
         report=config.get("report", {}),
+        attributes=config["attributes"],
     script:
         "../scripts/report.py"
 
@@ -82,6 +83,7 @@ rule publication_report:
         runtime=res("publication_report", "runtime", 20),
     params:
         report=config.get("report", {}),
+        attributes=config["attributes"],
     script:
         "../scripts/publication_report.py"
 

@@ -9,5 +9,6 @@ summary = build_report_from_inputs(
     snakemake.output.html,
     publication=True,
     maps_dir=snakemake.output.maps,
+    attributes=snakemake.params.attributes,
 )
 log.info("publication report: %s", summary)

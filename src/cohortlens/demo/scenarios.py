@@ -298,9 +298,9 @@ def attribute_declarations(scenario: str) -> dict:
     subject = {"level": "subject"}
     attrs = {
         "sex": {"type": "categorical", "role": "protected", **subject, "categories": ["F", "M"]},
-        "age": {"type": "continuous", "role": "protected", **subject, "min": 18, "max": 100},
-        "height": {"type": "continuous", "role": "protected", **subject, "min": 1.2, "max": 2.2},
-        "weight": {"type": "continuous", "role": "protected", **subject, "min": 30, "max": 250},
+        "age": {"type": "continuous", "role": "protected", **subject, "min": 18, "max": 100, "unit": "years"},
+        "height": {"type": "continuous", "role": "protected", **subject, "min": 1.2, "max": 2.2, "unit": "m"},
+        "weight": {"type": "continuous", "role": "protected", **subject, "min": 30, "max": 250, "unit": "kg"},
         "site": {"type": "categorical", "role": "acquisition", **subject, "categories": list(SITES)},
     }
     if scenario == "confounded":

@@ -1,10 +1,12 @@
-"""The findings section (significant findings per model, echoes folded under their root causes, explanation
-images) and the ground-truth section (recall of the planted effects of a demo cohort, false findings,
-unexplained echoes)."""
+"""The summary (every model's findings as one-line statements), the findings section (per model each
+significant finding as a statement with its evidence, explanation image and the echoes it explains, grouped
+for the reader; then the tables) and the ground-truth section (recall of the planted effects of a demo
+cohort, false findings, unexplained echoes)."""
 
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
@@ -13,12 +15,15 @@ import polars as pl
 from cohortlens.demo.truth import ground_truth_recall, ground_truth_summary
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report.fragments import by_model, fmt, not_run, png, table
+from cohortlens.report.headlines import SEP as INTERACTION
+from cohortlens.report.headlines import conditioning, details_of, evidence, headline
 from cohortlens.report.publication import (
     findings_public,
     pictured,
     public_text,
     public_text_columns,
     show_suppressed,
+    suppress_small_counts,
 )
 from cohortlens.types import PathLike
 
@@ -96,16 +101,142 @@ def _strip_card(finding_id: str, png_path: Path, row: Mapping) -> str:
                f"the change between the ends (red: brighter). What the model decodes, not a measured effect "
                f"(docs/findings.md).")
     return f"<figure class='evidence'><figcaption>{caption}</figcaption>{png(png_path)}</figure>"
+# the reader's order: what the images reveal, where they cluster, changes over time, subgroups, data quality
+GROUPS = [("leak", "What the images reveal"), ("cluster", "Where images cluster by an attribute"),
+          ("time", "Changes over time within a site or scanner"),
+          ("subgroup", "Subjects who look like another category"), ("quality", "Data quality")]
+
+
+def finding_group(row: Mapping) -> str:
+    """The GROUPS key of a finding: a date effect within a stratum (an `a×date` attribute) is a change over
+    time whatever test found it."""
+    kind = row.get("kind")
+    if INTERACTION in str(row.get("attribute")) and kind in ("attribute_leak", "cluster", "non_iid"):
+        return "time"
+    return {"attribute_leak": "leak", "cluster": "cluster", "discordant_subgroup": "subgroup"}.get(kind, "quality")
+
+
+def _echoes_of(root: Mapping, echoes: pl.DataFrame) -> list[int]:
+    """Row numbers of the echoes explained by this root finding (same region, `explained_by` names it)."""
+    if echoes.height == 0:
+        return []
+    names = set(_cause_names(root))
+    return [i for i, r in enumerate(echoes.iter_rows(named=True))
+            if r["region"] == root["region"] and r["explained_by"] in names]
+
+
+def strength(row: Mapping) -> float:
+    """How strong a finding is, for the order of its group: |effect|, a balanced accuracy above chance as the
+    share of the way from chance to perfect (comparable with an R²)."""
+    effect = abs(row.get("effect_size") or 0.0)
+    if row.get("effect_measure") == "balanced_accuracy_minus_chance":
+        chance = details_of(row).get("chance")
+        return effect / (1.0 - chance) if chance is not None and chance < 1 else effect
+    return effect
+
+
+def _statement(row: Mapping, shown: Mapping, units: Mapping, public) -> tuple[str, str]:
+    """(headline, evidence) as the page shows them; a finding whose statistics a publication suppresses (fewer
+    than k images) is named, not stated."""
+    if shown.get("p_value") is None and row.get("p_value") is not None:
+        return (f"{row['kind'].replace('_', ' ')} in the {row['region']} images ({row['attribute']}): statistics "
+                "suppressed"), ""
+    return public(headline(row, units)), public(evidence(row))
+
+
+_FLAGS = ("outlier", "near_duplicate", "label_issue")  # cleanlab's flags: the internal page names the images
+
+
+def _anchor(model: str, finding_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"f-{model}-{finding_id}")
+
+
+def _echo_item(row: Mapping, shown: Mapping, units: Mapping, public) -> str:
+    """An echo as a list item: its statement and what explains it."""
+    return (f"<li>{html.escape(_statement(row, shown, units, public)[0])} — {html.escape(public(conditioning(row)))} "
+            f"<code>{html.escape(shown['finding_id'])}</code></li>")
+
+
+def _card(model: str, row: Mapping, shown: Mapping, echo_rows: list[tuple[Mapping, Mapping]], image: str,
+          units: Mapping, public) -> str:
+    """One finding: its headline, evidence and conditioning, its explanation image, the echoes it explains."""
+    head, proof = _statement(row, shown, units, public)
+    cond = public(conditioning(row))
+    flagged = row.get("sample_ids") if row.get("kind") in _FLAGS and "sample_ids" in shown else None
+    named = (f"<p class='muted'>Images: {html.escape(', '.join(flagged[:10]))}"
+             f"{f' and {len(flagged) - 10} more' if len(flagged) > 10 else ''}</p>" if flagged else "")
+    out = [f"<div class='finding' id='{_anchor(model, shown['finding_id'])}'><p class='headline'>"
+           f"{html.escape(head)}.</p><p class='muted'>"
+           f"{html.escape(proof)}{'. ' if proof else ''}{html.escape(cond)}{'. ' if cond else ''}"
+           f"<code>{html.escape(shown['finding_id'])}</code></p>", named, image]
+    if echo_rows:
+        items = "".join(_echo_item(e, s, units, public) for e, s in echo_rows)
+        out.append(f"<details><summary>explains {len(echo_rows)} echo{'es' if len(echo_rows) > 1 else ''}: "
+                   f"findings that vanish given this one</summary><ul>{items}</ul></details>")
+    return "".join(out) + "</div>"
+
+
+def _image(row: Mapping, shown: Mapping, dirs: Sequence[Path], publication: bool, k: int) -> tuple[str, bool]:
+    """(the explanation figure of a finding or '', whether one exists but may not be shown: a set under k)."""
+    if publication and row.get("evidence") and not pictured(row, k):
+        return "", True
+    for entry in row.get("evidence") or []:
+        p = _evidence_path(entry, dirs)
+        if p is not None:
+            return f"<figure class='evidence'>{png(p, shown['finding_id'], webp=not publication)}</figure>", False
+    return "", False
+
+
+def _public(publication: bool, ids: Collection[str], k: int):
+    """The text filter of a page: a publication's (ids withheld, dates to the month, counts under k as
+    "< k"), or none."""
+    def public(text: str) -> str:
+        return suppress_small_counts(public_text(text, ids), k) if publication else text
+
+    return public
+
+
+def _model_frames(path: PathLike, k: int, publication: bool, ids: Collection[str]):
+    """(all findings, original roots, original echoes, shown roots, shown echoes) of a model, strongest first;
+    the shown ones are a publication's public rows when `publication`."""
+    frame = pl.read_parquet(path).sort(pl.col("effect_size").abs(), descending=True, nulls_last=True)
+    original_roots, original_echoes = split_echoes(frame)
+    shown = show_suppressed(findings_public(frame, k, ids), k) if publication else frame
+    return (frame, original_roots, original_echoes, *split_echoes(shown))
+
+
+def summary_section(findings: Sequence[PathLike], cfg: dict, publication: bool = False, ids: Collection[str] = (),
+                    units: Mapping | None = None) -> str:
+    """The page's opening: every model's root findings as one-line statements (`headlines`), in the findings
+    section's order, each linking to its card there."""
+    if not findings:
+        return "<p class='muted'>No findings: the discover stage has no results in this run.</p>"
+    k, units = cfg.get("min_cell", 10), dict(units or {})
+    public = _public(publication, ids, k)
+    parts = ["<p>What the analysis found, per model (details, images and tables under "
+             "<a href='#findings'>Findings</a>; echoes, which another finding explains, are folded there).</p>"]
+    for i, (model, path) in enumerate(by_model(findings, _findings_model).items()):
+        _, roots, echoes, shown_roots, _ = _model_frames(path, k, publication, ids)
+        ordered = sorted(zip(roots.iter_rows(named=True), shown_roots.iter_rows(named=True)),
+                         key=lambda pair: ([g for g, _ in GROUPS].index(finding_group(pair[0])), -strength(pair[0])))
+        items = "".join(f"<li><a href='#{_anchor(model, s['finding_id'])}'>"
+                        f"{html.escape(_statement(r, s, units, public)[0])}</a></li>" for r, s in ordered)
+        parts.append(f"<details{' open' if i == 0 else ''}><summary><b>{html.escape(model)}</b>: {roots.height} "
+                     f"findings, {echoes.height} echoes</summary><ul class='summary'>{items or '<li>none</li>'}</ul>"
+                     "</details>")
+    return "".join(parts)
 
 
 def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], finding_dirs: Sequence[PathLike],
                      cfg: dict, publication: bool = False, ids: Collection[str] = (),
-                     counterfactuals: Sequence[PathLike] = ()) -> str:
-    """Findings per model, echoes folded, explanation images (and the DAE's counterfactual strips, from the index
-    files in `counterfactuals`, beside them). `publication`: the public columns only (no sample ids; `ids`
-    withheld from the text, dates coarsened; publication.findings_public), an explanation image only for a set of
-    at least cfg['min_cell'] images (a smaller finding is described, not pictured) and no counterfactual strips
-    (they show individual images)."""
+                     units: Mapping | None = None, counterfactuals: Sequence[PathLike] = ()) -> str:
+    """Findings per model as statements (headline, evidence, image, the echoes each explains; `headlines`),
+    grouped for the reader (GROUPS), then the tables: root findings, echoes, tests run. `publication`: the
+    public columns only (no sample ids; `ids` withheld from the text, dates coarsened, counts under
+    cfg['min_cell'] as "< k"; publication.findings_public) and an explanation image only for a set of at least
+    cfg['min_cell'] images; a smaller finding is described, not pictured. The DAE's counterfactual strips (index
+    files in `counterfactuals`) follow their finding's image on the internal page only: they show individual
+    images."""
     if not findings:
         return not_run("discovery")
     strips = {} if publication else counterfactual_strips(counterfactuals)
@@ -113,65 +244,74 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
     dirs_by: dict[str, list[Path]] = {}
     for d in finding_dirs:
         dirs_by.setdefault(Path(d).name, []).append(Path(d))
-    parts = ["<p>Significant findings (FDR-adjusted p below α, or cleanlab flags), largest effect first. Effect "
-             "sizes are in the unit named beside them (balanced accuracy above chance, R², enrichment ratio, "
-             "discordant fraction, …).</p>"]
-    n_images, k = 0, cfg.get("min_cell", 10)
+    k, units = cfg.get("min_cell", 10), dict(units or {})
+    public = _public(publication, ids, k)
+    parts = ["<p>Each finding as a statement, with its evidence (test, p-value raw and FDR-adjusted, n), its "
+             "image (explanations: mean image and mean edge profile of the set (red) vs the rest (blue)) and the "
+             "findings it explains (echoes: significant on their own, not given this one; docs/findings.md). The "
+             "tables below each model's statements hold the numbers.</p>"]
+    n_images = 0
     for model, path in by_model(findings, _findings_model).items():
-        frame = pl.read_parquet(path)
+        frame, original_roots, original_echoes, roots, echoes = _model_frames(path, k, publication, ids)
         alpha = read_parquet_metadata(path).get("alpha", 0.05)
         parts.append(f"<h3>{html.escape(model)}: {frame.height} findings</h3>")
+        summary = None
         if model in tests_by:
             t = pl.read_parquet(tests_by[model])
             if t.height:
                 sig = pl.col("p_adjusted").is_null() | (pl.col("p_adjusted") < alpha)
                 summary = t.group_by("kind").agg(pl.len().alias("tests"), sig.sum().alias("significant")).sort("kind")
-                parts.append(f"<p class='muted'>tests run (α = {alpha}):</p>" + table(summary, 50))
         if frame.height == 0:
             parts.append("<p class='muted'>no significant findings</p>" + label_issue_note(frame))
+            if summary is not None:
+                parts.append(f"<p class='muted'>tests run (α = {alpha}):</p>" + table(summary, 50))
             continue
-        frame = frame.sort(pl.col("effect_size").abs(), descending=True, nulls_last=True)
-        original_roots, _ = split_echoes(frame)
-        if publication:
-            frame = show_suppressed(findings_public(frame, k, ids), k)
-        roots, echoes = split_echoes(frame)
-        roots = roots.with_columns(pl.Series("echoes", [
-            echoes.filter((pl.col("region") == r["region"]) & pl.col("explained_by").is_in(_cause_names(r))).height
-            for r in roots.iter_rows(named=True)], dtype=pl.Int64))
-        parts.append(f"<p>{roots.height} root findings; {echoes.height} echoes folded under the attribute that "
-                     "explains them (each finding was re-tested conditional on every other attribute; see "
-                     "docs/findings.md).</p>")
-        parts.append(table(roots.select([c for c in [*_FINDING_COLS, "echoes"] if c in roots.columns]), 500,
-                           cls="findings"))
-        if echoes.height:
-            parts.append(f"<details><summary>{echoes.height} echoes, folded under their root causes</summary>"
-                         + table(echoes.sort("explained_by", "region").select(
-                             [c for c in ["explained_by", *_FINDING_COLS] if c in echoes.columns]), 500,
-                             cls="findings") + "</details>")
-        parts.append(label_issue_note(frame))
-        cards, not_pictured = [], []
+        cards: dict[str, list[tuple[float, str]]] = {g: [] for g, _ in GROUPS}
+        not_pictured, folded = [], set()
+        echo_pairs = list(zip(original_echoes.iter_rows(named=True), echoes.iter_rows(named=True)))
         for row, shown in zip(original_roots.iter_rows(named=True), roots.iter_rows(named=True)):
-            if publication and row.get("evidence") and not pictured(row, k):
+            mine = _echoes_of(row, original_echoes)
+            folded.update(mine)
+            image, hidden = "", False
+            if n_images < cfg["max_findings_images"]:
+                image, hidden = _image(row, shown, dirs_by.get(model, []), publication, k)
+                n_images += bool(image)
+            if hidden:
                 not_pictured.append(shown["finding_id"])
-                continue
-            for entry in row.get("evidence") or []:
-                p = _evidence_path(entry, dirs_by.get(model, []))
-                if p is None or n_images >= cfg["max_findings_images"]:
-                    continue
-                n_images += 1
-                cards.append(f"<figure class='evidence'><figcaption><b>{html.escape(shown['finding_id'])}</b> "
-                             f"{html.escape(shown.get('description') or '')}</figcaption>{png(p)}</figure>")
             strip = strips.get(model, {}).get(row["finding_id"])
             if strip is not None and n_images < cfg["max_findings_images"]:
                 n_images += 1
-                cards.append(_strip_card(row["finding_id"], *strip))
+                image += _strip_card(row["finding_id"], *strip)
+            cards[finding_group(row)].append((strength(row), _card(model, row, shown, [echo_pairs[i] for i in mine],
+                                                                   image, units, public)))
+        echo_note = (f"{echoes.height} echoes, each folded under the finding that explains it" if echoes.height
+                     else "no echoes")
+        parts.append(f"<p>{roots.height} findings; {echo_note} (every finding was re-tested given every other "
+                     "attribute).</p>")
+        for key, title in GROUPS:
+            if cards[key]:
+                ordered = sorted(cards[key], key=lambda c: -c[0])
+                parts.append(f"<h4>{html.escape(title)}</h4>" + "".join(c for _, c in ordered))
+        loose = [echo_pairs[i] for i in range(len(echo_pairs)) if i not in folded]
+        if loose:
+            parts.append("<h4>Echoes whose cause has no finding of its own here</h4><ul>"
+                         + "".join(_echo_item(e, s, units, public) for e, s in loose) + "</ul>")
         if not_pictured:
             parts.append(f"<p class='muted'>Described, not pictured (the mean image of fewer than {k} images would "
                          f"show participants): {html.escape(', '.join(not_pictured))}</p>")
-        if cards:
-            cf = (", each DAE counterfactual strip after its finding's mean images" if strips.get(model) else "")
-            parts.append("<details open><summary>explanations: mean image and mean edge profile of the set (red) "
-                         f"vs the rest (blue){cf}, {len(cards)} images</summary>{''.join(cards)}</details>")
+        parts.append(label_issue_note(frame))
+        roots = roots.with_columns(pl.Series("echoes", [len(_echoes_of(r, original_echoes))
+                                                        for r in original_roots.iter_rows(named=True)], dtype=pl.Int64))
+        tables = table(roots.select([c for c in [*_FINDING_COLS, "echoes"] if c in roots.columns]), 500,
+                       cls="findings")
+        if echoes.height:
+            tables += (f"<p>{echoes.height} echoes, by their root causes:</p>" + table(
+                echoes.sort("explained_by", "region").select(
+                    [c for c in ["explained_by", *_FINDING_COLS] if c in echoes.columns]), 500, cls="findings"))
+        if summary is not None:
+            tables += f"<p class='muted'>tests run (α = {alpha}):</p>" + table(summary, 50)
+        parts.append(f"<details><summary>{html.escape(model)}: tables of the findings, echoes and tests</summary>"
+                     f"{tables}</details>")
     return "".join(parts)
 
 

@@ -14,12 +14,13 @@ import polars as pl
 from cohortlens.analysis.project import plotlyjs_script
 from cohortlens.io.tables import atomic_path, read_parquet_metadata
 from cohortlens.report import sections
-from cohortlens.report.findings import findings_section, ground_truth_section
+from cohortlens.report.findings import findings_section, ground_truth_section, summary_section
 from cohortlens.report.fragments import table
 from cohortlens.report.model_table import model_table_section
 from cohortlens.report.projections import projections_section, publication_maps_section
 from cohortlens.report.publication import cell_text, participant_ids, quarantine_reasons, show_suppressed
 from cohortlens.report.publish import cohort_counts
+from cohortlens.report.units import attribute_units
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:72rem;color:#1d2733;padding:0 1rem}
@@ -33,12 +34,15 @@ details{margin:.6rem 0}summary{cursor:pointer;color:#0b5cad}.grid{display:flex;f
 figure{margin:.3rem 0}figure.evidence img{max-width:48rem}img.map{max-width:23rem;image-rendering:auto}
 figcaption{font-size:.8rem;color:#57606a}.plot{margin:.8rem 0}select{margin-left:.4rem}
 table.findings{font-size:.8rem}table.findings td:last-child{min-width:32rem}
+h4{font-size:.95rem;margin:1.2rem 0 .4rem}.finding{border-left:3px solid #d0d7de;padding:.1rem .8rem;margin:.7rem 0}
+.finding p{margin:.25rem 0}ul.summary li{margin:.15rem 0}p.headline{font-weight:600}
+.finding code{font-size:.75rem;color:#57606a}
 """
 
-SECTIONS = [("cohort", "Cohort"), ("quarantine", "Quarantine"), ("slices", "Preprocessed slices"),
-            ("embeddings", "Embeddings"), ("models", "Model comparison"), ("projections", "Projections"),
-            ("findings", "Findings"), ("fairness", "Fairness"), ("mitigation", "Mitigation"),
-            ("ground-truth", "Ground-truth recall"), ("training", "Training")]
+SECTIONS = [("summary", "Summary"), ("cohort", "Cohort"), ("quarantine", "Quarantine"),
+            ("slices", "Preprocessed slices"), ("embeddings", "Embeddings"), ("models", "Model comparison"),
+            ("projections", "Projections"), ("findings", "Findings"), ("fairness", "Fairness"),
+            ("mitigation", "Mitigation"), ("ground-truth", "Ground-truth recall"), ("training", "Training")]
 
 
 def reconcile(n_manifest: int, cohort_q: pl.DataFrame, images: pl.DataFrame, pre_q: pl.DataFrame, index: pl.DataFrame) -> dict:
@@ -63,8 +67,10 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
                  baseline_metrics: Sequence[str] = (),
                  fairness_groups: Sequence[str] = (), fairness_summary: Sequence[str] = (),
                  findings: Sequence[str] = (), finding_tests: Sequence[str] = (), finding_dirs: Sequence[str] = (),
-                 reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (), counterfactuals: Sequence[str] = (),
-                 options: Mapping | None = None, publication: bool = False, maps_dir: str | None = None) -> dict:
+                 reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (), predictions: Sequence[str] = (),
+                 counterfactuals: Sequence[str] = (),
+                 options: Mapping | None = None, publication: bool = False, maps_dir: str | None = None,
+                 attributes: Mapping | None = None) -> dict:
     """The report page. embeddings: model -> {"slices": path, "volumes": path, "reconstructions": png path or
     None}; `counterfactuals`: results/counterfactuals/{model}.parquet (strips beside them); the other inputs are
     lists of the run's files (any may be empty: the section says it was not run);
@@ -74,7 +80,10 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     `publication`: the page that may leave the institution (docs/report.md): counts below `min_cell` suppressed,
     quarantine reasons counted by kind (no list), maps as static images with coarsened attributes (written to
     `maps_dir`, a temporary folder if None), findings without sample ids and with explanation images only for
-    sets of at least `min_cell` images, no reconstruction grids and no counterfactual strips."""
+    sets of at least `min_cell` images, no reconstruction grids and no counterfactual strips.
+
+    `attributes`: the config `attributes:` (default: the declarations in subjects.parquet's metadata), for the
+    units of the tables, headlines and maps (`units.attribute_units`)."""
     cohort_dir, pre_dir = Path(cohort_dir), Path(preprocessed_dir)
     subjects = pl.read_parquet(cohort_dir / "subjects.parquet")
     images = pl.read_parquet(cohort_dir / "images.parquet")
@@ -88,6 +97,8 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
 
     cfg = sections.settings(options)
     k = cfg["min_cell"]
+    units = attribute_units(attributes if attributes is not None else read_parquet_metadata(
+        cohort_dir / "subjects.parquet").get("attributes"))
     ids = participant_ids(subjects, images, cohort_q, pre_q) if publication else set()
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if publication:
@@ -95,6 +106,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
                      f"rows, no exact dates; counts and group statistics of fewer than {k} participants are "
                      f"suppressed (&lt; {k}).</p>")
     parts.append("<nav>" + "".join(f"<a href='#{k}'>{html.escape(v)}</a>" for k, v in SECTIONS) + "</nav>")
+    parts.append(_h2("summary") + summary_section(findings, cfg, publication, ids, units))
     parts.append(_h2("cohort"))
     shown = {q: (cell_text(v, k) if publication and not isinstance(v, bool) else str(v)) for q, v in counts.items()}
     parts.append(table(pl.DataFrame({"quantity": list(shown), "value": list(shown.values())})))
@@ -131,18 +143,20 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
     parts.append(table(pl.DataFrame(rows)))
 
     subjects_path, images_path = cohort_dir / "subjects.parquet", cohort_dir / "images.parquet"
-    parts.append(_h2("models") + model_table_section(metrics, baseline_metrics))
+    parts.append(_h2("models") + model_table_section(metrics, baseline_metrics, predictions, units))
     if publication:
         with contextlib.ExitStack() as stack:
             folder = maps_dir or stack.enter_context(tempfile.TemporaryDirectory())
-            proj_html, n_proj = publication_maps_section(projections, subjects_path, images_path, cfg, folder), 0
+            proj_html = publication_maps_section(projections, subjects_path, images_path, cfg, folder, units)
+            n_proj = 0
     else:
-        proj_html, n_proj = projections_section(projections, plots, subjects_path, images_path, cfg)
+        proj_html, n_proj = projections_section(projections, plots, subjects_path, images_path, cfg, units)
     parts.append(_h2("projections") + proj_html)
     parts.append(_h2("findings") + findings_section(findings, finding_tests, finding_dirs, cfg, publication, ids,
-                                                     counterfactuals))
-    parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg, publication))
-    parts.append(_h2("mitigation") + sections.mitigation_section(reprobe, cfg))
+                                                      units, counterfactuals))
+    parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg, publication,
+                                                             units))
+    parts.append(_h2("mitigation") + sections.mitigation_section(reprobe, cfg, units))
     truth_html, recall = ground_truth_section(findings, ground_truth, publication, ids)
     parts.append(_h2("ground-truth") + truth_html)
     recon = {m: f["reconstructions"] for m, f in embeddings.items() if f.get("reconstructions")}
@@ -172,11 +186,12 @@ def _as_list(value) -> list[str]:
 
 
 def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, publication: bool = False,
-                             maps_dir: str | None = None) -> dict:
+                             maps_dir: str | None = None, attributes: Mapping | None = None) -> dict:
     """The report rule's job: `inputs` is snakemake.input (or any object/mapping) with the single paths
     subjects and index (cohort and preprocessed folders are theirs) and the lists of LIST_INPUTS (missing =
-    empty); `options` is config `report:`. Model / region / method are read from the paths. `publication`
-    and `maps_dir`: the publication page (build_report)."""
+    empty); `options` is config `report:`, `attributes` config `attributes:` (units; default: subjects.parquet's
+    metadata). Model / region / method are read from the paths. `publication` and `maps_dir`: the publication
+    page (build_report)."""
     get = inputs.get if isinstance(inputs, Mapping) else (lambda k, d=None: getattr(inputs, k, d))
     lists = {k: _as_list(get(k, None)) for k in LIST_INPUTS}
     embeddings: dict[str, dict] = {}
@@ -206,7 +221,9 @@ def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, pub
         reprobe=lists["reprobe"],
         ground_truth=lists["ground_truth"],
         counterfactuals=lists["counterfactuals"],
+        predictions=lists["predictions"],
         options=options,
         publication=publication,
         maps_dir=maps_dir,
+        attributes=attributes,
     )

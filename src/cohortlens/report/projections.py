@@ -1,97 +1,105 @@
-"""The projections section: interactive Plotly maps (a dropdown chooses the colouring attribute) for the
-methods in `report.interactive_methods`, the other maps as their static PNGs from the plot folders."""
+"""The projections section: one interactive Plotly map per model and region for the methods in
+`report.interactive_methods` (dropdowns choose the colouring attribute and the method; the payload of
+`cohortlens.report.maps` carries the points once), the other methods' maps as their static PNGs from the plot
+folders; and the publication report's maps (static, attributes coarsened)."""
 
 from __future__ import annotations
 
 import html
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
-from cohortlens.analysis.figures import save_figure, static_map
-from cohortlens.analysis.project import figure_div, projection_figure, projection_with_attributes
+import numpy as np
+import polars as pl
+
+from cohortlens.analysis.figures import save_figure, static_map, subsample_points
+from cohortlens.analysis.project import projection_figure, projection_with_attributes
 from cohortlens.analysis.table import REGION_SPEC
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report.fragments import model_of, not_run, png_scaled
+from cohortlens.report.maps import MAP_SCRIPT, METHOD_LABELS, map_controls, map_payload, payload_script, template_script
 from cohortlens.report.publication import OTHER, coarsen_attributes
 from cohortlens.types import ALL_REGIONS, PathLike
 
 log = logging.getLogger(__name__)
 
 
-def _interactive(projection: Path, subjects: PathLike, images: PathLike | None, div_id: str, cfg: dict) -> str:
-    """One Plotly figure of a projection with a dropdown choosing the colouring attribute. The first
-    attribute's figure is drawn by figure_div; the others travel as JSON and are swapped in with Plotly.react."""
+def _coordinates(frame: pl.DataFrame, other: Path) -> np.ndarray | None:
+    """Another method's coordinates of the frame's points, by image (NaN where it has none); None when the
+    projections cannot be matched."""
+    proj = pl.read_parquet(other)
+    if "image_uid" in frame.columns and "image_uid" in proj.columns:
+        joined = frame.select("image_uid").join(proj.select("image_uid", "x", "y"), on="image_uid", how="left",
+                                                maintain_order="left")
+        return joined.select(pl.col("x", "y").cast(pl.Float64)).to_numpy()
+    return None
+
+
+def _interactive(group: dict[str, Path], subjects: PathLike, images: PathLike | None, div_id: str, cfg: dict,
+                 units: dict) -> tuple[str, dict]:
+    """One Plotly map of a (model, region): `group` is method -> projection (the first is drawn first), with
+    dropdowns choosing the colouring attribute and the method. Returns (html, the figures' Plotly template)."""
+    methods = list(group)
+    projection = group[methods[0]]
     meta = read_parquet_metadata(projection)
     frame, specs = projection_with_attributes(projection, subjects, images)
     plotted = dict(specs)
     if frame["region"].n_unique() > 1:
         plotted = {"region": REGION_SPEC, **plotted}
     if not plotted:
-        return ""
-    title = f"{meta.get('model', model_of(projection, 2))} · {meta.get('region', projection.parent.name)} · " \
-            f"{meta.get('method', projection.stem)}"
-    figs = {a: projection_figure(frame, a, s, hover_attributes=list(specs), title=f"{title} — {a}",
-                                 max_points=cfg["max_points"])
-            for a, s in plotted.items()}
-    if meta.get("region", projection.parent.name) != ALL_REGIONS:  # per-region maps sit two to a row
+        return "", {}
+    frame, note = subsample_points(frame, "", cfg["max_points"])
+    coords = {methods[0]: frame.select(pl.col("x", "y").cast(pl.Float64)).to_numpy()}
+    for method in methods[1:]:
+        other = _coordinates(frame, group[method])
+        if other is not None:
+            coords[method] = other
+    model, region = meta.get("model", model_of(projection, 2)), meta.get("region", projection.parent.name)
+    figs = {a: projection_figure(frame, a, s, hover_attributes=list(specs), title=a) for a, s in plotted.items()}
+    if region != ALL_REGIONS:  # per-region maps sit two to a row
         for f in figs.values():
             f.update_layout(width=540, height=480)
-    first = next(iter(figs))
-    options = "".join(f"<option value='{html.escape(a)}'>{html.escape(a)}</option>" for a in figs)
-    others = {a: json.loads(f.to_json()) for a, f in figs.items() if a != first}
-    first_json = json.loads(figs[first].to_json())
-    others[first] = first_json
-    payload = json.dumps(others, separators=(",", ":")).replace("</", "<\\/")
-    return (f"<div class='plot'><label>colour by <select class='attr-select' data-plot='{div_id}'>{options}"
-            f"</select></label>{figure_div(figs[first], div_id)}"
-            f"<script type='application/json' id='{div_id}-figs'>{payload}</script></div>")
-
-
-_SELECT_JS = """<script>
-document.querySelectorAll('select.attr-select').forEach(function (sel) {
-  var figs = null;
-  sel.addEventListener('change', function () {
-    var id = sel.dataset.plot;
-    if (figs === null) { figs = JSON.parse(document.getElementById(id + '-figs').textContent); }
-    var f = figs[sel.value];
-    Plotly.react(id, f.data, f.layout, {displaylogo: false});
-  });
-});
-</script>"""
+    continuous = {a: u for a, u in units.items() if a in specs and specs[a].type == "continuous"}
+    titles = {m: f"{model} · {region} · {METHOD_LABELS.get(m, m)}{note}" for m in coords}
+    payload, template = map_payload(figs, coords, titles, continuous)
+    return (f"<div class='plot'>{map_controls(div_id, list(coords), list(figs))}<div id='{div_id}' "
+            f"class='cl-map'></div>{payload_script(div_id, payload)}</div>"), template
 
 
 def projections_section(projections: Sequence[PathLike], plots: Sequence[PathLike], subjects: PathLike,
-                        images: PathLike | None, cfg: dict) -> tuple[str, int]:
-    """Interactive maps for cfg['interactive_methods'] (region 'all' first, then each region), the other maps
-    as their static PNGs from the plot folders. Returns (html, number of interactive figures)."""
+                        images: PathLike | None, cfg: dict, units: dict | None = None) -> tuple[str, int]:
+    """One interactive map per model and region (region 'all' first) for the methods in
+    cfg['interactive_methods'] (a dropdown switches between them and between colouring attributes; the points
+    travel once, `maps`), the other methods' maps as their static PNGs from the plot folders. Returns (html,
+    number of interactive figures)."""
     if not projections and not plots:
         return not_run("projections"), 0
     methods = list(cfg["interactive_methods"] or [])
     regions_wanted = cfg["interactive_regions"]
-
-    def order(p: Path) -> tuple:
-        region = p.parent.name
-        return (model_of(p, 2), region != ALL_REGIONS, region, p.stem)
-
-    interactive, shown = [], set()
-    for p in sorted((Path(p) for p in projections), key=order):
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for p in (Path(p) for p in projections):
         model, region, method = model_of(p, 2), p.parent.name, p.stem
-        if method not in methods or (regions_wanted is not None and region not in regions_wanted):
-            continue
-        div_id = f"proj-{model}-{region}-{method}".replace(" ", "_")
+        if method in methods and (regions_wanted is None or region in regions_wanted):
+            groups.setdefault((model, region), {})[method] = p
+    interactive, shown, template = [], set(), {}
+    for (model, region), found in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != ALL_REGIONS,
+                                                                         kv[0][1])):
+        group = {m: found[m] for m in methods if m in found}
+        div_id = f"proj-{model}-{region}-{next(iter(group))}".replace(" ", "_")
         try:
-            fragment = _interactive(p, subjects, images, div_id, cfg)
+            fragment, tpl = _interactive(group, subjects, images, div_id, cfg, units or {})
+            template = template or tpl
         except Exception as exc:  # one broken projection must not cost the whole page
-            log.warning("projection %s not drawn: %s", p, exc)
-            fragment = f"<p class='bad'>{html.escape(str(p))}: not drawn ({html.escape(type(exc).__name__)})</p>"
+            log.warning("projection %s not drawn: %s", next(iter(group.values())), exc)
+            fragment = (f"<p class='bad'>{html.escape(model)} · {html.escape(region)}: not drawn "
+                        f"({html.escape(type(exc).__name__)})</p>")
         interactive.append((model, fragment))
-        shown.add((model, region, method))
+        shown.update((model, region, m) for m in group)
     parts = []
     if interactive:
         parts.append("<p>Interactive maps (hover: subject id, region and attributes; choose the colouring "
-                     "attribute above each map).</p>")
+                     "attribute and the map above each one).</p>")
         current = None
         for model, fragment in interactive:
             if model != current:
@@ -108,23 +116,25 @@ def projections_section(projections: Sequence[PathLike], plots: Sequence[PathLik
         pngs = sorted(d.glob(f"{method}-*.png"))
         if not pngs:
             continue
-        imgs = "".join(_map_figure(f, cfg["static_map_width"]) for f in pngs)
+        imgs = "".join(_map_figure(f, cfg["static_map_width"], webp=True) for f in pngs)
         static.append(f"<details><summary>{html.escape(model)} · {html.escape(region)} · {html.escape(method)} "
                       f"({len(pngs)} maps)</summary><div class='grid'>{imgs}</div></details>")
     if static:
         parts.append("<h3>Other maps (static)</h3>" + "".join(static))
     if interactive:
-        parts.append(_SELECT_JS)
-    return "".join(parts) or "<p class='muted'>no maps</p>", len(interactive)
+        parts.append(template_script(template) + MAP_SCRIPT)
+    n_figures = sum("class='cl-map'" in f for _, f in interactive)
+    return "".join(parts) or "<p class='muted'>no maps</p>", n_figures
 
 
-def _map_figure(path: Path, width: int) -> str:
-    """A static map PNG as a thumbnail figure captioned with its file name."""
-    return f"<figure>{png_scaled(path, width, cls='map')}<figcaption>{html.escape(path.stem)}</figcaption></figure>"
+def _map_figure(path: Path, width: int, webp: bool = False) -> str:
+    """A static map PNG as a thumbnail figure captioned with its file name (`webp`: lossless WebP)."""
+    return (f"<figure>{png_scaled(path, width, cls='map', webp=webp)}<figcaption>{html.escape(path.stem)}"
+            "</figcaption></figure>")
 
 
 def publication_maps_section(projections: Sequence[PathLike], subjects: PathLike, images: PathLike | None,
-                             cfg: dict, maps_dir: PathLike) -> str:
+                             cfg: dict, maps_dir: PathLike, units: dict | None = None) -> str:
     """The publication report's maps: for every projection, one static PNG per attribute with its values
     coarsened (continuous values in quantile bins, dates by year, categories and bins under cfg['min_cell']
     merged; publication.coarsen_attributes): points without ids and without hover data. The PNGs are written
@@ -151,7 +161,10 @@ def publication_maps_section(projections: Sequence[PathLike], subjects: PathLike
         figures = []
         for attribute, spec in coarse_specs.items():
             out = Path(maps_dir) / f"{model}-{region}-{method}-{attribute}.png"
-            fig = static_map(coarse, attribute, spec, title=f"{model} · {region} · {method} — {attribute}",
+            continuous = attribute in specs and specs[attribute].type == "continuous"
+            unit = (units or {}).get(attribute) if continuous else None
+            shown = f"{attribute} ({unit})" if unit else attribute
+            fig = static_map(coarse, attribute, spec, title=f"{model} · {region} · {method} — {shown}",
                              max_points=cfg["max_points"])
             save_figure(fig, [out])
             figures.append(_map_figure(out, cfg["static_map_width"]))

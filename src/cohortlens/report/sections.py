@@ -24,12 +24,14 @@ from cohortlens.analysis.attack import ATTACKERS
 from cohortlens.analysis.project import figure_div
 from cohortlens.report.fragments import by_model, fmt, not_run, png, read_frames, table
 from cohortlens.report.publication import fairness_groups_public, fairness_summary_public, show_suppressed
+from cohortlens.report.units import UNIT_METRICS, groups_with_unit, with_unit_column
 from cohortlens.types import PathLike
 
 # config `report:` keys beyond title / max_quarantine_rows, with their defaults (docs/report.md)
 DEFAULTS = {
     "max_points": 5000,  # interactive projection: a seeded random subset beyond this many points
-    "interactive_methods": ["tsne"],  # maps drawn with Plotly on the page; the others as their PNGs
+    # maps drawn with Plotly (one map per model and region, a dropdown chooses the method); the others as PNGs
+    "interactive_methods": ["tsne", "umap"],
     "interactive_regions": None,  # None = "all" plus every region; or a list such as ["all"]
     "static_map_width": 480,  # static map PNGs are shrunk to this width (pixels) on the page
     "max_findings_images": 60,  # explanation PNGs inlined (largest effects first)
@@ -52,9 +54,10 @@ _SUMMARY_COLS = ["model", "region", "target", "positive", "protected", "measure"
 
 
 def fairness_section(summaries: Sequence[PathLike], groups: Sequence[PathLike], cfg: dict,
-                     publication: bool = False) -> str:
+                     publication: bool = False, units: Mapping | None = None) -> str:
     """Flagged gaps first; per-group metrics folded. `publication`: groups of fewer than cfg['min_cell']
-    participants suppressed, with the gaps between them (publication.fairness_*_public)."""
+    participants suppressed, with the gaps between them (publication.fairness_*_public). `units`: bins of a
+    continuous protected attribute carry its unit, an error (MAE) gap its target's (`unit` column)."""
     if not summaries:
         return not_run("fairness")
     summary = read_frames(summaries)
@@ -77,9 +80,15 @@ def fairness_section(summaries: Sequence[PathLike], groups: Sequence[PathLike], 
         parts.append(f"<p class='muted'>Groups of fewer than {k} participants are suppressed (n shown as &lt; {k}), "
                      f"and so are the {n_low} gaps that involve one.</p>")
     cols = [*_SUMMARY_COLS, "suppressed"] if publication else _SUMMARY_COLS
-    parts.append(table(summary.select([c for c in cols if c in summary.columns]), cfg["max_table_rows"],
-                       row_class=lambda r: "flag" if r.get("flagged") else None))
+    summary = groups_with_unit(summary.select([c for c in cols if c in summary.columns]), "protected",
+                               ("group_high", "group_low"), units)
+    if summary["measure"].is_in(list(UNIT_METRICS)).any():
+        summary = with_unit_column(summary, "target", "measure", units, after="value")
+    parts.append(table(summary, cfg["max_table_rows"], row_class=lambda r: "flag" if r.get("flagged") else None))
     if g.height:
+        g = groups_with_unit(g, "protected", ("group",), units)
+        if "metric" in g.columns and g["metric"].is_in(list(UNIT_METRICS)).any():
+            g = with_unit_column(g, "target", "metric", units, after="value")
         parts.append("<details><summary>per-group metrics</summary>")
         parts.append(table(g, cfg["max_table_rows"]))
         parts.append("</details>")
@@ -110,7 +119,7 @@ def reprobe_check(frame: pl.DataFrame, alpha: float = 0.05) -> pl.DataFrame:
     )
 
 
-def mitigation_section(reprobes: Sequence[PathLike], cfg: dict) -> str:
+def mitigation_section(reprobes: Sequence[PathLike], cfg: dict, units: Mapping | None = None) -> str:
     if not reprobes:
         return not_run("mitigation")
     frame = read_frames(reprobes)
@@ -128,7 +137,10 @@ def mitigation_section(reprobes: Sequence[PathLike], cfg: dict) -> str:
              f"construction. Targets: drop = performance lost (positive = worse) with its paired interval; "
              f"<i>kept</i> when the interval reaches 0 or below.</p>"]
     frame = frame.sort("model", "method", "role", "attribute", "region", "probe", "metric")
-    parts.append(table(frame.select([c for c in _REPROBE_COLS if c in frame.columns]), 1000,
+    # value, interval and drop of an MAE are in the attribute's unit
+    frame = with_unit_column(frame.select([c for c in _REPROBE_COLS if c in frame.columns]), "attribute", "metric",
+                             units)
+    parts.append(table(frame, 1000,
                        row_class=lambda r: {"at chance": "good", "kept": "good", "readable": "flag",
                                             "lost": "flag"}.get(r["check"])))
     return "".join(parts)
@@ -189,5 +201,5 @@ def training_section(train_logs: Sequence[PathLike], reconstructions: Mapping[st
                 parts.append(table(frame, 20))
         if model in reconstructions:
             parts.append(f"<p>QA grid: input slices (top) and the model's reconstructions / decodes below</p>"
-                         f"{png(reconstructions[model], f'{model} reconstructions')}")
+                         f"{png(reconstructions[model], f'{model} reconstructions', webp=True)}")
     return note + "".join(parts), n_figs
