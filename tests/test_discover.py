@@ -419,3 +419,16 @@ def test_report_says_protected_labels_were_not_shown_wrong():
     assert "target attributes only" in note and "not shown to be wrong" in note
     assert "discordant_subgroup-neck-sex" in note
     assert "none significant" in label_issue_note(frame.clear())
+
+
+def test_explanation_titles_carry_no_identifiers():
+    """The explanation PNG's title is drawn into its pixels, where a publication's text scan cannot see it: image
+    uids and subject ids of the cohort become "[id]", everything else stays."""
+    from cohortlens.analysis.discover.explain import without_ids
+
+    uids = {"S00148/neck": "neck", "S00162/neck": "neck", "S00200/chest": "chest"}
+    text = "cleanlab flags 2 of 300 neck images as near-duplicates: S00148/neck, S00162/neck; subject S00200 too"
+    out = without_ids(text, uids)
+    assert "S00148" not in out and "S00162" not in out and "S00200" not in out, out
+    assert out.startswith("cleanlab flags 2 of 300 neck images as near-duplicates: [id], [id]; subject [id]")
+    assert without_ids("site Essen, n=37", uids) == "site Essen, n=37"

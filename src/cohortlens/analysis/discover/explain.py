@@ -11,6 +11,7 @@ set spans several regions (cross-region co-occurrence) gets one row of panels pe
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,23 @@ def _profile_panel(set_prof: np.ndarray, rest_prof: np.ndarray, width: int, size
     return panel
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9_.:-]+(?:/[A-Za-z0-9_.:-]+)*")
+
+
+def without_ids(text: str, image_uids) -> str:
+    """The text with every image uid and subject id of the cohort replaced by "[id]": the title is drawn into
+    the PNG's pixels, where no text scan of a publication archive can find an identifier (a cleanlab finding's
+    description lists its images)."""
+    uids = set(map(str, image_uids))
+    subjects = {u.split("/")[0] for u in uids}
+
+    def one(m: re.Match) -> str:
+        token = m.group(0)
+        return "[id]" if token in uids or token in subjects or token.split("/")[0] in subjects else token
+
+    return _TOKEN.sub(one, text)
+
+
 def render(path: PathLike, title: str, rows: list[dict]) -> None:
     """One PNG: a title, then per region [mean set | mean rest | set - rest | edge profiles]."""
     font, small = load_font(13), load_font(11)
@@ -202,5 +220,5 @@ def explain_findings(findings: list, index_parquet: PathLike, out_dir: PathLike,
         if not rows:
             continue
         path = out_dir / f"{f.finding_id}.png"
-        render(path, f.description, rows)
+        render(path, without_ids(f.description, slices.region_of), rows)
         f.evidence = [str(path)]
