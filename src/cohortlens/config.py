@@ -10,12 +10,14 @@ probe, fairness, discover, mitigate.inlp / avae, the autoencoders, report) take 
 library's own declaration, read by `declared_settings` without importing it, so a setting and its default are
 added in one place: the library. See the schema's header for the keywords.
 
-Imports only the standard library, PyYAML and jsonschema: the Snakefile calls this at every parse.
+Imports only the standard library, PyYAML and jsonschema (and pyarrow to read a Parquet manifest's header): the
+Snakefile calls this at every parse.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import difflib
 import functools
 import re
@@ -49,6 +51,7 @@ def check_config(config: Mapping, schema_path: str | Path) -> None:
     """Raise ConfigValidationError listing every mistake of `config` (a loaded workflow config); `config` is
     left as it is (Snakemake's validate fills in the defaults)."""
     problems = config_problems(config, schema_path)
+    problems += [p for p in image_problems(config) if p not in problems]
     if problems:
         raise ConfigValidationError(problems)
 
@@ -59,7 +62,13 @@ def config_problems(config: Mapping, schema_path: str | Path) -> list[str]:
     filled = _with_defaults(copy.deepcopy(dict(config)), schema)
     validator = _validator_class(filled, schema)(schema)
     problems: list[str] = []
-    for error in validator.iter_errors(filled):
+    errors = list(validator.iter_errors(filled))
+    # an unknown model is one mistake, not also each of its keys that an imported model does not have
+    unknown = [tuple(e.absolute_path) for e in errors if e.validator == "x-imported-model"]
+    for error in errors:
+        path = tuple(error.absolute_path)
+        if error.validator != "x-imported-model" and any(path[:len(u)] == u for u in unknown):
+            continue
         for line in _describe(error):
             if line not in problems:
                 problems.append(line)
@@ -183,7 +192,69 @@ def _validator_class(config: Mapping, schema: Mapping):
                 if key not in known:
                     yield jsonschema.ValidationError(_unknown_name(key, kind, known), path=(key,))
 
-    return jsonschema.validators.extend(jsonschema.Draft202012Validator, {"x-names": names, "x-key-names": key_names})
+    def imported_model(validator, _, instance, section) -> Iterator[jsonschema.ValidationError]:
+        # a model name that is neither pca nor an autoencoder must be an imported model: it has `embeddings`
+        if isinstance(instance, dict) and "embeddings" not in instance:
+            known = list(schema["properties"]["models"]["properties"])
+            yield jsonschema.ValidationError(",".join(known))  # _describe writes the message
+
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, {
+        "x-names": names, "x-key-names": key_names, "x-imported-model": imported_model})
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def image_models(config: Mapping) -> list[str]:
+    """The configured models that read images: all but the imported ones (`embeddings: <file>`)."""
+    models = config.get("models")
+    if not isinstance(models, Mapping):
+        return []
+    return [m for m, c in models.items() if not (isinstance(c, Mapping) and "embeddings" in c)]
+
+
+def manifest_columns(path: str | Path) -> list[str] | None:
+    """The manifest's column names from its header (None: not there yet, or unreadable: the cohort stage says
+    why). Parquet's schema is read with pyarrow, imported only for a Parquet manifest."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if path.suffix in (".csv", ".tsv", ".txt"):
+            with path.open(encoding="utf-8", newline="") as handle:
+                header = next(csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","), [])
+            return [c.strip() for c in header]
+    except Exception:  # not there yet (made by an upstream rule), unreadable: the cohort stage reports it
+        return None
+    return None
+
+
+def image_problems(config: Mapping) -> list[str]:
+    """Mistakes only the files tell: an imported model whose file format is unknown or that lacks its ids, and
+    models that read images in a cohort whose manifest has no image column (an embeddings-only cohort)."""
+    problems = []
+    extensions = declared_value("cohortlens.embed.imported:EXTENSIONS")
+    models = config.get("models") if isinstance(config.get("models"), Mapping) else {}
+    for name, cfg in models.items():
+        if not (isinstance(cfg, Mapping) and isinstance(cfg.get("embeddings"), str)):
+            continue
+        fmt = cfg.get("format") or extensions.get(Path(cfg["embeddings"]).suffix.lower())
+        if fmt is None:
+            problems.append(f"config key models.{name}.format is missing: the format of {cfg['embeddings']!r} is "
+                            f"not known from its extension (one of {sorted(set(extensions.values()))})")
+        elif fmt == "npy" and not cfg.get("ids"):
+            problems.append(f"config key models.{name}.ids is missing: a .npy array holds no subject ids (a CSV or "
+                            "Parquet file with subject_id, region per array row)")
+    readers = image_models(config)
+    manifest = (config.get("cohort") or {}).get("manifest") if isinstance(config.get("cohort"), Mapping) else None
+    columns = manifest_columns(manifest) if readers and isinstance(manifest, str) else None
+    if columns is not None and "image" not in columns:
+        problems += [f"config key models.{m} reads images, but the manifest {manifest} has no image column (an "
+                     "embeddings-only cohort takes only imported models: models.<name>.embeddings: <file>)"
+                     for m in readers]
+    return problems
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -224,6 +295,11 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
         return [f"config key {path} cannot be set here" + (f": {why}" if why else "")]
     if kind in ("x-names", "x-key-names"):
         return [f"{where}: {error.message}"]
+    if kind == "x-imported-model":
+        known, name = error.message.split(","), error.absolute_path[-1]
+        hint = _did_you_mean(name, known, _key(list(error.absolute_path)[:-1]))
+        return [f"{where} is not known" + (hint or f" (known: {', '.join(known)}; or an imported model: "
+                                                   f"{path}.embeddings: <file>)")]
     if kind == "enum":
         return [f"{where} = {error.instance!r} is not one of {expected}{_did_you_mean(error.instance, expected)}"]
     if kind == "type":

@@ -49,8 +49,12 @@ def shard_files(pattern):
     return files
 
 
-# Autoencoders: every configured model but the pca baseline (its own rules) and external embeddings.
-AUTOENCODERS = [m for m in MODELS if m != "pca"]
+# Imported models (`embeddings: <file>`, e.g. CT foundation vectors): no preprocess, train or embed job, one
+# import_embeddings job each. A cohort whose models are all imported reads no image.
+IMPORTED = {m: c for m, c in config["models"].items() if "embeddings" in (c or {})}
+IMAGE_MODELS = [m for m in MODELS if m not in IMPORTED]
+# Autoencoders: every configured model but the pca baseline (its own rules) and imported embeddings.
+AUTOENCODERS = [m for m in IMAGE_MODELS if m != "pca"]
 # Counterfactual strips need a DDIM decoder: the dae only.
 COUNTERFACTUAL_MODELS = [m for m in AUTOENCODERS if m == "dae"]
 
@@ -82,6 +86,12 @@ MITIGATE = config.get("mitigate", {})
 MITIGATED_MODELS = [m for m in MITIGATE.get("models", MODELS) if m in MODELS]
 
 
+def if_images(files):
+    """An input that exists only when some model reads images (the preprocessed slices); none (an empty list, so
+    the input's name is still there) in an embeddings-only cohort."""
+    return files if IMAGE_MODELS else []
+
+
 def ground_truth():
     """The demo cohort's planted effects (the report shows recall against them); none for a real cohort."""
     if "demo" not in config:
@@ -97,7 +107,7 @@ def archive_inputs(wildcards):
         "images": "results/cohort/images.parquet",
         "splits": "results/cohort/splits.parquet",
         "quarantine": "results/cohort/quarantine.parquet",
-        "preprocess_quarantine": "results/preprocessed/quarantine.parquet",
+        "preprocess_quarantine": if_images("results/preprocessed/quarantine.parquet"),
     }
     if wildcards.kind == "publication":
         return {

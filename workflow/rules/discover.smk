@@ -5,8 +5,9 @@ rule discover:
         subjects="results/cohort/subjects.parquet",
         images="results/cohort/images.parquet",
         splits="results/cohort/splits.parquet",
-        index="results/preprocessed/index.parquet",
-        shards=shard_files("results/preprocessed/shard-{shard}.npy"),
+        # the explanation images' slices: none in an embeddings-only cohort (explanations skipped, with a note)
+        index=if_images("results/preprocessed/index.parquet"),
+        shards=if_images(shard_files("results/preprocessed/shard-{shard}.npy")),
     output:
         findings="results/findings/{model}.parquet",
         tests="results/findings/{model}-tests.parquet",

@@ -15,7 +15,7 @@ rule embed_pca:
         mem_mb=res("embed_pca", "mem_mb", 4000),
         runtime=res("embed_pca", "runtime", 60),
     params:
-        pca=config["models"]["pca"],
+        pca=config["models"].get("pca", {}),
     script:
         "../scripts/embed_pca.py"
 
@@ -46,3 +46,29 @@ rule embed_autoencoder:
         cfg=lambda wildcards: config["models"][wildcards.model],
     script:
         "../scripts/embed_autoencoder.py"
+
+
+# Imported embeddings (`models: {<name>: {embeddings: <file>}}`): the file's rows checked against the cohort, the good
+# ones written in the contract (volumes only: one vector per subject and region), the others quarantined with reasons.
+rule import_embeddings:
+    input:
+        embeddings=lambda wildcards: IMPORTED[wildcards.model]["embeddings"],
+        ids=lambda wildcards: IMPORTED[wildcards.model].get("ids", []),
+        images="results/cohort/images.parquet",
+    output:
+        volumes="results/embeddings/{model}/volumes.parquet",
+        quarantine="results/embeddings/{model}/quarantine.parquet",
+    log:
+        "results/logs/embed/{model}.log",
+    wildcard_constraints:
+        model=one_of(IMPORTED),
+    conda:
+        ENV
+    resources:
+        mem_mb=res("import_embeddings", "mem_mb", 8000),
+        runtime=res("import_embeddings", "runtime", 30),
+    params:
+        model="{model}",
+        cfg=lambda wildcards: IMPORTED[wildcards.model],
+    script:
+        "../scripts/import_embeddings.py"

@@ -5,15 +5,22 @@ REPORT_INPUTS = dict(
     images="results/cohort/images.parquet",
     splits="results/cohort/splits.parquet",
     quarantine="results/cohort/quarantine.parquet",
-    index="results/preprocessed/index.parquet",
-    preprocess_quarantine="results/preprocessed/quarantine.parquet",
+    # no preprocessed slices, training or slice embeddings without a model that reads images
+    index=if_images("results/preprocessed/index.parquet"),
+    preprocess_quarantine=if_images("results/preprocessed/quarantine.parquet"),
     embeddings=expand(
         "results/embeddings/{model}/{level}.parquet",
-        model=MODELS,
+        model=IMAGE_MODELS,
         level=["slices", "volumes"],
+    )
+    + expand("results/embeddings/{model}/volumes.parquet", model=IMPORTED),
+    embedding_quarantine=expand(
+        "results/embeddings/{model}/quarantine.parquet", model=IMPORTED
     ),
-    reconstructions=expand("results/models/{model}/reconstructions.png", model=MODELS),
-    train_logs=expand("results/models/{model}/train_log.csv", model=MODELS),
+    reconstructions=expand(
+        "results/models/{model}/reconstructions.png", model=IMAGE_MODELS
+    ),
+    train_logs=expand("results/models/{model}/train_log.csv", model=IMAGE_MODELS),
     projections=expand(
         "results/projections/{model}/{region}/{method}.parquet",
         model=MODELS,

@@ -16,7 +16,7 @@ rule train_pca:
         mem_mb=res("train_pca", "mem_mb", 4000),
         runtime=res("train_pca", "runtime", 60),
     params:
-        pca=config["models"]["pca"],
+        pca=config["models"].get("pca", {}),
     script:
         "../scripts/train_pca.py"
 

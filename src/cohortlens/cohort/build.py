@@ -70,7 +70,10 @@ def _validate_rows(df: pl.DataFrame, schema_path: str | None, manifest_path: Pat
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
-    keys = df.select(KEY_COLUMNS).to_pandas()
+    # an embeddings-only cohort has no image column (build_cohort checks when one is needed): its rows' other
+    # keys are checked, with a placeholder for the image the schema requires
+    image = [] if "image" in df.columns else [pl.lit("-").alias("image")]
+    keys = df.with_columns(image).select(KEY_COLUMNS).to_pandas()
     try:
         validate(keys, schema_path, set_default=False)
     except WorkflowError as exc:
@@ -182,23 +185,34 @@ def build_cohort(
     subjects_per_shard: int,
     image_root: str | None = None,
     manifest_schema: str | None = None,
+    image_models: list[str] | None = None,
 ) -> CohortTables:
+    """A manifest without an image column is an embeddings-only cohort (every model imported, `embed.imported`):
+    `image` and `path` are null and no file is checked. `image_models`, the configured models that read images,
+    turns a missing image column into an error naming them (the workflow checks that before any job instead:
+    `cohortlens.config.image_problems`)."""
     manifest_path = Path(manifest_path)
     df = read_manifest(manifest_path)
-    missing = [c for c in (*KEY_COLUMNS, *attributes) if c not in df.columns]
+    reads_images = "image" in df.columns or bool(image_models)
+    required = KEY_COLUMNS if reads_images else tuple(c for c in KEY_COLUMNS if c != "image")
+    missing = [c for c in (*required, *attributes) if c not in df.columns]
     if missing:
+        why = f" (models {', '.join(image_models)} read images)" if image_models and "image" in missing else ""
         raise ManifestError(
-            f"manifest {manifest_path}: missing column(s) {missing}; it has {df.columns}. "
+            f"manifest {manifest_path}: missing column(s) {missing}; it has {df.columns}{why}. "
             "Every attribute declared in config 'attributes' needs a column."
         )
     _validate_rows(df, manifest_schema, manifest_path)
+    if "image" not in df.columns:
+        df = df.with_columns(pl.lit(None, dtype=pl.Utf8).alias("image"))
     n_rows = df.height
     df = df.with_row_index("manifest_line", offset=2).with_columns(pl.col("manifest_line").cast(pl.Int64))
     uid = pl.col("image_id") if "image_id" in df.columns else pl.concat_str(["subject_id", "region"], separator="/")
     root = Path(image_root) if image_root else manifest_path.parent
     df = df.with_columns(
         uid.alias("image_uid"),
-        pl.col("image").map_elements(lambda p: os.path.normpath(os.path.join(root, p)), return_dtype=pl.Utf8).alias("path"),
+        pl.col("image").map_elements(lambda p: os.path.normpath(os.path.join(root, p)), return_dtype=pl.Utf8,
+                                     skip_nulls=True).alias("path"),
     )
 
     reasons = [
@@ -228,8 +242,8 @@ def build_cohort(
         df = df.with_columns(
             pl.concat_str([pl.col("reason"), *conflict_exprs], separator="; ", ignore_nulls=True).replace("", None).alias("reason")
         )
-    # File existence last: it is the only check that touches the file system.
-    exists = [os.path.exists(p) for p in df["path"].to_list()]
+    # File existence last: it is the only check that touches the file system (and only of images a model reads).
+    exists = [not reads_images or os.path.exists(p) for p in df["path"].to_list()]
     df = df.with_columns(
         pl.when(pl.Series(exists)).then(pl.col("reason")).otherwise(
             pl.concat_str([pl.col("reason"), pl.lit("missing file")], separator="; ", ignore_nulls=True)

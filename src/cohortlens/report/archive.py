@@ -270,6 +270,7 @@ DEFAULT_MEMBERS = (
     "preprocessed/index.parquet",
     "preprocessed/quarantine.parquet",
     "embeddings/*/volumes.parquet",
+    "embeddings/*/quarantine.parquet",  # an imported model's bad rows
     "models/*/train_log.csv",
     "models/*/reconstructions.png",
     "projections/*/*/*.parquet",

@@ -253,8 +253,11 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
     n_images = 0
     for model, path in by_model(findings, _findings_model).items():
         frame, original_roots, original_echoes, roots, echoes = _model_frames(path, k, publication, ids)
-        alpha = read_parquet_metadata(path).get("alpha", 0.05)
+        meta = read_parquet_metadata(path)
+        alpha = meta.get("alpha", 0.05)
         parts.append(f"<h3>{html.escape(model)}: {frame.height} findings</h3>")
+        if meta.get("explanations"):  # e.g. skipped in an embeddings-only cohort (no images to average)
+            parts.append(f"<p class='muted'>{html.escape(str(meta['explanations']))}</p>")
         summary = None
         if model in tests_by:
             t = pl.read_parquet(tests_by[model])

@@ -15,7 +15,7 @@ from cohortlens.analysis.project import plotlyjs_script
 from cohortlens.io.tables import atomic_path, read_parquet_metadata
 from cohortlens.report import sections
 from cohortlens.report.findings import findings_section, ground_truth_section, summary_section
-from cohortlens.report.fragments import table
+from cohortlens.report.fragments import not_run, table
 from cohortlens.report.model_table import model_table_section
 from cohortlens.report.projections import projections_section, publication_maps_section
 from cohortlens.report.publication import cell_text, participant_ids, quarantine_reasons, show_suppressed
@@ -45,7 +45,16 @@ SECTIONS = [("summary", "Summary"), ("cohort", "Cohort"), ("quarantine", "Quaran
             ("mitigation", "Mitigation"), ("ground-truth", "Ground-truth recall"), ("training", "Training")]
 
 
-def reconcile(n_manifest: int, cohort_q: pl.DataFrame, images: pl.DataFrame, pre_q: pl.DataFrame, index: pl.DataFrame) -> dict:
+NO_IMAGES = ("No images in this cohort (embeddings only: every model is imported), so preprocessing, training, "
+             "reconstructions and the findings' explanation images are skipped.")
+
+
+def reconcile(n_manifest: int, cohort_q: pl.DataFrame, images: pl.DataFrame, pre_q: pl.DataFrame,
+              index: pl.DataFrame | None) -> dict:
+    """The manifest's rows accounted for; `index` None: an embeddings-only cohort (nothing is preprocessed)."""
+    if index is None:
+        return {"manifest_rows": n_manifest, "quarantined_cohort": cohort_q.height, "images": images.height,
+                "balanced": n_manifest == images.height + cohort_q.height}
     with_slices = index["image_uid"].n_unique() if index.height else 0
     return {
         "manifest_rows": n_manifest,
@@ -61,21 +70,22 @@ def _h2(key: str) -> str:
     return f"<h2 id='{key}'>{html.escape(dict(SECTIONS)[key])}</h2>"
 
 
-def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddings: dict[str, dict],
+def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str | None, embeddings: dict[str, dict],
                  out_path: str, max_quarantine_rows: int = 50, train_logs: Sequence[str] = (),
                  projections: Sequence[str] = (), plots: Sequence[str] = (), metrics: Sequence[str] = (),
                  baseline_metrics: Sequence[str] = (),
                  fairness_groups: Sequence[str] = (), fairness_summary: Sequence[str] = (),
                  findings: Sequence[str] = (), finding_tests: Sequence[str] = (), finding_dirs: Sequence[str] = (),
                  reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (), predictions: Sequence[str] = (),
-                 counterfactuals: Sequence[str] = (),
+                 counterfactuals: Sequence[str] = (), embedding_quarantine: Sequence[str] = (),
                  options: Mapping | None = None, publication: bool = False, maps_dir: str | None = None,
                  attributes: Mapping | None = None) -> dict:
     """The report page. embeddings: model -> {"slices": path, "volumes": path, "reconstructions": png path or
     None}; `counterfactuals`: results/counterfactuals/{model}.parquet (strips beside them); the other inputs are
     lists of the run's files (any may be empty: the section says it was not run);
     `options` the config `report:` keys of `sections.DEFAULTS`. Returns the cohort counts plus a summary of what
-    the page shows (figures, findings recall).
+    the page shows (figures, findings recall). `preprocessed_dir` None: an embeddings-only cohort (no slice
+    sections); `embedding_quarantine`: the imported models' quarantine tables (their counts are reconciled).
 
     `publication`: the page that may leave the institution (docs/report.md): counts below `min_cell` suppressed,
     quarantine reasons counted by kind (no list), maps as static images with coarsened attributes (written to
@@ -84,14 +94,17 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
 
     `attributes`: the config `attributes:` (default: the declarations in subjects.parquet's metadata), for the
     units of the tables, headlines and maps (`units.attribute_units`)."""
-    cohort_dir, pre_dir = Path(cohort_dir), Path(preprocessed_dir)
+    cohort_dir = Path(cohort_dir)
     subjects = pl.read_parquet(cohort_dir / "subjects.parquet")
     images = pl.read_parquet(cohort_dir / "images.parquet")
     splits = pl.read_parquet(cohort_dir / "splits.parquet")
     cohort_q = pl.read_parquet(cohort_dir / "quarantine.parquet")
     meta = read_parquet_metadata(cohort_dir / "images.parquet")
-    index = pl.read_parquet(pre_dir / "index.parquet")
-    pre_q = pl.read_parquet(pre_dir / "quarantine.parquet")
+    if preprocessed_dir is None:
+        index, pre_q = None, cohort_q.clear()
+    else:
+        index = pl.read_parquet(Path(preprocessed_dir) / "index.parquet")
+        pre_q = pl.read_parquet(Path(preprocessed_dir) / "quarantine.parquet")
     counts = reconcile(int(meta.get("manifest_rows", images.height + cohort_q.height)), cohort_q, images, pre_q, index)
     quarantine = pl.concat([cohort_q, pre_q]).sort("manifest_line")
 
@@ -107,14 +120,19 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
                      f"suppressed (&lt; {k}).</p>")
     parts.append("<nav>" + "".join(f"<a href='#{k}'>{html.escape(v)}</a>" for k, v in SECTIONS) + "</nav>")
     parts.append(_h2("summary") + summary_section(findings, cfg, publication, ids, units))
+    if index is None:
+        parts.append(f"<p class='muted'>{NO_IMAGES}</p>")
     parts.append(_h2("cohort"))
     shown = {q: (cell_text(v, k) if publication and not isinstance(v, bool) else str(v)) for q, v in counts.items()}
     parts.append(table(pl.DataFrame({"quantity": list(shown), "value": list(shown.values())})))
     status = "ok" if counts["balanced"] else "bad"
-    n_q = counts["quarantined_cohort"] + counts["quarantined_preprocess"]
+    n_q = counts["quarantined_cohort"] + counts.get("quarantined_preprocess", 0)
+    # an embeddings-only cohort: manifest rows (no images) kept by the cohort stage
+    what, kept = ("images", "images with slices") if index is not None else ("manifest rows", "rows kept")
     parts.append(
-        f"<p class='{status}'>images in = images with slices + quarantined: {shown['manifest_rows']} = "
-        f"{shown['images_with_slices']} + {cell_text(n_q, k) if publication else n_q}</p>"
+        f"<p class='{status}'>{what} in = {kept} + quarantined: {shown['manifest_rows']} = "
+        f"{shown['images_with_slices' if index is not None else 'images']} + "
+        f"{cell_text(n_q, k) if publication else n_q}</p>"
     )
     if publication:
         parts.append(table(show_suppressed(cohort_counts(images, splits, k), k).drop("suppressed")))
@@ -130,7 +148,10 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
         parts.append(table(quarantine.group_by("stage", "reason").agg(pl.len().alias("images")).sort("images", descending=True)))
         parts.append(table(quarantine.select("manifest_line", "stage", "subject_id", "region", "image", "reason"), max_quarantine_rows))
     parts.append(_h2("slices"))
-    parts.append(table(index.group_by("region").agg(pl.len().alias("slices"), pl.col("is_center").sum().alias("center slices")).sort("region")))
+    if index is None:
+        parts.append(not_run("preprocessing"))
+    else:
+        parts.append(table(index.group_by("region").agg(pl.len().alias("slices"), pl.col("is_center").sum().alias("center slices")).sort("region")))
     parts.append(_h2("embeddings"))
     rows = []
     for model, files in embeddings.items():
@@ -141,6 +162,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
             n = pl.scan_parquet(files[level]).select(pl.len()).collect().item()
             rows.append({"model": model, "level": level, "rows": n, "dim": m.get("dim"), "config hash": m.get("config_hash")})
     parts.append(table(pl.DataFrame(rows)))
+    parts.append(sections.imported_section(embedding_quarantine, cfg, publication, max_quarantine_rows))
 
     subjects_path, images_path = cohort_dir / "subjects.parquet", cohort_dir / "images.parquet"
     parts.append(_h2("models") + model_table_section(metrics, baseline_metrics, predictions, units))
@@ -174,7 +196,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str, embeddin
 LIST_INPUTS = ("embeddings", "reconstructions", "train_logs", "projections", "plots", "metrics", "baseline_metrics",
                "predictions", "fairness_groups", "fairness_summary", "findings", "finding_tests", "finding_dirs",
                "reprobe", "ground_truth",
-               "counterfactuals")
+               "counterfactuals", "embedding_quarantine")
 
 
 def _as_list(value) -> list[str]:
@@ -188,11 +210,17 @@ def _as_list(value) -> list[str]:
 def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, publication: bool = False,
                              maps_dir: str | None = None, attributes: Mapping | None = None) -> dict:
     """The report rule's job: `inputs` is snakemake.input (or any object/mapping) with the single paths
-    subjects and index (cohort and preprocessed folders are theirs) and the lists of LIST_INPUTS (missing =
-    empty); `options` is config `report:`, `attributes` config `attributes:` (units; default: subjects.parquet's
-    metadata). Model / region / method are read from the paths. `publication` and `maps_dir`: the publication
-    page (build_report)."""
-    get = inputs.get if isinstance(inputs, Mapping) else (lambda k, d=None: getattr(inputs, k, d))
+    subjects and index (cohort and preprocessed folders are theirs; no index, or an empty one: an embeddings-only
+    cohort) and the lists of LIST_INPUTS (missing = empty); `options` is config `report:`, `attributes` config
+    `attributes:` (units; default: subjects.parquet's metadata). Model / region / method are read from the paths.
+    `publication` and `maps_dir`: the publication page (build_report)."""
+    if isinstance(inputs, Mapping):
+        get = inputs.get
+    else:  # snakemake.input: only its named inputs (`index` would otherwise be the list method)
+        names = set(inputs.keys()) if hasattr(inputs, "keys") else None
+
+        def get(k, d=None):
+            return getattr(inputs, k, d) if names is None or k in names else d
     lists = {k: _as_list(get(k, None)) for k in LIST_INPUTS}
     embeddings: dict[str, dict] = {}
     for path in lists["embeddings"]:
@@ -201,10 +229,11 @@ def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, pub
     for png in lists["reconstructions"]:
         embeddings.setdefault(Path(png).parent.name, {})["reconstructions"] = png
     options = dict(options or {})
+    index = get("index")
     return build_report(
         title=options.get("title", "cohortlens report"),
         cohort_dir=str(Path(str(get("subjects"))).parent),
-        preprocessed_dir=str(Path(str(get("index"))).parent),
+        preprocessed_dir=str(Path(str(index)).parent) if index else None,
         embeddings=embeddings,
         out_path=out_path,
         max_quarantine_rows=options.get("max_quarantine_rows", 50),
@@ -222,6 +251,7 @@ def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, pub
         ground_truth=lists["ground_truth"],
         counterfactuals=lists["counterfactuals"],
         predictions=lists["predictions"],
+        embedding_quarantine=lists["embedding_quarantine"],
         options=options,
         publication=publication,
         maps_dir=maps_dir,

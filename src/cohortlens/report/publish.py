@@ -73,10 +73,13 @@ def cohort_counts(images: pl.DataFrame, splits: pl.DataFrame, k: int) -> pl.Data
 
 
 def quarantine_tables(results_dir: PathLike) -> list[pl.DataFrame]:
-    """The cohort and preprocess quarantine tables of a run (those that exist)."""
+    """The cohort and preprocess quarantine tables of a run (those that exist), and the imported models'
+    (`embeddings/{model}/quarantine.parquet`, stage `import {model}`)."""
     res = Path(results_dir)
-    return [pl.read_parquet(p) for p in (res / "cohort/quarantine.parquet", res / "preprocessed/quarantine.parquet")
-            if p.is_file()]
+    tables = [pl.read_parquet(p) for p in (res / "cohort/quarantine.parquet", res / "preprocessed/quarantine.parquet")
+              if p.is_file()]
+    return tables + [pl.read_parquet(p).with_columns(pl.lit(f"import {p.parent.name}").alias("stage"))
+                     for p in sorted(res.glob("embeddings/*/quarantine.parquet"))]
 
 
 def publication_members(results_dir: PathLike, *, report: PathLike, k: int, images: pl.DataFrame,

@@ -1,5 +1,5 @@
 """The report's settings (config `report:`, `DEFAULTS`) and the sections that show one stage's tables as
-they are: fairness gaps, the mitigation re-probe, training curves. The larger sections have modules of their
+they are: fairness gaps, the mitigation re-probe, training curves, imported embeddings' quarantine. The larger sections have modules of their
 own: `model_table`, `projections`, `findings` (with ground truth); their building blocks are in `fragments`.
 Each section takes lists of files (possibly empty) and returns an HTML fragment; an empty list gives a short
 "not run" note, so a cohort without ground truth or mitigation still gets a complete page.
@@ -22,8 +22,15 @@ import polars as pl
 
 from cohortlens.analysis.attack import ATTACKERS
 from cohortlens.analysis.project import figure_div
+from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report.fragments import by_model, fmt, not_run, png, read_frames, table
-from cohortlens.report.publication import fairness_groups_public, fairness_summary_public, show_suppressed
+from cohortlens.report.publication import (
+    cell_text,
+    fairness_groups_public,
+    fairness_summary_public,
+    quarantine_reasons,
+    show_suppressed,
+)
 from cohortlens.report.units import UNIT_METRICS, groups_with_unit, with_unit_column
 from cohortlens.types import PathLike
 
@@ -203,3 +210,31 @@ def training_section(train_logs: Sequence[PathLike], reconstructions: Mapping[st
             parts.append(f"<p>QA grid: input slices (top) and the model's reconstructions / decodes below</p>"
                          f"{png(reconstructions[model], f'{model} reconstructions', webp=True)}")
     return note + "".join(parts), n_figs
+
+
+def imported_section(quarantines: Sequence[PathLike], cfg: dict, publication: bool = False,
+                     max_rows: int = 50) -> str:
+    """The imported models' rows accounted for (rows in = rows written + quarantined, from each quarantine
+    table's metadata) and their quarantine: every row with its reason, or in a publication the kinds of reason
+    with counts under `min_cell` suppressed."""
+    if not quarantines:
+        return ""
+    k = cfg.get("min_cell", 10)
+    parts, counts = ["<h3>Imported embeddings</h3>"], []
+    for model, path in by_model(quarantines).items():
+        meta = read_parquet_metadata(path)
+        n_in, n_out, n_q = (meta.get(key) for key in ("rows_in", "rows_out", "quarantined"))
+        balanced = None not in (n_in, n_out, n_q) and n_in == n_out + n_q
+        counts.append({"model": model, "rows in": cell_text(n_in, k) if publication else str(n_in),
+                       "written": cell_text(n_out, k) if publication else str(n_out),
+                       "quarantined": cell_text(n_q, k) if publication else str(n_q),
+                       "in = written + quarantined": "yes" if balanced else "NO"})
+        frame = pl.read_parquet(path)
+        if publication:
+            reasons = quarantine_reasons(frame.with_columns(pl.lit(f"import {model}").alias("stage")), k)
+            parts.append(f"<p class='muted'>{html.escape(model)}: quarantined rows per kind of reason</p>"
+                         + table(show_suppressed(reasons, k)))
+        elif frame.height:
+            parts.append(f"<p class='muted'>{html.escape(model)}: quarantined rows (row of the file, 0-based)</p>"
+                         + table(frame, max_rows))
+    return parts[0] + table(pl.DataFrame(counts)) + "".join(parts[1:])

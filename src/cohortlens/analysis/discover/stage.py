@@ -134,7 +134,9 @@ def discover(volumes_parquet: PathLike, subjects_parquet: PathLike, images_parqu
     (results/preprocessed/index.parquet, shards beside it) and `out_dir_png`, each finding with a sample set
     gets an explanation PNG in `out_dir_png` listed in its `evidence`. `out_tests`, if given, receives every
     test (significant or not) in the same schema: the report shows from it what was checked and not found.
-    The split is not used: every detector cross-fits over all subjects.
+    Without `index_parquet` (an empty list too: the workflow's input in an embeddings-only cohort) no images are
+    drawn and the metadata's `explanations` says why. The split is not used: every detector cross-fits over all
+    subjects.
     """
     cfg = settings(cfg)
     regions, model = load_regions(volumes_parquet, subjects_parquet, images_parquet, splits_parquet,
@@ -143,10 +145,14 @@ def discover(volumes_parquet: PathLike, subjects_parquet: PathLike, images_parqu
     findings = [f for f in tests if f.is_finding(cfg["alpha"])]
     if out_dir_png is not None:
         Path(out_dir_png).mkdir(parents=True, exist_ok=True)  # a Snakemake directory() output, even if empty
-    if index_parquet is not None and out_dir_png is not None:
+    note = None
+    if index_parquet and out_dir_png is not None:
         explain_findings(findings, index_parquet, out_dir_png, cfg)
+    elif out_dir_png is not None:
+        note = "image explanations skipped: no preprocessed images (an embeddings-only cohort)"
+        log.info(note)
     meta = {"model": model, "alpha": cfg["alpha"], "settings": cfg, "n_tests": len(tests),
-            "regions": [r.region for r in regions]}
+            "regions": [r.region for r in regions], **({"explanations": note} if note else {})}
     table = findings_table(findings)
     write_parquet(table, out_findings, metadata=meta)
     if out_tests is not None:
