@@ -32,6 +32,7 @@ include: "workflow/rules/baselines.smk"
 include: "workflow/rules/fairness.smk"
 include: "workflow/rules/discover.smk"
 include: "workflow/rules/counterfactuals.smk"
+include: "workflow/rules/finding_networks.smk"
 include: "workflow/rules/mitigate.smk"
 include: "workflow/rules/report.smk"
 

@@ -85,6 +85,9 @@ def check_plan(text: str, cfg: dict) -> None:
     assert {m: r["gpu"] for m, r in embed.items()} == {"vae": "1", "dae": "1"}
     # one GPU job per supervised baseline architecture
     assert jobs.get("train_baseline", 0) == len(cfg.get("baselines", {}))
+    # the finding networks: one training_curves and one saliency job per model when configured
+    n_finding_networks = n_models if "finding_networks" in cfg else 0
+    assert jobs.get("training_curves", 0) == jobs.get("saliency", 0) == n_finding_networks
 
 
 def cohort_tables(cfg: dict):

@@ -319,8 +319,9 @@ def test_library_sections_have_no_defaults_in_the_schema():
 
     schema = yaml.safe_load(SCHEMA.read_text())
     sections = list(library_sections(schema))
-    assert len(sections) == 12  # probe, baselines x 3, fairness, discover, counterfactuals, mitigate.inlp,
+    # probe, baselines x 3, fairness, discover, counterfactuals, finding_networks.curves / .saliency, mitigate.inlp,
     # mitigate.avae, vae, dae, report
+    assert len(sections) == 14
     for section in sections:
         declared = {k for ref in ([section["x-settings"]] if isinstance(section["x-settings"], str)
                                   else section["x-settings"]) for k in declared_keys(ref)}
@@ -382,3 +383,10 @@ def test_model_declarations_read_from_source_match_the_imported_ones():
         f.name for f in dataclasses.fields(baseline_settings.BaselineSettings)}
     assert declared_value("cohortlens.analysis.baseline_settings:PRESETS") == baseline_settings.PRESETS
     assert declared_value("cohortlens.embed.autoencoder:NORMALISATIONS") == NORMALISATIONS
+    from cohortlens.analysis import finding_network_settings as fns
+
+    for cls in (fns.CurveSettings, fns.SaliencySettings):
+        assert set(declared_keys(f"cohortlens.analysis.finding_network_settings:{cls.__name__}")) == {
+            f.name for f in dataclasses.fields(cls)}
+    assert declared_value("cohortlens.analysis.finding_network_settings:PRESETS") == fns.PRESETS
+    assert declared_value("cohortlens.analysis.finding_network_settings:SALIENCY_KINDS") == fns.SALIENCY_KINDS

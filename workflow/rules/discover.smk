@@ -1,4 +1,6 @@
-# Stage 8: findings (attribute leaks, clusters, discordant subgroups, cleanlab data issues) per model.
+# Stage 8: findings (attribute leaks, clusters, discordant subgroups, cleanlab data issues) per model. The
+# explanation PNGs go to results/findings/{model}/explain/: the folder results/findings/{model}/ also holds the
+# outputs of the finding networks (finding_networks.smk), which cannot sit inside another job's directory output.
 rule discover:
     input:
         volumes="results/embeddings/{model}/volumes.parquet",
@@ -11,9 +13,11 @@ rule discover:
     output:
         findings="results/findings/{model}.parquet",
         tests="results/findings/{model}-tests.parquet",
-        evidence=directory("results/findings/{model}"),
+        evidence=directory("results/findings/{model}/explain"),
     log:
         "results/logs/discover/{model}.log",
+    wildcard_constraints:
+        model="[^/]+",
     conda:
         ENV
     threads: 1

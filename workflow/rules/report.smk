@@ -40,7 +40,14 @@ REPORT_INPUTS = dict(
     fairness_summary=expand("results/fairness/{model}/summary.parquet", model=MODELS),
     findings=expand("results/findings/{model}.parquet", model=MODELS),
     finding_tests=expand("results/findings/{model}-tests.parquet", model=MODELS),
-    finding_dirs=expand("results/findings/{model}", model=MODELS),
+    finding_dirs=expand("results/findings/{model}/explain", model=MODELS),
+    finding_curves=expand(
+        "results/findings/{model}/discordant-training-curves.csv",
+        model=FINDING_NETWORK_MODELS,
+    ),
+    saliency=expand(
+        "results/findings/{model}/saliency.parquet", model=FINDING_NETWORK_MODELS
+    ),
     reprobe=expand(
         "results/mitigation/{model}/reprobe.parquet", model=MITIGATED_MODELS
     ),

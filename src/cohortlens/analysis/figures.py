@@ -9,6 +9,7 @@ Plotly stays for the interactive maps (`analysis.project`).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Iterable
 
@@ -144,3 +145,79 @@ def _style():
     from matplotlib import rc_context
 
     return rc_context(STYLE)
+
+
+# ------------------------------------------------------------------------------------------ finding networks
+
+GROUP_COLOURS = {"flagged": OKABE_ITO[5], "rest": OKABE_ITO[0]}
+SPLIT_STYLES = {"train": "-", "val": "--"}
+# paper 003, Fig. 3: accuracy after the first epoch, the rest vs the flagged group
+PAPER_EPOCH1 = {"rest": (0.96, 0.98), "flagged": (0.40, 0.70)}
+
+
+def message_figure(text: str):
+    """A small figure that only says `text` (an output that exists when there is nothing to draw)."""
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+
+    with rc_context(STYLE):
+        fig = Figure(figsize=(SIZE_INCHES[0], 1.2), layout="constrained")
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    return fig
+
+
+def curves_figure(curves: pl.DataFrame, title: str = ""):
+    """Accuracy per epoch (columns finding_id, attribute, epoch, split, group, accuracy, n), one panel per finding:
+    colour = group (flagged vs rest), line = split (train solid, val dashed), n in the legend; paper 003's
+    epoch-1 ranges as shaded bands for comparison."""
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    findings = list(dict.fromkeys(curves["finding_id"].to_list()))
+    with rc_context(STYLE):
+        fig = Figure(figsize=(SIZE_INCHES[0] * len(findings), SIZE_INCHES[1] * 0.8), layout="constrained")
+        axes = fig.subplots(1, len(findings), squeeze=False)[0]
+        for ax, fid in zip(axes, findings):
+            one = curves.filter(pl.col("finding_id") == fid)
+            for group, (lo, hi) in PAPER_EPOCH1.items():
+                ax.axhspan(lo, hi, xmin=0, xmax=1, color=GROUP_COLOURS[group], alpha=0.08, linewidth=0)
+            for (split, group), cell in one.sort("epoch").group_by(["split", "group"], maintain_order=True):
+                ax.plot(cell["epoch"].to_numpy(), cell["accuracy"].cast(pl.Float64).to_numpy(), marker="o",
+                        markersize=3, color=GROUP_COLOURS.get(group, "grey"), linestyle=SPLIT_STYLES.get(split, ":"),
+                        label=f"{group}, {split} (n={cell['n'][0]})")
+            ax.set_ylim(0, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"accuracy per image on the recorded {one['attribute'][0]}")
+            ax.set_title(fid, fontsize=8)
+            ax.legend(loc="lower right", frameon=False)
+        fig.suptitle(f"{title}\nshaded: paper 003 after epoch 1 (rest 96-98 %, flagged 40-70 %)", fontsize=9)
+    return fig
+
+
+def saliency_figure(panels: list[dict], title: str):
+    """Per region of a finding's set: [mean of the set's test slices | mean GradCAM over it]. Each panel dict:
+    region, image (H, W in [-1, 1]), cam (H, W, >= 0), n_images, n_slices."""
+    from matplotlib import rc_context
+    from matplotlib.figure import Figure
+
+    with rc_context(STYLE):
+        fig = Figure(figsize=(5.0, 2.6 * len(panels) + 0.5), layout="constrained")
+        axes = fig.subplots(len(panels), 2, squeeze=False)
+        for (ax_img, ax_cam), p in zip(axes, panels):
+            ax_img.imshow(p["image"], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            ax_img.set_title(f"{p['region']}: mean of {p['n_images']} test images", fontsize=8)
+            ax_cam.imshow(p["image"], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            peak = float(p["cam"].max())
+            shown = ax_cam.imshow(p["cam"] / peak if peak > 0 else p["cam"], cmap="inferno", alpha=0.55, vmin=0,
+                                  vmax=1, interpolation="bilinear")
+            ax_cam.set_title(f"mean GradCAM ({p['n_slices']} slices)", fontsize=8)
+            fig.colorbar(shown, ax=ax_cam, shrink=0.8, label="share of the peak")
+            for ax in (ax_img, ax_cam):
+                ax.set_xticks([])
+                ax.set_yticks([])
+        fig.suptitle(textwrap.fill(title, 90), fontsize=8)
+    return fig

@@ -282,6 +282,11 @@ DEFAULT_MEMBERS = (
     "findings/*/*.png",
     "counterfactuals/*.parquet",  # the DAE's counterfactual index and strips (the .npy decodes stay out: pixel data)
     "counterfactuals/*/*.png",
+    "findings/*/*.png",  # the training curves (and explanation PNGs of runs before explain/)
+    "findings/*/explain/*.png",
+    "findings/*/discordant-training-curves.csv",
+    "findings/*/saliency.parquet",
+    "findings/*/saliency/*.png",
     "plots/*/*/*.pdf",  # the static maps for publication (the interactive pages stay out)
     "plots/*/*/*.svg",
     "mitigation/*/reprobe.parquet",

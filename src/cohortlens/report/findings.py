@@ -14,6 +14,7 @@ import polars as pl
 
 from cohortlens.demo.truth import ground_truth_recall, ground_truth_summary
 from cohortlens.io.tables import read_parquet_metadata
+from cohortlens.report import finding_networks
 from cohortlens.report.fragments import by_model, fmt, not_run, png, table
 from cohortlens.report.headlines import SEP as INTERACTION
 from cohortlens.report.headlines import conditioning, details_of, evidence, headline
@@ -227,23 +228,33 @@ def summary_section(findings: Sequence[PathLike], cfg: dict, publication: bool =
     return "".join(parts)
 
 
+def _finding_dir_model(folder: PathLike) -> str:
+    """results/findings/{model}/explain (or, written before it had a folder of its own, results/findings/{model})."""
+    folder = Path(folder)
+    return folder.parent.name if folder.name == "explain" else folder.name
+
+
 def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], finding_dirs: Sequence[PathLike],
                      cfg: dict, publication: bool = False, ids: Collection[str] = (),
-                     units: Mapping | None = None, counterfactuals: Sequence[PathLike] = ()) -> str:
+                     units: Mapping | None = None, counterfactuals: Sequence[PathLike] = (),
+                     curves: Sequence[PathLike] = (), saliency: Sequence[PathLike] = ()) -> str:
     """Findings per model as statements (headline, evidence, image, the echoes each explains; `headlines`),
     grouped for the reader (GROUPS), then the tables: root findings, echoes, tests run. `publication`: the
     public columns only (no sample ids; `ids` withheld from the text, dates coarsened, counts under
     cfg['min_cell'] as "< k"; publication.findings_public) and an explanation image only for a set of at least
     cfg['min_cell'] images; a smaller finding is described, not pictured. The DAE's counterfactual strips (index
     files in `counterfactuals`) follow their finding's image on the internal page only: they show individual
-    images."""
+    images. Beside each image the GradCAM of its set-vs-rest classifier (`saliency`:
+    results/findings/{model}/saliency.parquet); after the cards the discordant subgroup's training curves
+    (`curves`: results/findings/{model}/discordant-training-curves.csv)."""
     if not findings:
         return not_run("discovery")
     strips = {} if publication else counterfactual_strips(counterfactuals)
     tests_by = by_model(tests, _findings_model)
     dirs_by: dict[str, list[Path]] = {}
     for d in finding_dirs:
-        dirs_by.setdefault(Path(d).name, []).append(Path(d))
+        dirs_by.setdefault(_finding_dir_model(d), []).append(Path(d))
+    curves_by, saliency_by = finding_networks.by_model(curves), finding_networks.by_model(saliency)
     k, units = cfg.get("min_cell", 10), dict(units or {})
     public = _public(publication, ids, k)
     parts = ["<p>Each finding as a statement, with its evidence (test, p-value raw and FDR-adjusted, n), its "
@@ -265,11 +276,14 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
                 sig = pl.col("p_adjusted").is_null() | (pl.col("p_adjusted") < alpha)
                 summary = t.group_by("kind").agg(pl.len().alias("tests"), sig.sum().alias("significant")).sort("kind")
         if frame.height == 0:
-            parts.append("<p class='muted'>no significant findings</p>" + label_issue_note(frame))
+            parts.append("<p class='muted'>no significant findings</p>" + label_issue_note(frame)
+                         + finding_networks.curves_block(curves_by.get(model), k, publication))
             if summary is not None:
                 parts.append(f"<p class='muted'>tests run (α = {alpha}):</p>" + table(summary, 50))
             continue
         cards: dict[str, list[tuple[float, str]]] = {g: [] for g, _ in GROUPS}
+        scores = finding_networks.saliency_rows(saliency_by.get(model))
+        saliency_dir = saliency_by[model].parent / "saliency" if model in saliency_by else Path()
         not_pictured, folded = [], set()
         echo_pairs = list(zip(original_echoes.iter_rows(named=True), echoes.iter_rows(named=True)))
         for row, shown in zip(original_roots.iter_rows(named=True), roots.iter_rows(named=True)):
@@ -279,6 +293,9 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
             if n_images < cfg["max_findings_images"]:
                 image, hidden = _image(row, shown, dirs_by.get(model, []), publication, k)
                 n_images += bool(image)
+                if image:  # the GradCAM of the set-vs-rest classifier beside the mean image
+                    image += finding_networks.saliency_figure(scores.get(row["finding_id"]), saliency_dir, k,
+                                                              publication)
             if hidden:
                 not_pictured.append(shown["finding_id"])
             strip = strips.get(model, {}).get(row["finding_id"])
@@ -302,6 +319,7 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
         if not_pictured:
             parts.append(f"<p class='muted'>Described, not pictured (the mean image of fewer than {k} images would "
                          f"show participants): {html.escape(', '.join(not_pictured))}</p>")
+        parts.append(finding_networks.curves_block(curves_by.get(model), k, publication))
         parts.append(label_issue_note(frame))
         roots = roots.with_columns(pl.Series("echoes", [len(_echoes_of(r, original_echoes))
                                                         for r in original_roots.iter_rows(named=True)], dtype=pl.Int64))

@@ -76,6 +76,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str | None, e
                  baseline_metrics: Sequence[str] = (),
                  fairness_groups: Sequence[str] = (), fairness_summary: Sequence[str] = (),
                  findings: Sequence[str] = (), finding_tests: Sequence[str] = (), finding_dirs: Sequence[str] = (),
+                 finding_curves: Sequence[str] = (), saliency: Sequence[str] = (),
                  reprobe: Sequence[str] = (), ground_truth: Sequence[str] = (), predictions: Sequence[str] = (),
                  counterfactuals: Sequence[str] = (), embedding_quarantine: Sequence[str] = (),
                  options: Mapping | None = None, publication: bool = False, maps_dir: str | None = None,
@@ -175,7 +176,8 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str | None, e
         proj_html, n_proj = projections_section(projections, plots, subjects_path, images_path, cfg, units)
     parts.append(_h2("projections") + proj_html)
     parts.append(_h2("findings") + findings_section(findings, finding_tests, finding_dirs, cfg, publication, ids,
-                                                      units, counterfactuals))
+                                                      units, counterfactuals,
+                                                      curves=finding_curves, saliency=saliency))
     parts.append(_h2("fairness") + sections.fairness_section(fairness_summary, fairness_groups, cfg, publication,
                                                              units))
     parts.append(_h2("mitigation") + sections.mitigation_section(reprobe, cfg, units))
@@ -196,7 +198,7 @@ def build_report(*, title: str, cohort_dir: str, preprocessed_dir: str | None, e
 LIST_INPUTS = ("embeddings", "reconstructions", "train_logs", "projections", "plots", "metrics", "baseline_metrics",
                "predictions", "fairness_groups", "fairness_summary", "findings", "finding_tests", "finding_dirs",
                "reprobe", "ground_truth",
-               "counterfactuals", "embedding_quarantine")
+               "counterfactuals", "embedding_quarantine", "finding_curves", "saliency")
 
 
 def _as_list(value) -> list[str]:
@@ -247,6 +249,8 @@ def build_report_from_inputs(inputs, options: Mapping | None, out_path: str, pub
         findings=lists["findings"],
         finding_tests=lists["finding_tests"],
         finding_dirs=lists["finding_dirs"],
+        finding_curves=lists["finding_curves"],
+        saliency=lists["saliency"],
         reprobe=lists["reprobe"],
         ground_truth=lists["ground_truth"],
         counterfactuals=lists["counterfactuals"],

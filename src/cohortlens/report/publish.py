@@ -118,7 +118,10 @@ def publication_members(results_dir: PathLike, *, report: PathLike, k: int, imag
             if not pictured(row, k):
                 continue
             for entry in row.get("evidence") or []:
-                png = res / "findings" / p.stem / Path(entry).name
+                # results/findings/{model}/explain/ (runs before the finding networks: results/findings/{model}/)
+                folder = res / "findings" / p.stem
+                png = next((f for f in (folder / "explain" / Path(entry).name, folder / Path(entry).name)
+                            if f.is_file()), folder / Path(entry).name)
                 if png.is_file():
                     name = public_text(png.name, ids)
                     members[f"findings/{p.stem}/{name}"] = png.read_bytes()

@@ -1,9 +1,10 @@
 """The supervised image engine: MONAI classification / regression networks trained on the preprocessed slices.
 
 One engine for every experiment that trains a network on the images themselves: the supervised baselines of paper
-003's Table 1 (`cohortlens.analysis.baselines`), and later a set-vs-rest classifier with GradCAM saliency
-(`networks.GRADCAM_LAYERS` names the layer) and a classifier whose accuracy is followed per epoch for a flagged
-subject group (`loop.EpochEnd`: a callback after every epoch may score any rows and log what it returns).
+003's Table 1 (`cohortlens.analysis.baselines`), the set-vs-rest classifier with GradCAM saliency per finding
+(`cohortlens.analysis.saliency`; `gradcam` on the layer `networks.GRADCAM_LAYERS` names) and the classifier whose
+accuracy is followed per epoch for a flagged subject group (`cohortlens.analysis.subgroup_curves`; `loop.EpochEnd`:
+a callback after every epoch may score any rows and log what it returns).
 
 What it does
 ------------
@@ -18,7 +19,8 @@ What it does
   fingerprints, RNG state and `TrainingPreempted` as the autoencoders), automatic resume, progress lines and a log
   (`training.progress`), a callback after every epoch.
 - Prediction (`loop.predict`, `loop.volume_means`): outputs per slice, and per volume as the mean over its slices.
+- Saliency (`gradcam.gradcam_maps`): MONAI GradCAM of one class per crop, each map scaled to unit mass.
 
 Modules: `settings` (`SupervisedSettings`), `networks`, `heads` (what a network predicts, its loss), `data`,
-`loop`. This file imports nothing: the config check reads `settings` from source without importing torch.
+`loop`, `gradcam`. This file imports nothing: the config check reads `settings` from source without importing torch.
 """
