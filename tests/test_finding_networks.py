@@ -231,7 +231,7 @@ def test_the_report_shows_the_curves_and_each_findings_saliency_beside_its_mean_
     assert "Training curves of the discordant subgroup" in page and "paper 003: rest 96–98 %" in page
     assert page.count("held-out balanced accuracy") == 3 and "separable" in page and "weak</b>" in page
     # the mean image of each of the 3 findings with evidence and a GradCAM beside it, the curves
-    assert page.count("data:image/png;base64") == 3 * 2 + 1
+    assert page.count("data:image/") == 3 * 2 + 1
     # the publication page (k = 15: the sets of 20 images are pictured): a GradCAM only for at least k test images
     # of the set, a curve cell of fewer than k images suppressed and the curves not drawn
     public = findings_section([findings], [], [out / "explain"], {**REPORT_DEFAULTS, "min_cell": 15},
