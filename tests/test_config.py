@@ -68,6 +68,7 @@ def test_unknown_top_level_key(cfg):
 
 @pytest.mark.parametrize("section, typo, meant", [
     ("probe", "n_bootstrapp", "n_bootstrap"),
+    ("probe", "cv_fold", "cv_folds"),
     ("fairness", "min_group_sise", "min_group_size"),
     ("discover", "alpah", "alpha"),
     ("mitigate", "method", "methods"),
@@ -205,6 +206,7 @@ def test_interactive_method_must_be_a_map_method(cfg):
 @pytest.mark.parametrize("path, value, expected", [
     (("preprocess", "threads"), 0, "config key preprocess.threads: 0 is less than the minimum of 1"),
     (("probe", "n_bootstrap"), "many", "config key probe.n_bootstrap = 'many' is not of type integer"),
+    (("probe", "cv_folds"), 1, "config key probe.cv_folds: 1 is less than the minimum of 2"),
     (("models", "vae", "lr"), "1e-3", "config key models.vae.lr = '1e-3' is not of type number (YAML reads 1e-3 as "
                                       "text; write it with a dot, e.g. 1.0e-3)"),
     (("fairness", "alpha"), 1.5, "config key fairness.alpha: 1.5 is greater than or equal to the maximum of 1"),

@@ -5,7 +5,9 @@ probe is `semi` / `embedding`, a network trained on the images `fully` / `image`
 row's numbers, then balanced accuracy (↑) for categorical attributes and MAE (↓) for continuous ones. The probe
 column says which backend ran (`BACKEND_NAMES`; the baselines': "network"), because they are not the same
 estimator: above `exact_max_train` rows the CPU probe is a ridge on Nyström RBF features (a least-squares kernel
-machine), and a reader comparing with the paper's SVM numbers must be able to see that. Summary rows of the probe stage (kind `summary`: the CheXpert competition mean AUC of `chexpert_auc`) become one
+machine), and a reader comparing with the paper's SVM numbers must be able to see that. A row whose attributes were
+scored by repeated subject-level cross-validation (too few test subjects, `probe_cv`) says so after the backend:
+"; repeated_cv(5x5): age, sex". Summary rows of the probe stage (kind `summary`: the CheXpert competition mean AUC of `chexpert_auc`) become one
 more column after the attributes, only where the metrics have them. The HTML rendering is the report's
 (`cohortlens.report.model_table`).
 """
@@ -22,6 +24,7 @@ from cohortlens.analysis.chexpert_auc import (
     MEAN_AUC_METRIC,
     SUMMARY_KIND,
 )
+from cohortlens.analysis.probe_cv import TEST_SPLIT
 from cohortlens.types import PathLike
 
 # What each probe backend is (metrics.parquet's `backend` column), as the table and the report name it.
@@ -69,8 +72,22 @@ def probe_names(metrics: pl.DataFrame) -> pl.DataFrame:
         return keys.with_columns(pl.lit(UNRECORDED).alias(PROBE_COLUMN))
     named = metrics.select("model", "region", pl.col("backend").replace_strict(
         BACKEND_NAMES, default=pl.col("backend"), return_dtype=pl.Utf8).fill_null(UNRECORDED))
-    return named.group_by("model", "region", maintain_order=True).agg(
+    names = named.group_by("model", "region", maintain_order=True).agg(
         pl.col("backend").unique(maintain_order=True).sort().str.join(" / ").alias(PROBE_COLUMN))
+    return names.join(evaluation_notes(metrics), on=["model", "region"], how="left").select(
+        "model", "region", pl.concat_str(PROBE_COLUMN, pl.col("note").fill_null("")).alias(PROBE_COLUMN))
+
+
+def evaluation_notes(metrics: pl.DataFrame) -> pl.DataFrame:
+    """(model, region, note): '; repeated_cv(5x5): age, sex' for the attributes of a row scored by repeated
+    cross-validation (`probe_cv`) instead of the test split; no row where all used the test split."""
+    if "evaluation" not in metrics.columns:
+        return pl.DataFrame(schema={"model": pl.Utf8, "region": pl.Utf8, "note": pl.Utf8})
+    cv = metrics.filter(pl.col("evaluation").is_not_null() & (pl.col("evaluation") != TEST_SPLIT))
+    per = cv.group_by("model", "region", "evaluation", maintain_order=True).agg(
+        pl.col("attribute").unique().sort().str.join(", "))
+    return per.group_by("model", "region", maintain_order=True).agg(
+        pl.format("; {}: {}", "evaluation", "attribute").sort().str.join("").alias("note"))
 
 
 def model_table(metrics: pl.DataFrame | Iterable[PathLike]) -> pl.DataFrame:

@@ -9,6 +9,9 @@ exact scikit-learn SVMs, or Nyström features + ridge above `exact_max_train` ro
 ridge, not an SVM. Settings: `probe_settings.ProbeSettings` (config `probe:`). A classifier's params record its
 class order (`classes`: the columns of `class_scores`). Where a region has probes of the five CheXpert competition
 findings, `chexpert_auc` adds their mean ROC AUC on the test predictions as one more metrics row.
+Where an attribute's test split has fewer subjects than `cv_below_test_subjects`, its metrics come from repeated
+subject-level cross-validation over train+val+test instead (`probe_cv`); the `evaluation` column says which
+(`test_split` or e.g. `repeated_cv(5x5)`). Its predictions stay those of the fixed-split model.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import polars as pl
 
 from cohortlens.analysis.chexpert_auc import competition_metrics
 from cohortlens.analysis.probe_backends import FeatureSpace, feature_space, predict_codes
+from cohortlens.analysis.probe_cv import TEST_SPLIT, cv_metrics, needs_cv
 from cohortlens.analysis.probe_fit import PreparedAttribute, fit_tuned, prepare_attribute
 from cohortlens.analysis.probe_settings import ProbeSettings
 from cohortlens.analysis.stats import balanced_accuracy_w, macro_auc_w, with_ci
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 METRICS_SCHEMA = {
     "model": pl.Utf8, "region": pl.Utf8, "attribute": pl.Utf8, "kind": pl.Utf8, "metric": pl.Utf8,
     "value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "n_train": pl.Int64, "n_test": pl.Int64,
-    "chance": pl.Float64, "backend": pl.Utf8,
+    "chance": pl.Float64, "backend": pl.Utf8, "evaluation": pl.Utf8,
 }
 PREDICTIONS_SCHEMA = {
     "model": pl.Utf8, "region": pl.Utf8, "attribute": pl.Utf8, "subject_id": pl.Utf8, "image_uid": pl.Utf8,
@@ -79,13 +83,20 @@ def probe_attribute(
         return None
     C, g, where, (D_test, D_val), mu, sd = fit_tuned(table, space, prep, settings, [test, val])
     model = table.model or ""
-    metrics = score_decisions(table, prep, test, D_test, mu, sd, settings, model=model, region=region,
-                           n_train=len(prep.rows["train"]), backend=space.backend)
+    params = {"C": C, "gamma": g * space.gamma_scale, "gamma_multiple": g, "tuned_on": where, "backend": space.backend,
+              "evaluation": TEST_SPLIT}
+    if needs_cv(table, prep, settings):
+        # too few test subjects for stable numbers: the metrics come from repeated subject-level CV
+        rows, cv_params = cv_metrics(table, prep, space, settings, model=model, region=region)
+        metrics = pl.DataFrame(rows, schema=METRICS_SCHEMA)
+        params.update(cv_params)
+    else:
+        metrics = score_decisions(table, prep, test, D_test, mu, sd, settings, model=model, region=region,
+                                  n_train=len(prep.rows["train"]), backend=space.backend)
     predictions = pl.concat([
         prediction_frame(table, prep, r, D, split, model, region, mu, sd)
         for r, D, split in ((val, D_val, "val"), (test, D_test, "test"))
     ])
-    params = {"C": C, "gamma": g * space.gamma_scale, "gamma_multiple": g, "tuned_on": where, "backend": space.backend}
     if prep.kind == "classification":
         params["classes"] = list(prep.classes)  # the order of class_scores' columns
     log.info("probe %s/%s/%s: %s", model, region, attribute, ", ".join(
@@ -125,7 +136,8 @@ def score_decisions(table: AnalysisTable, prep: PreparedAttribute, test: np.ndar
         rows.append(("mae", v, lo, hi, baseline))
     return pl.DataFrame(
         [{"model": model, "region": region, "attribute": prep.spec.name, "kind": prep.kind, "metric": m, "value": v,
-          "ci_low": lo, "ci_high": hi, "n_train": n_train, "n_test": len(test), "chance": ch, "backend": backend}
+          "ci_low": lo, "ci_high": hi, "n_train": n_train, "n_test": len(test), "chance": ch, "backend": backend,
+          "evaluation": TEST_SPLIT}
          for m, v, lo, hi, ch in rows],
         schema=METRICS_SCHEMA,
     )
@@ -223,7 +235,7 @@ def _competition_row(metrics: pl.DataFrame, predictions: pl.DataFrame, params: M
     backend = metrics["backend"][0] if metrics.height else ""
     rows = competition_metrics(predictions, classes, model=model, region=region, backend=backend,
                                n_bootstrap=settings.n_bootstrap, seed=settings.seed)
-    return pl.DataFrame(rows, schema=METRICS_SCHEMA)
+    return pl.DataFrame([{**r, "evaluation": TEST_SPLIT} for r in rows], schema=METRICS_SCHEMA)
 
 
 def write_probes(

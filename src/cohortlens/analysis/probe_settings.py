@@ -1,6 +1,6 @@
 """The probe's settings (config `probe:`): one frozen dataclass read by every part of the probe: the backend
 and its kernel approximation (`probe_backends`), the balanced training task and the C/γ tuning (`probe_fit`),
-the bootstrap (`probe`) and the out-of-fold probabilities (`out_of_fold`)."""
+the bootstrap (`probe`), the repeated cross-validation of small cohorts (`probe_cv`) and the out-of-fold probabilities (`out_of_fold`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ class ProbeSettings:
     pca_fit_rows: int = 4000
     nystroem_components: int = 1024
     feature_cache_mb: int = 512  # Nyström feature matrices kept across attributes (approx backend)
+    # fewer test subjects than this (per attribute and region): metrics from repeated subject-level CV over
+    # train+val+test instead of the fixed test split (`probe_cv`); 0: always the test split
+    cv_below_test_subjects: int = 0
+    cv_folds: int = 5  # fewer when a class (or target quintile) has fewer subjects
+    cv_repeats: int = 5
 
     @classmethod
     def from_config(cls, cfg: Mapping | "ProbeSettings" | None) -> "ProbeSettings":

@@ -20,6 +20,7 @@ from cohortlens.analysis.model_table import (
     model_table,
     read_metrics,
 )
+from cohortlens.analysis.probe_cv import TEST_SPLIT
 from cohortlens.report.fragments import not_run, read_frames, table
 from cohortlens.report.units import column_with_unit, unit_of
 from cohortlens.types import PathLike
@@ -30,8 +31,9 @@ TEST_SUBJECTS = "test subjects"
 def test_subjects(metrics: pl.DataFrame, predictions: Sequence[PathLike] = ()) -> dict[tuple[str, str], str]:
     """{(model, region): how many test subjects the row's numbers rest on}: the distinct subjects of the test
     split in the probes' predictions (the bootstrap CIs resample them), per attribute, written as a range
-    ("41–42") when attributes differ (missing values); without predictions the metrics' `n_test` (test rows:
-    images, one per subject in a region)."""
+    ("41–42") when attributes differ (missing values); without predictions, or where the row has attributes
+    scored by repeated cross-validation (every subject with a value is held out once per repeat), the metrics'
+    `n_test` (evaluated rows: images, one per subject in a region)."""
     def spans(counts: pl.DataFrame) -> dict[tuple[str, str], str]:
         out = {}
         for (model, region), part in counts.group_by("model", "region"):
@@ -48,6 +50,12 @@ def test_subjects(metrics: pl.DataFrame, predictions: Sequence[PathLike] = ()) -
                            for p in predictions], how="vertical_relaxed")
         out.update(spans(frame.filter(pl.col("split") == "test").group_by("model", "region", "attribute")
                          .agg(pl.col("subject_id").n_unique().alias("n")).collect()))
+    if "evaluation" in metrics.columns and "n_test" in metrics.columns:
+        # repeated cross-validation scores every subject of the attribute, not the test split's: its n_test
+        cv = metrics.filter(pl.col("evaluation").is_not_null() & (pl.col("evaluation") != TEST_SPLIT))
+        rows = metrics.join(cv.select("model", "region").unique(), on=["model", "region"], how="semi")
+        out.update(spans(rows.filter(pl.col("n_test").is_not_null()).select(
+            "model", "region", "attribute", pl.col("n_test").alias("n"))))
     return out
 
 
@@ -120,7 +128,10 @@ def model_table_section(metrics: Sequence[PathLike], baseline_metrics: Sequence[
               "the test rows (images) of the metrics")
     parts = [f"<p>Probes in this run: <b>{html.escape(backends_used(frame))}</b>. Each number rests on the "
              f"<i>{TEST_SUBJECTS}</i> of its row ({behind}; a range when attributes have missing values), with a "
-             f"95% bootstrap CI over them. Balanced accuracy ↑ for categorical attributes, MAE ↓ for continuous "
+             f"95% bootstrap CI over them. Where a row's probe column names <code>repeated_cv(folds x repeats)</code>, "
+             f"those attributes had too few test subjects (<code>probe: cv_below_test_subjects</code>): their value "
+             f"is the mean over the folds of a repeated subject-level cross-validation over all subjects with a "
+             f"value (train+val+test), its CI a subject bootstrap of that mean. Balanced accuracy ↑ for categorical attributes, MAE ↓ for continuous "
              f"ones in the attribute's unit; best model per region in bold (layout of Table 1, paper 003). The "
              f"probe column names the estimator that ran (backend auto): "
              f"{html.escape(BACKEND_NAMES['exact'])} up to the probe's <code>exact_max_train</code> training "
@@ -138,7 +149,7 @@ def model_table_section(metrics: Sequence[PathLike], baseline_metrics: Sequence[
     extra = frame.filter(pl.col("metric") == "roc_auc")
     if extra.height:
         parts.append("<details><summary>ROC AUC (one-vs-rest macro) and chance levels</summary>")
-        cols = ["model", "region", "attribute", "value", "ci_low", "ci_high", "chance", "n_test", "backend"]
+        cols = ["model", "region", "attribute", "value", "ci_low", "ci_high", "chance", "n_test", "backend", "evaluation"]
         parts.append(table(extra.select([c for c in cols if c in extra.columns]).sort("attribute", "region", "model"),
                            500))
         parts.append("</details>")
