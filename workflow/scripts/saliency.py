@@ -1,15 +1,14 @@
 """A set-vs-rest image classifier per finding of one model and its GradCAM over the set's test images (paper 003,
 3.1), with the held-out balanced accuracy; resumes after a preemption."""
 
-import sys
 from pathlib import Path
 
 from cohortlens.analysis.saliency import write_saliency
 from cohortlens.logs import to_rule_log
-from cohortlens.models.training.checkpoint import TrainingPreempted
+from cohortlens.models.training.checkpoint import exit_on_preemption
 
 log = to_rule_log(snakemake)
-try:
+with exit_on_preemption(log):  # a retry resumes from the checkpoint
     index, _ = write_saliency(
         snakemake.input.findings,
         snakemake.input.index,
@@ -23,7 +22,4 @@ try:
         out_dir=Path(snakemake.output.index).parent,
         threads=snakemake.threads,
     )
-except TrainingPreempted as stop:
-    log.warning("%s", stop)  # the checkpoint is on disk; a retry resumes from it
-    sys.exit(stop.exit_code)
 log.info("%d findings, %d weak", index.height, int(index["weak"].sum()))

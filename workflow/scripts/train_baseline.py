@@ -1,14 +1,12 @@
 """Supervised baseline of one architecture (resnet10 | resnet34 | densenet121) on every attribute: trained on the
 images, scored like the probes; resumes from its checkpoints after a preemption."""
 
-import sys
-
 from cohortlens.analysis.baselines import write_baselines
 from cohortlens.logs import to_rule_log
-from cohortlens.models.training.checkpoint import TrainingPreempted
+from cohortlens.models.training.checkpoint import exit_on_preemption
 
 log = to_rule_log(snakemake)
-try:
+with exit_on_preemption(log):  # a retry resumes from the checkpoint
     metrics = write_baselines(
         snakemake.params.arch,
         snakemake.params.cfg,
@@ -23,9 +21,4 @@ try:
         log_csv=snakemake.output.log_csv,
         threads=snakemake.threads,
     )
-except TrainingPreempted as stop:
-    # SLURM preemption / time limit: the checkpoint is on disk; a non-zero exit lets SLURM requeue or Snakemake
-    # retry the job, which resumes from it (finished networks are loaded, not trained again)
-    log.warning("%s", stop)
-    sys.exit(stop.exit_code)
 log.info("%d metric rows", metrics.height)

@@ -1,15 +1,14 @@
 """The discordant subgroup's training curves of one model (paper 003, Fig. 3): a classifier of the recorded value,
 its accuracy per epoch for the flagged subjects and the rest, on train and val; resumes after a preemption."""
 
-import sys
 from pathlib import Path
 
 from cohortlens.analysis.subgroup_curves import write_subgroup_curves
 from cohortlens.logs import to_rule_log
-from cohortlens.models.training.checkpoint import TrainingPreempted
+from cohortlens.models.training.checkpoint import exit_on_preemption
 
 log = to_rule_log(snakemake)
-try:
+with exit_on_preemption(log):  # a retry resumes from the checkpoint
     curves = write_subgroup_curves(
         snakemake.input.findings,
         snakemake.input.index,
@@ -24,7 +23,4 @@ try:
         model=snakemake.params.model,
         threads=snakemake.threads,
     )
-except TrainingPreempted as stop:
-    log.warning("%s", stop)  # the checkpoint is on disk; a retry resumes from it
-    sys.exit(stop.exit_code)
 log.info("%d curve rows", curves.height)

@@ -22,7 +22,7 @@ from cohortlens.models.training.checkpoint import (
     StopSignals,
     TrainingPreempted,
     checkpoint_dir,
-    load_latest_checkpoint,
+    resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -96,14 +96,10 @@ def _train(network, heads, data, settings, out_dir, device, name, fingerprint_, 
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.lr_schedule, settings.warmup_steps, total))
     folder = checkpoint_dir(out_dir, fingerprint_)
-    state = load_latest_checkpoint(folder, device)
-    step, log_rows, elapsed_before, resumed_from = 0, [], 0.0, None
+    start = resume(folder, device, model=network, optimizer=optimizer, scheduler=scheduler)
+    state, step, log_rows, elapsed_before, resumed_from = (start.state, start.step, start.log_rows, start.elapsed_s,
+                                                            start.resumed_from)
     if state is not None:
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, log_rows = int(state["step"]), list(state["log"])
-        elapsed_before, resumed_from = float(state["elapsed_s"]), int(state["step"])
         LOG.info("%s: resuming from %s (step %d of %d)", name, state["path"], step, total)
     else:
         LOG.info("%s: %d parameters, %d training slices, batch %d, %d epochs x %d steps, weight decay %g", name,

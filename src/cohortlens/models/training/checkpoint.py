@@ -9,12 +9,15 @@ are written atomically, and the newest readable one of the same format is resume
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import random
 import signal
+import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -35,6 +38,18 @@ class TrainingPreempted(Exception):
         self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
         self.exit_code = 128 + self.signum
         super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint {checkpoint}, exit {self.exit_code}")
+
+
+@contextlib.contextmanager
+def exit_on_preemption(log: logging.Logger):
+    """A stage entry's body under it: on `TrainingPreempted` (SLURM preemption or time limit) the checkpoint is
+    on disk, so the process logs it and exits with 128 + signal; SLURM requeues or Snakemake retries the job,
+    which resumes from the checkpoint."""
+    try:
+        yield
+    except TrainingPreempted as stop:
+        log.warning("%s", stop)
+        sys.exit(stop.exit_code)
 
 
 def rng_state() -> dict:
@@ -124,3 +139,31 @@ class StopSignals:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
         return False
+
+
+
+@dataclass
+class Resumed:
+    """Where a training loop starts: the latest checkpoint's state (None: from scratch), its step, log rows and
+    the seconds already spent."""
+
+    state: dict | None = None
+    step: int = 0
+    log_rows: list = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def resumed_from(self) -> int | None:
+        return self.step if self.state is not None else None
+
+
+def resume(folder: Path, map_location, **modules) -> Resumed:
+    """Load the latest checkpoint of `folder` into every given module / optimizer / scheduler (by its key in the
+    checkpoint; a None module or a key the checkpoint lacks is skipped)."""
+    state = load_latest_checkpoint(folder, map_location)
+    if state is None:
+        return Resumed()
+    for key, module in modules.items():
+        if module is not None and state.get(key) is not None:
+            module.load_state_dict(state[key])
+    return Resumed(state, int(state["step"]), list(state["log"]), float(state["elapsed_s"]))

@@ -20,7 +20,7 @@ from cohortlens.models.training.checkpoint import (
     TrainingPreempted,
     checkpoint_dir,
     checkpoints,
-    load_latest_checkpoint,
+    resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -133,16 +133,10 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
         ema = AveragedModel(model, multi_avg_fn=ema_update(settings.ema_decay, settings.ema_warmup), use_buffers=True)
 
     folder = checkpoint_dir(out_dir, fingerprint_)
-    state = load_latest_checkpoint(folder, device)
-    step, log_rows, elapsed_before, resumed_from = 0, [], 0.0, None
+    start = resume(folder, device, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+    state, step, log_rows, elapsed_before, resumed_from = (start.state, start.step, start.log_rows, start.elapsed_s,
+                                                            start.resumed_from)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        step, log_rows, elapsed_before = int(state["step"]), list(state["log"]), float(state["elapsed_s"])
-        resumed_from = step
         LOG.info("%s: resuming from %s (step %d)", name, state["path"], step)
     else:
         LOG.info("%s: starting at step 0 (checkpoints in %s)", name, folder)
