@@ -39,7 +39,7 @@ from cohortlens.analysis.table import AnalysisTable, attribute_specs, join_attri
 from cohortlens.io.tables import write_parquet
 from cohortlens.models.supervised.data import CenterCrops, LabelledBatches
 from cohortlens.models.supervised.heads import Head, n_outputs, output_slices
-from cohortlens.models.supervised.loop import predict, train_supervised, volume_means
+from cohortlens.models.supervised.loop import SupervisedRun, predict, train_supervised, volume_means
 from cohortlens.models.supervised.networks import build_network
 from cohortlens.models.supervised.settings import SupervisedSettings
 from cohortlens.models.training.progress import write_log_csv
@@ -127,11 +127,36 @@ def _val_targets(task: AttributeTask, rows: np.ndarray) -> np.ndarray:
     return (task.prep.values[rows] - task.mu) / task.sd
 
 
-def _digest(*arrays: np.ndarray) -> str:
+def digest(*arrays: np.ndarray) -> str:
+    """A short content hash of arrays (their bytes), for training fingerprints."""
     h = hashlib.sha256()
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]
+
+
+def train_on_volumes(arch: str, heads: list[Head], vols: Volumes, targets: np.ndarray, weights: np.ndarray,
+                     settings: SupervisedSettings, out_dir: Path, *, name: str, fingerprint_name: str,
+                     describe: Mapping, on_epoch=None, threads: int = 1) -> SupervisedRun:
+    """Train one network on the center slices of the table rows with a positive weight: `targets` and `weights`
+    are per table row and head (rows x heads); the fingerprint covers the settings, `describe`, the training
+    slices and their targets and weights, so a changed task never resumes an old network. Shared by the
+    baselines (`train_group`) and the finding networks (`image_classifier.train_classifier`)."""
+    train_slices = np.flatnonzero(weights[vols.volume].sum(1) > 0)
+    if len(train_slices) == 0:
+        raise ValueError(f"{name}: no training volumes")
+    slice_targets = targets[vols.volume[train_slices]]
+    slice_weights = weights[vols.volume[train_slices]]
+    shards, rows = vols.slices["shard"].to_numpy(), vols.slices["row"].to_numpy()
+    data = LabelledBatches(vols.shard_dir, shards[train_slices], rows[train_slices], slice_targets, slice_weights,
+                           vols.canvas, batch_size=settings.batch_size, crop=settings.crop, seed=settings.seed,
+                           jitter=settings.jitter)
+    cfg = {**settings.result_keys(), "arch": arch, **describe, "data": digest(slice_targets, slice_weights)}
+    fp = fingerprint(fingerprint_name, cfg, vols.slices["slice_uid"].gather(train_slices).to_list())
+    seed_everything(settings.seed)
+    network = build_network(arch, n_outputs(heads), width=settings.width, stem_stride=settings.stem_stride)
+    return train_supervised(network, heads, data, settings, out_dir, name=name, fingerprint_=fp, on_epoch=on_epoch,
+                            threads=threads)
 
 
 def train_group(arch: str, tasks: list[AttributeTask], vols: Volumes, sup: SupervisedSettings, weight_decay: float,
@@ -139,22 +164,13 @@ def train_group(arch: str, tasks: list[AttributeTask], vols: Volumes, sup: Super
     """One network for these attributes at one weight decay: its volume-mean outputs per table row (NaN outside
     the evaluated volumes) and its log rows."""
     heads = [t.head for t in tasks]
-    weights = np.stack([t.weight for t in tasks], 1)
-    train_slices = np.flatnonzero(weights[vols.volume].sum(1) > 0)
-    targets = np.stack([t.target for t in tasks], 1)[vols.volume[train_slices]]
-    slice_weights = weights[vols.volume[train_slices]]
     settings = dataclasses.replace(sup, weight_decay=float(weight_decay))
-    shards, rows = vols.slices["shard"].to_numpy(), vols.slices["row"].to_numpy()
-    data = LabelledBatches(vols.shard_dir, shards[train_slices], rows[train_slices], targets, slice_weights,
-                           vols.canvas, batch_size=settings.batch_size, crop=settings.crop, seed=settings.seed,
-                           jitter=settings.jitter)
     label = f"{arch}[{','.join(h.name for h in heads)}] wd={weight_decay:g}"
-    cfg = {**settings.result_keys(), "arch": arch, "heads": [dataclasses.asdict(h) for h in heads],
-           "data": _digest(targets, slice_weights)}
-    fp = fingerprint(arch, cfg, vols.slices["slice_uid"].gather(train_slices).to_list())
-    seed_everything(settings.seed)
-    network = build_network(arch, n_outputs(heads), width=settings.width, stem_stride=settings.stem_stride)
-    run = train_supervised(network, heads, data, settings, out_dir, name=label, fingerprint_=fp, threads=threads)
+    run = train_on_volumes(arch, heads, vols, np.stack([t.target for t in tasks], 1),
+                           np.stack([t.weight for t in tasks], 1), settings, out_dir, name=label,
+                           fingerprint_name=arch, describe={"heads": [dataclasses.asdict(h) for h in heads]},
+                           threads=threads)
+    shards, rows = vols.slices["shard"].to_numpy(), vols.slices["row"].to_numpy()
     crops = CenterCrops(vols.shard_dir, shards[eval_slices], rows[eval_slices], vols.canvas,
                         batch_size=settings.predict_batch_size, crop=settings.crop)
     num_workers = settings.num_workers if settings.num_workers is not None else max(0, int(threads) - 1)

@@ -10,52 +10,27 @@ callback scores), so a changed finding never resumes an old network.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from cohortlens.analysis.baselines import Volumes
-from cohortlens.models.supervised.data import CenterCrops, LabelledBatches
+from cohortlens.analysis.baselines import Volumes, train_on_volumes
+from cohortlens.models.supervised.data import CenterCrops
 from cohortlens.models.supervised.heads import Head
-from cohortlens.models.supervised.loop import EpochCallback, SupervisedRun, predict, train_supervised, volume_means
-from cohortlens.models.supervised.networks import build_network
+from cohortlens.models.supervised.loop import EpochCallback, SupervisedRun, predict, volume_means
 from cohortlens.models.supervised.settings import SupervisedSettings
-from cohortlens.models.training.settings import fingerprint
-from cohortlens.runtime import seed_everything
-
-
-def digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
 
 
 def train_classifier(arch: str, vols: Volumes, codes: np.ndarray, weights: np.ndarray, n_classes: int,
                      settings: SupervisedSettings, out_dir: Path, *, name: str, on_epoch: EpochCallback | None = None,
                      extra: Mapping[str, Any] | None = None, threads: int = 1) -> SupervisedRun:
     """Train a classifier of `codes` (per table row) on the center slices of the rows with weight > 0."""
-    codes = np.asarray(codes, np.int64)
-    weights = np.asarray(weights, np.float32)
-    train_slices = np.flatnonzero(weights[vols.volume] > 0)
-    if len(train_slices) == 0:
-        raise ValueError(f"{name}: no training volumes")
-    targets = codes[vols.volume[train_slices]].astype(np.float32)[:, None]
-    slice_weights = weights[vols.volume[train_slices]][:, None]
-    shards, rows = vols.slices["shard"].to_numpy(), vols.slices["row"].to_numpy()
-    data = LabelledBatches(vols.shard_dir, shards[train_slices], rows[train_slices], targets, slice_weights,
-                           vols.canvas, batch_size=settings.batch_size, crop=settings.crop, seed=settings.seed,
-                           jitter=settings.jitter)
-    head = Head(name, "classification", n_classes)
-    cfg = {**settings.result_keys(), "arch": arch, "classes": n_classes, "data": digest(targets, slice_weights),
-           **dict(extra or {})}
-    fp = fingerprint(name, cfg, vols.slices["slice_uid"].gather(train_slices).to_list())
-    seed_everything(settings.seed)
-    network = build_network(arch, n_classes, width=settings.width, stem_stride=settings.stem_stride)
-    return train_supervised(network, [head], data, settings, out_dir, name=name, fingerprint_=fp,
+    targets = np.asarray(codes, np.int64).astype(np.float32)[:, None]
+    return train_on_volumes(arch, [Head(name, "classification", n_classes)], vols, targets,
+                            np.asarray(weights, np.float32)[:, None], settings, out_dir, name=name,
+                            fingerprint_name=name, describe={"classes": n_classes, **dict(extra or {})},
                             on_epoch=on_epoch, threads=threads)
 
 

@@ -31,10 +31,10 @@ import numpy as np
 import polars as pl
 
 from cohortlens.analysis.balance import class_weights
-from cohortlens.analysis.baselines import Volumes, load_volumes
+from cohortlens.analysis.baselines import Volumes, digest, load_volumes
 from cohortlens.analysis.figures import saliency_figure, save_figure
 from cohortlens.analysis.finding_network_settings import SaliencySettings, saliency_settings
-from cohortlens.analysis.image_classifier import VolumeScorer, center_crops, digest, train_classifier
+from cohortlens.analysis.image_classifier import VolumeScorer, center_crops, train_classifier
 from cohortlens.analysis.stats import balanced_accuracy_w, weighted_auc, with_ci
 from cohortlens.io.tables import write_parquet
 from cohortlens.models.supervised.gradcam import gradcam_maps

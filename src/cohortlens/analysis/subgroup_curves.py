@@ -31,10 +31,10 @@ from typing import Mapping
 import numpy as np
 import polars as pl
 
-from cohortlens.analysis.baselines import Volumes, attribute_task, load_volumes
+from cohortlens.analysis.baselines import Volumes, attribute_task, digest, load_volumes
 from cohortlens.analysis.figures import curves_figure, message_figure, save_figure
 from cohortlens.analysis.finding_network_settings import CurveSettings, curve_settings
-from cohortlens.analysis.image_classifier import VolumeScorer, digest, train_classifier
+from cohortlens.analysis.image_classifier import VolumeScorer, train_classifier
 from cohortlens.analysis.probe_fit import prepare_attribute
 from cohortlens.analysis.probe_settings import ProbeSettings
 from cohortlens.io.tables import atomic_path
