@@ -112,3 +112,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "demo_results" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.demo)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (small networks: thread start-up costs more than it saves), the
+    previous count restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

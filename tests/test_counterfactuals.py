@@ -42,11 +42,8 @@ STEPS = 3
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every test here on one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
