@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import polars as pl
 
-from cohortlens.report.fragments import fmt, model_of, png, table
-from cohortlens.types import PathLike
-
-
-def by_model(paths: Sequence[PathLike]) -> dict[str, Path]:
-    """results/findings/{model}/<file> -> {model: path}."""
-    return {model_of(p): Path(p) for p in sorted(paths, key=str)}
+from cohortlens.report.fragments import fmt, png, table
 
 
 def curves_block(csv: Path | None, k: int, publication: bool = False) -> str:

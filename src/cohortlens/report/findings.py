@@ -254,7 +254,7 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
     dirs_by: dict[str, list[Path]] = {}
     for d in finding_dirs:
         dirs_by.setdefault(_finding_dir_model(d), []).append(Path(d))
-    curves_by, saliency_by = finding_networks.by_model(curves), finding_networks.by_model(saliency)
+    curves_by, saliency_by = by_model(curves), by_model(saliency)
     k, units = cfg.get("min_cell", 10), dict(units or {})
     public = _public(publication, ids, k)
     parts = ["<p>Each finding as a statement, with its evidence (test, p-value raw and FDR-adjusted, n), its "
