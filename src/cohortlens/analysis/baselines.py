@@ -135,6 +135,13 @@ def digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def center_crops(vols: Volumes, slices: np.ndarray, settings: SupervisedSettings) -> CenterCrops:
+    """The fixed center crops of these slices (indices into `vols.slices`), in order."""
+    shards, rows = vols.slices["shard"].to_numpy(), vols.slices["row"].to_numpy()
+    return CenterCrops(vols.shard_dir, shards[slices], rows[slices], vols.canvas,
+                       batch_size=settings.predict_batch_size, crop=settings.crop)
+
+
 def train_on_volumes(arch: str, heads: list[Head], vols: Volumes, targets: np.ndarray, weights: np.ndarray,
                      settings: SupervisedSettings, out_dir: Path, *, name: str, fingerprint_name: str,
                      describe: Mapping, on_epoch=None, threads: int = 1) -> SupervisedRun:
@@ -170,9 +177,7 @@ def train_group(arch: str, tasks: list[AttributeTask], vols: Volumes, sup: Super
                            np.stack([t.weight for t in tasks], 1), settings, out_dir, name=label,
                            fingerprint_name=arch, describe={"heads": [dataclasses.asdict(h) for h in heads]},
                            threads=threads)
-    shards, rows = vols.slices["shard"].to_numpy(), vols.slices["row"].to_numpy()
-    crops = CenterCrops(vols.shard_dir, shards[eval_slices], rows[eval_slices], vols.canvas,
-                        batch_size=settings.predict_batch_size, crop=settings.crop)
+    crops = center_crops(vols, eval_slices, settings)
     num_workers = settings.num_workers if settings.num_workers is not None else max(0, int(threads) - 1)
     out = predict(run.network, crops, device=run.device, amp=settings.amp, channels_last=settings.channels_last,
                   num_workers=num_workers)

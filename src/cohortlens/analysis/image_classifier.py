@@ -16,8 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from cohortlens.analysis.baselines import Volumes, train_on_volumes
-from cohortlens.models.supervised.data import CenterCrops
+from cohortlens.analysis.baselines import Volumes, center_crops, train_on_volumes
 from cohortlens.models.supervised.heads import Head
 from cohortlens.models.supervised.loop import EpochCallback, SupervisedRun, predict, volume_means
 from cohortlens.models.supervised.settings import SupervisedSettings
@@ -32,13 +31,6 @@ def train_classifier(arch: str, vols: Volumes, codes: np.ndarray, weights: np.nd
                             np.asarray(weights, np.float32)[:, None], settings, out_dir, name=name,
                             fingerprint_name=name, describe={"classes": n_classes, **dict(extra or {})},
                             on_epoch=on_epoch, threads=threads)
-
-
-def center_crops(vols: Volumes, slices: np.ndarray, settings: SupervisedSettings) -> CenterCrops:
-    """The fixed center crops of these slices (indices into `vols.slices`), in order."""
-    shards, rows = vols.slices["shard"].to_numpy(), vols.slices["row"].to_numpy()
-    return CenterCrops(vols.shard_dir, shards[slices], rows[slices], vols.canvas,
-                       batch_size=settings.predict_batch_size, crop=settings.crop)
 
 
 class VolumeScorer:
