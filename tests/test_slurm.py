@@ -138,11 +138,15 @@ class Run:
         return f"rc={self.rc}\n{self.out[-n:]}"
 
 
-def run_slurm(workdir: Path, *args: str, check=True) -> Run:
-    """snakemake through SLURM, under `timeout` (a job stuck PENDING must not hang the suite)."""
+def start_slurm(workdir: Path, *args: str) -> subprocess.Popen:
+    """snakemake through SLURM in the background, under `timeout` (a job stuck PENDING must not hang the suite)."""
     cmd = ["timeout", "-k", "20", str(RUN_LIMIT_S), *slurm_cmd(workdir, *args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_LIMIT_S + 60)
-    run = Run(proc)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_slurm(proc: subprocess.Popen, check=True) -> Run:
+    out, err = proc.communicate(timeout=RUN_LIMIT_S + 60)
+    run = Run(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     if run.rc == 124 and run.run_id:  # timed out: take its jobs off the cluster
         subprocess.run(["scancel", "--name", run.run_id], capture_output=True)
     assert run.rc != 124, f"snakemake through SLURM timed out after {RUN_LIMIT_S} s\n{run.tail()}\n{squeue()}"
@@ -150,6 +154,10 @@ def run_slurm(workdir: Path, *args: str, check=True) -> Run:
         assert run.rc == 0, f"snakemake through SLURM failed\n{run.tail()}"
     assert run.run_id, f"no 'SLURM run ID' in snakemake's output: not the slurm executor?\n{run.tail()}"
     return run
+
+
+def run_slurm(workdir: Path, *args: str, check=True) -> Run:
+    return finish_slurm(start_slurm(workdir, *args), check=check)
 
 
 def squeue() -> str:
@@ -370,48 +378,60 @@ class Requeuer(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def rerun(baseline, tmp_path_factory):
-    """`--forcerun <t-SNE stage>` through SLURM on a copy of the baseline, during which the first of the forced
-    stage's jobs is requeued once (as preemption does)."""
-    workdir = copy_run(baseline["slurm"], tmp_path_factory.mktemp("rerun") / "run")
+def reruns(baseline, tmp_path_factory):
+    """Two runs on copies of the baseline, started together (each mostly waits for sacct polls, and their jobs
+    share the node as two users' jobs would):
+    - rerun: `--forcerun <t-SNE stage>`, during which the first of the forced stage's jobs is requeued once (as
+      preemption does);
+    - failing: `--keep-going` with a corrupt config for ONE job: the first autoencoder's model config names a
+      slice selection that does not exist (valid for the schema; its training job fails at once), while
+      `--forcerun probe` makes the other models' probes, and the fairness jobs after them, run again beside it."""
     rule = forcerun_rule()
-    upstream = mtimes(workdir)
-    plan = planned(workdir, "--forcerun", rule)
-    before = last_job_id()
+    rerun_dir = copy_run(baseline["slurm"], tmp_path_factory.mktemp("rerun") / "run")
+    rerun = {"workdir": rerun_dir, "rule": rule, "plan": planned(rerun_dir, "--forcerun", rule),
+             "upstream": mtimes(rerun_dir)}
+    models = autoencoders()
+    failing = None
+    if models:  # else no job whose failure leaves a branch to finish
+        fail_dir = copy_run(baseline["slurm"], tmp_path_factory.mktemp("failing") / "run")
+        cfg = yaml.safe_load((fail_dir / "config.yaml").read_text())
+        bad_model = models[0]
+        cfg["models"][bad_model]["train_slices"] = BAD_VALUE
+        write_config(fail_dir, cfg)
+        bad_rule = "train_autoencoder" if "train_autoencoder" in rule_names() else f"train_{bad_model}"
+        force = ["--keep-going", "--forcerun", "probe" if "probe" in rule_names() else "train_pca"]
+        failing = {"workdir": fail_dir, "bad_model": bad_model, "force": force,
+                   "bad_key": (bad_rule, bad_model if bad_rule == "train_autoencoder" else None),
+                   "plan": planned(fail_dir, *force)}
+    before, started = last_job_id(), time.time()
     requeuer = Requeuer(rule, before)
     requeuer.start()
     t0 = time.monotonic()
-    run = run_slurm(workdir, "--forcerun", rule)
-    print(f"rerun of {rule} through SLURM: {time.monotonic() - t0:.0f} s")
+    rerun_proc = start_slurm(rerun_dir, "--forcerun", rule)
+    fail_proc = start_slurm(failing["workdir"], *failing["force"]) if failing else None
+    try:
+        rerun["run"] = finish_slurm(rerun_proc)
+    finally:
+        fail_run = finish_slurm(fail_proc, check=False) if fail_proc else None
+    print(f"rerun of {rule} and --keep-going run with a failing job through SLURM: {time.monotonic() - t0:.0f} s")
     requeuer.join(timeout=5)
-    return {"workdir": workdir, "rule": rule, "plan": plan, "upstream": upstream, "before": before, "run": run,
-            "jobs": sacct(run.run_id), "requeued": requeuer.job_id, "requeue_error": requeuer.error}
+    rerun.update(before=before, jobs=sacct(rerun["run"].run_id), requeued=requeuer.job_id,
+                 requeue_error=requeuer.error)
+    if failing:
+        failing.update(before=before, started=started, run=fail_run, jobs=sacct(fail_run.run_id))
+    return {"rerun": rerun, "failing": failing}
 
 
 @pytest.fixture(scope="module")
-def failing(baseline, tmp_path_factory):
-    """`--keep-going` through SLURM on a copy of the baseline with a corrupt config for ONE job: the first
-    autoencoder's model config names a preset that does not exist (valid for the schema; its training job fails
-    at once), while `--forcerun probe` makes the other models' probes, and the fairness jobs after them, run again
-    beside it."""
-    models = autoencoders()
-    if not models:
+def rerun(reruns):
+    return reruns["rerun"]
+
+
+@pytest.fixture(scope="module")
+def failing(reruns):
+    if reruns["failing"] is None:
         pytest.skip("no autoencoder train rule in this checkout: no job whose failure leaves a branch to finish")
-    workdir = copy_run(baseline["slurm"], tmp_path_factory.mktemp("failing") / "run")
-    cfg = yaml.safe_load((workdir / "config.yaml").read_text())
-    bad_model = models[0]
-    force = ["--forcerun", "probe" if "probe" in rule_names() else "train_pca"]
-    cfg["models"][bad_model]["train_slices"] = BAD_VALUE
-    bad_rule = "train_autoencoder" if "train_autoencoder" in rule_names() else f"train_{bad_model}"
-    bad_key = (bad_rule, bad_model if bad_rule == "train_autoencoder" else None)
-    write_config(workdir, cfg)
-    plan = planned(workdir, "--keep-going", *force)
-    before, started = last_job_id(), time.time()
-    t0 = time.monotonic()
-    run = run_slurm(workdir, "--keep-going", *force, check=False)
-    print(f"--keep-going run with a failing {bad_key} through SLURM: {time.monotonic() - t0:.0f} s")
-    return {"workdir": workdir, "bad_model": bad_model, "bad_key": bad_key, "plan": plan, "before": before,
-            "started": started, "run": run, "jobs": sacct(run.run_id)}
+    return reruns["failing"]
 
 
 def last_job_id() -> int:

@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 from sklearn.compose import TransformedTargetRegressor
+from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score
@@ -44,6 +45,7 @@ HIGHER_IS_BETTER = {"balanced_accuracy": True, "r2": True, "mae": False}
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 GAMMA_FACTORS = (0.1, 1.0, 10.0)  # × 1 / n_features (sklearn's "scale" on standardised inputs)
 MLP_ALPHAS = (1e-2, 1.0)
+SPAN_VARIANCE = 0.99999  # PCA's kept fraction: the training rows' span up to float noise
 MAX_TRAIN = 5000  # attacker training rows (seeded subsample beyond): an RBF SVM's cost grows with n²
 
 
@@ -70,8 +72,14 @@ def _estimator(kind: str, probe: str, n_features: int, n_train: int, seed: int):
         grid = {"model__alpha": list(MLP_ALPHAS)}
     else:
         raise ValueError(f"unknown probe {probe!r}; known: {PROBES}")
-    search = GridSearchCV(Pipeline([("scale", StandardScaler()), ("model", model)]), grid, cv=folds,
-                          scoring=scoring, n_jobs=1)
+    steps = [("scale", StandardScaler())]
+    if probe == "mlp" and n_features > n_train:
+        # wider than it has rows (a VAE's 12 x 128 latents on a few hundred subjects): the training rows span at
+        # most n_train directions, and the L2 penalty keeps the first layer's weights out of the rest, so the MLP
+        # is fitted on the rows' coordinates in their own span (all of its variance) -- the same attacker with
+        # 1/6 of the first layer's weights for L-BFGS to carry
+        steps.append(("span", PCA(n_components=SPAN_VARIANCE, svd_solver="full", random_state=seed)))
+    search = GridSearchCV(Pipeline([*steps, ("model", model)]), grid, cv=folds, scoring=scoring, n_jobs=1)
     if kind == "classification":
         return search
     # standardised target: one grid suits ages in years and weights in kg alike
