@@ -14,9 +14,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
 from cohortlens.analysis.project import (
-    figure_div,
     perplexity_affinities,
-    plotlyjs_script,
     project,
     projection_figure,
     projection_with_attributes,
@@ -122,14 +120,6 @@ def test_figure_colours_categorical_and_continuous_attributes():
 
     sub = projection_figure(frame, "sex", sex, max_points=10)
     assert sum(len(t.x) for t in sub.data) == 10 and "10 of 40 points" in sub.layout.title.text
-
-
-def test_div_for_the_report_has_no_plotlyjs():
-    fig = projection_figure(_figure_frame(), "sex", AttributeSpec("sex", "categorical", "protected"))
-    div = figure_div(fig, div_id="tsne-sex")
-    assert div.startswith("<div") and 'id="tsne-sex"' in div and len(div) < 100_000
-    script = plotlyjs_script()
-    assert script.startswith("<script") and len(script) > 1_000_000
 
 
 def test_demo_projection_and_plots(demo_results, tmp_path, monkeypatch):

@@ -288,19 +288,6 @@ def projection_figure(
     return fig
 
 
-def figure_div(fig, div_id: str | None = None) -> str:
-    """The figure as a `<div>` (with its script) for the report page, without plotly.js: the page includes
-    plotly.js once (`plotlyjs_script()`) for all its plots."""
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
-
-
-def plotlyjs_script() -> str:
-    """plotly.js inline in a `<script>` tag, to include once per self-contained page."""
-    from plotly.offline import get_plotlyjs
-
-    return f"<script type='text/javascript'>{get_plotlyjs()}</script>"
-
-
 class StaticExportError(RuntimeError):
     """kaleido could not write a static figure (no Chrome/Chromium it can start, or a file missing after export)."""
 

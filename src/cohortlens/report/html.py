@@ -11,12 +11,12 @@ from typing import Mapping, Sequence
 
 import polars as pl
 
-from cohortlens.analysis.project import plotlyjs_script
 from cohortlens.io.tables import atomic_path, read_parquet_metadata
 from cohortlens.report import sections
 from cohortlens.report.findings import findings_section, ground_truth_section, summary_section
 from cohortlens.report.fragments import not_run, table
 from cohortlens.report.model_table import model_table_section
+from cohortlens.report.plotlyjs import plotlyjs_script
 from cohortlens.report.projections import projections_section, publication_maps_section
 from cohortlens.report.publication import cell_text, participant_ids, quarantine_reasons, show_suppressed
 from cohortlens.report.publish import cohort_counts

@@ -183,7 +183,7 @@ def map_controls(div_id: str, methods: Sequence[str], attributes: Sequence[str])
 
 # Builds a map's figure from its payload and draws it; the dropdowns redraw it with Plotly.react.
 MAP_SCRIPT = """<script>
-(function () {
+clPlotly.then(function (Plotly) {
   var tpl = JSON.parse(document.getElementById('cl-plotly-template').textContent);
   function dec(s, T) {
     var b = atob(s), u = new Uint8Array(b.length);
@@ -229,5 +229,5 @@ MAP_SCRIPT = """<script>
       });
     });
   });
-})();
+});
 </script>"""

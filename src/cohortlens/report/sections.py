@@ -21,9 +21,9 @@ import numpy as np
 import polars as pl
 
 from cohortlens.analysis.attack import ATTACKERS
-from cohortlens.analysis.project import figure_div
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report.fragments import by_model, fmt, not_run, png, read_frames, table
+from cohortlens.report.plotlyjs import figure_div
 from cohortlens.report.publication import (
     cell_text,
     fairness_groups_public,
