@@ -28,6 +28,6 @@ rule train_baseline:
         arch="{arch}",
         cfg=lambda wildcards: config["baselines"][wildcards.arch],
         attributes=config["attributes"],
-        probe=config.get("probe", {}),
+        probe=probe_fit_settings(),
     script:
         "../scripts/train_baseline.py"

@@ -12,6 +12,12 @@ ENV = "../../envs/cohortlens.yaml"  # CPU stages
 ENV_GPU = "../../envs/cohortlens-gpu.yaml"  # training and embedding (torch + the cuml-cu13 extra)
 
 
+def probe_fit_settings():
+    """config `probe:` without the keys of its repeated CV (the baselines train on the fixed split: changing how
+    the probes are scored must not retrain them)."""
+    return {k: v for k, v in config.get("probe", {}).items() if not k.startswith("cv_")}
+
+
 def res(rule_name, key, default):
     """A resource for a rule from config['resources'][rule] (cluster users tune them there)."""
     return config.get("resources", {}).get(rule_name, {}).get(key, default)
