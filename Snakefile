@@ -1,10 +1,17 @@
 # cohortlens: imaging cohort -> embeddings -> bias and data-quality report.
 # Stages are one .smk each under workflow/rules/, in DAG order; logic lives in src/cohortlens/.
+import os
+
 from snakemake.utils import min_version, validate
 
 from cohortlens.config import check_config
 
 min_version("9.0")
+
+# torch's OpenMP threads spin while they wait for work; where the cores are shared (a laptop, CI, two jobs on one
+# node) the spinning threads take the cores the working ones need: under load a demo baseline job took 248 s
+# instead of 43 s, with identical results (docs/benchmarks.md). Every job inherits this; a user's own value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # The demo config is the default; a cohort's own --configfile replaces it instead of being merged into

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# as the Snakefile does for every job, before anything loads torch's OpenMP runtime: idle threads sleep instead of
+# spinning (the suite runs beside other work on 2 cores; docs/benchmarks.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import copy
 from pathlib import Path
 
