@@ -367,3 +367,26 @@ def test_the_model_table_shows_the_baselines_in_table_1_layout(shared_run, tmp_p
     assert "<td>dae</td><td>semi</td><td>embedding</td><td>neck</td><td>SVM (RBF, exact)</td>" in html
     assert model_table_html(baseline).count("<tr>") == 1 + len(REGIONS) + 1  # header, regions, all
     assert "supervised baselines" in html
+
+
+@pytest.mark.trained_models
+def test_demo_preset_reads_sex_above_chance_on_the_demo_cohort(demo_results, tmp_path):
+    """The demo preset (ResNet10, 240 steps) on the session's demo run: sex is read above chance in every region
+    (the balanced accuracy's lower CI bound above 0.5) and age better than predicting the mean in at least one
+    (60 steps left every region at chance; docs/findings.md)."""
+    import yaml
+
+    res = demo_results / "results"
+    cfg = yaml.safe_load((demo_results / "config.yaml").read_text())
+    probe = {k: v for k, v in cfg.get("probe", {}).items() if not k.startswith("cv_")}
+    metrics = write_baselines("resnet10", {"preset": "demo"}, res / "preprocessed/index.parquet",
+                              res / "cohort/subjects.parquet", res / "cohort/splits.parquet",
+                              images=res / "cohort/images.parquet", attributes=cfg["attributes"], probe=probe,
+                              metrics_out=tmp_path / "metrics.parquet", predictions_out=tmp_path / "predictions.parquet",
+                              log_csv=tmp_path / "train_log.csv", threads=2)
+    regional = metrics.filter(pl.col("region") != "all")
+    sex = regional.filter((pl.col("attribute") == "sex") & (pl.col("metric") == "balanced_accuracy"))
+    print(sex.select("region", "value", "ci_low", "ci_high").rows())
+    assert sex.height == 3 and (sex["ci_low"] > 0.5).all(), sex.select("region", "value", "ci_low").rows()
+    age = regional.filter((pl.col("attribute") == "age") & (pl.col("metric") == "mae"))
+    assert (age["value"] < 0.8 * age["chance"]).any(), age.select("region", "value", "chance").rows()
