@@ -153,6 +153,8 @@ def sizes(tiny: bool, args) -> dict:
             "demo_overrides": {"crop": 32, "steps": args.demo_steps or 4, "log_every": 2, "checkpoint_every": 2,
                                "qa_images": 2, "ddim_steps": 4},
             "embed_batch": 64, "embed_repeats": 1, "threads": 1, "cohort_threads": 1,
+            "supervised_overrides": {"crop": 32, "width": 0.125, "batch_size": 4}, "supervised_warmup": 1,
+            "supervised_timed": 2,
         }
     return {
         "canvas": 256, "subjects": args.subjects, "slices": 16, "demo_size": 64, "demo_subjects": 100,
@@ -162,10 +164,12 @@ def sizes(tiny: bool, args) -> dict:
         "demo_overrides": {"steps": args.demo_steps} if args.demo_steps else {},
         "embed_batch": args.embed_batch, "embed_repeats": 2, "threads": max(1, min(8, os.cpu_count() or 1)),
         "cohort_threads": max(1, min(16, os.cpu_count() or 1)),
+        "supervised_overrides": {}, "supervised_warmup": 5, "supervised_timed": 10 * args.train_windows,
     }
 
 
 VARIANTS = {"vae": ("vae", {}), "vae_no_hessian": ("vae", {"hessian_weight": 0.0}), "dae": ("dae", {})}
+SUPERVISED = ("resnet10", "resnet34", "densenet121")  # the baselines' architectures (paper 003, Table 1)
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -267,6 +271,59 @@ def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: 
 
         row["data_stream_img_per_s"] = round(data_rate(Path(cohort["index"]), Path(cohort["splits"]),
                                                        settings.batch_size, settings.crop), 1)
+    return row
+
+
+def train_supervised_check(arch: str, cohort: dict, out: Path, sz: dict, device_name: str) -> dict:
+    """The supervised engine (baselines, finding networks) at the NAKO baseline preset: one network with a sex head
+    and an age head (labels drawn at random: only the speed is measured) for warm-up + timed steps through
+    `train_supervised`, bf16 autocast and channels_last as the stage runs them; img/s over the timed steps."""
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from cohortlens.analysis.baseline_settings import PRESETS
+    from cohortlens.models.supervised.data import LabelledBatches
+    from cohortlens.models.supervised.heads import Head, n_outputs
+    from cohortlens.models.supervised.loop import train_supervised
+    from cohortlens.models.supervised.networks import build_network
+    from cohortlens.models.supervised.settings import SupervisedSettings
+    from cohortlens.models.training.data import training_rows
+    from cohortlens.preprocess.store import SliceStore
+    from cohortlens.runtime import seed_everything, select_device
+
+    warmup, timed = sz["supervised_warmup"], sz["supervised_timed"]
+    cfg = {**PRESETS[arch]["nako"], **sz["supervised_overrides"], "epochs": 1, "steps_per_epoch": warmup + timed,
+           "log_every": warmup, "checkpoint_every": 10**9, "progress_seconds": 1e9, "device": device_name,
+           "num_workers": 0 if sz["threads"] == 1 else None}
+    settings = SupervisedSettings.from_config(cfg)
+    device = select_device(device_name)
+    store = SliceStore(cohort["index"])
+    rows = training_rows(store.index, pl.read_parquet(cohort["splits"]), "all")
+    rng = np.random.default_rng(0)
+    n = rows.height
+    targets = np.stack([rng.integers(0, 2, n), rng.normal(size=n)], axis=1).astype(np.float32)
+    heads = (Head("sex", "classification", 2), Head("age", "regression"))
+    data = LabelledBatches(store.shard_dir, rows["shard"].to_numpy(), rows["row"].to_numpy(), targets,
+                           np.ones_like(targets), store.canvas, batch_size=settings.batch_size, crop=settings.crop,
+                           seed=0, jitter=settings.jitter)
+    seed_everything(0)
+    network = build_network(arch, n_outputs(heads), width=settings.width, stem_stride=settings.stem_stride)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    run = train_supervised(network, heads, data, settings, out, name=f"gpu_check-{arch}", fingerprint_=arch,
+                           threads=sz["threads"])
+    _sync(device)
+    first, last = run.log[0], run.log[-1]
+    rate = timed * settings.batch_size / max(last["elapsed_s"] - first["elapsed_s"], 1e-9)
+    row = {"arch": arch, "preset": "nako", "device": str(run.device), "crop": settings.crop,
+           "batch": settings.batch_size, "width": settings.width, "params": sum(p.numel() for p in network.parameters()),
+           "amp_bf16": settings.amp and run.device.type == "cuda", "channels_last": settings.channels_last,
+           "warmup_steps": warmup, "timed_steps": timed, "img_per_s": round(rate, 2),
+           "first_steps_s": round(first["elapsed_s"], 3), "final_loss": last["loss"],
+           "finite": all(np.isfinite(r["loss"]) for r in run.log)}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return row
 
 
@@ -524,6 +581,18 @@ def markdown(rep: dict) -> str:
                               f"graph breaks {sum(r['graph_breaks'].values()) if 'graph_breaks' in r else '—'}, "
                               f"fell back to eager: {bool(r.get('fallback_to_eager'))}, helps: {r.get('helps')}"
                               for k, r in comp.items() if not k.startswith("_") and "error" not in r), ""]
+    if rep.get("supervised"):
+        lines += ["## Supervised baselines (NAKO preset; random labels, speed only)", "",
+                  "| network | crop, batch, width | bf16, channels_last | img/s | first steps s | peak GiB | loss finite |",
+                  "|---|---|---|---|---|---|---|"]
+        for k, r in rep["supervised"].items():
+            if "error" in r:
+                lines.append(f"| {k} | error: {r['error'][:200]} | | | | | |")
+                continue
+            lines.append(f"| {k} | {r['crop']}, {r['batch']}, {r['width']} | {r['amp_bf16']}, {r['channels_last']} | "
+                         f"{_fmt(r['img_per_s'], 4)} | {_fmt(r['first_steps_s'])} | {_fmt(r.get('peak_mem_gib'))} | "
+                         f"{r['finite']} |")
+        lines.append("")
     if rep.get("embed"):
         lines += ["## Embedding", "", "| encoder | crop, dim | slices, batch | stage slices/s | bare encoder slices/s |",
                   "|---|---|---|---|---|"]
@@ -674,6 +743,12 @@ def main(argv=None) -> int:
             for variant in VARIANTS:
                 row = section(f"train {variant}", train_variant, variant, cohort, work / "train" / variant, sz, args.device)
                 rep["train"][variant] = row or {"error": rep["errors"][-1]["error"]}
+                write()
+            rep["supervised"] = {}
+            for arch in SUPERVISED:
+                row = section(f"train {arch}", train_supervised_check, arch, cohort, work / "supervised" / arch, sz,
+                              args.device)
+                rep["supervised"][arch] = row or {"error": rep["errors"][-1]["error"]}
                 write()
             for model_name in ("vae", "dae"):
                 trained = rep["train"].get(model_name, {})

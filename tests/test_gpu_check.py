@@ -55,6 +55,13 @@ def test_gpu_check_runs_whole_on_the_cpu_at_tiny_sizes(tmp_path):
     assert all(r["img_per_s"] > 0 and r["compile"] and not r["compile_applied"] and not r["helps"]
                for k, r in rep["compile"].items() if not k.startswith("_"))
 
+    # the supervised engine (baselines, finding networks) for each architecture, through train_supervised
+    assert set(rep["supervised"]) == {"resnet10", "resnet34", "densenet121"}
+    for name, row in rep["supervised"].items():
+        assert row["img_per_s"] > 0 and row["finite"] and row["device"] == "cpu", (name, row)
+        assert row["channels_last"] and not row["amp_bf16"] and row["timed_steps"] == 2, (name, row)
+    assert "## Supervised baselines" in md
+
     # embedding throughput of both encoders
     for name in ("vae", "dae"):
         e = rep["embed"][name]
