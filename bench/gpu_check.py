@@ -538,6 +538,18 @@ def _fmt(v, nd=3) -> str:
     return str(v)
 
 
+def _results_table(title: str, columns: tuple[str, ...], results: dict, cells) -> list[str]:
+    """A markdown section: one row per named result (`cells(result)` gives the columns after the name), or the
+    result's error across the row."""
+    lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error'][:200]} |" + " |" * (len(columns) - 2))
+        else:
+            lines.append("| " + " | ".join((name, *cells(r))) + " |")
+    return lines + [""]
+
+
 def markdown(rep: dict) -> str:
     env = rep.get("env", {})
     lines = [f"# GPU check — {env.get('device_name', '?')} ({rep['mode']}{', tiny' if rep['tiny'] else ''})", "",
@@ -582,27 +594,19 @@ def markdown(rep: dict) -> str:
                               f"fell back to eager: {bool(r.get('fallback_to_eager'))}, helps: {r.get('helps')}"
                               for k, r in comp.items() if not k.startswith("_") and "error" not in r), ""]
     if rep.get("supervised"):
-        lines += ["## Supervised baselines (NAKO preset; random labels, speed only)", "",
-                  "| network | crop, batch, width | bf16, channels_last | img/s | first steps s | peak GiB | loss finite |",
-                  "|---|---|---|---|---|---|---|"]
-        for k, r in rep["supervised"].items():
-            if "error" in r:
-                lines.append(f"| {k} | error: {r['error'][:200]} | | | | | |")
-                continue
-            lines.append(f"| {k} | {r['crop']}, {r['batch']}, {r['width']} | {r['amp_bf16']}, {r['channels_last']} | "
-                         f"{_fmt(r['img_per_s'], 4)} | {_fmt(r['first_steps_s'])} | {_fmt(r.get('peak_mem_gib'))} | "
-                         f"{r['finite']} |")
-        lines.append("")
+        lines += _results_table(
+            "Supervised baselines (NAKO preset; random labels, speed only)",
+            ("network", "crop, batch, width", "bf16, channels_last", "img/s", "first steps s", "peak GiB", "loss finite"),
+            rep["supervised"],
+            lambda r: (f"{r['crop']}, {r['batch']}, {r['width']}", f"{r['amp_bf16']}, {r['channels_last']}",
+                       _fmt(r["img_per_s"], 4), _fmt(r["first_steps_s"]), _fmt(r.get("peak_mem_gib")),
+                       str(r["finite"])))
     if rep.get("embed"):
-        lines += ["## Embedding", "", "| encoder | crop, dim | slices, batch | stage slices/s | bare encoder slices/s |",
-                  "|---|---|---|---|---|"]
-        for k, r in rep["embed"].items():
-            if "error" in r:
-                lines.append(f"| {k} | error: {r['error'][:200]} | | | |")
-                continue
-            lines.append(f"| {k} | {r['crop']}, {r['dim']} | {r['slices']}, {r['batch']} | "
-                         f"{_fmt(r['stage_slices_per_s'], 4)} | {_fmt(r['bare_slices_per_s'], 4)} |")
-        lines.append("")
+        lines += _results_table(
+            "Embedding", ("encoder", "crop, dim", "slices, batch", "stage slices/s", "bare encoder slices/s"),
+            rep["embed"],
+            lambda r: (f"{r['crop']}, {r['dim']}", f"{r['slices']}, {r['batch']}", _fmt(r["stage_slices_per_s"], 4),
+                       _fmt(r["bare_slices_per_s"], 4)))
     for key, title in (("demo", "Tiny demo train + embed on the device (default settings)"),
                        ("determinism_strict", "The same with deterministic algorithms (subprocess)")):
         d = rep.get(key) or {}
