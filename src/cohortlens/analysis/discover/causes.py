@@ -44,6 +44,7 @@ from cohortlens.analysis.discover.core import (
     Finding,
     RegionData,
     categorical_view,
+    date_proxies,
     stratum_attributes,
 )
 from cohortlens.analysis.discover.leaks import _run
@@ -204,26 +205,6 @@ def _stratum_of(f: Finding) -> tuple[str, str, str]:
     stratum, date_attr = f.attribute.split(INTERACTION_SEP, 1)
     value = f.details.get("site", f.value)
     return stratum, str(value).split(",")[0], date_attr
-
-
-def date_proxies(rd: RegionData, date_attr: str, threshold: float = 0.3) -> set[str]:
-    """Categorical attributes that are mostly a function of the date (a processing batch per half-year): the
-    share of the date's variance between their values (η²) is at least `threshold`. Such an attribute cannot
-    stratify a date effect: within one batch the date barely varies, so conditioning on it removes any date
-    effect, real or not."""
-    days = rd.values(date_attr)
-    ok = np.isfinite(days)
-    out = set()
-    for b in rd.attributes(types=("categorical",)):
-        labels = stratum_labels(rd, b)[ok]
-        d = days[ok]
-        total = ((d - d.mean()) ** 2).sum()
-        if total <= 0:
-            continue
-        between = sum((labels == v).sum() * (d[labels == v].mean() - d.mean()) ** 2 for v in np.unique(labels))
-        if between / total >= threshold:
-            out.add(b)
-    return out
 
 
 def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:

@@ -312,6 +312,26 @@ def stratum_attributes(rd: "RegionData") -> list[str]:
     return rd.attributes(roles=("acquisition",), types=("categorical",))
 
 
+def date_proxies(rd: "RegionData", date_attr: str, threshold: float = 0.3) -> set[str]:
+    """Categorical attributes that are mostly a function of the date (a processing batch per half-year): the
+    share of the date's variance between their values (η²) is at least `threshold`. Such an attribute cannot
+    stratify a date effect: within one batch the date barely varies, so conditioning on it removes any date
+    effect, real or not."""
+    days = rd.values(date_attr)
+    ok = np.isfinite(days)
+    out = set()
+    d = days[ok]
+    total = ((d - d.mean()) ** 2).sum() if ok.any() else 0.0
+    if total <= 0:
+        return out
+    for b in rd.attributes(types=("categorical",)):
+        labels = np.array([str(v) for v in rd.values(b)], dtype=object)[ok]
+        between = sum((labels == v).sum() * (d[labels == v].mean() - d.mean()) ** 2 for v in np.unique(labels))
+        if between / total >= threshold:
+            out.add(b)
+    return out
+
+
 def confine_to_any_stratum(rd: "RegionData", test_without, alpha: float, test_within=None,
                            min_rest: int = 10) -> tuple[str | None, str | None, dict]:
     """`confine_to_stratum` for each categorical acquisition attribute in turn: (attribute, value, p without

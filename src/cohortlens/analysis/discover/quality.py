@@ -16,8 +16,13 @@ What is cleanlab's and what is ours:
   discordant-subgroup finding (`subgroups`), which reports the same images without calling their
   labels wrong.
   For non-IID the rows are sorted by acquisition date, so the test asks whether images acquired close in
-  time are close in embedding space (a drift); a significant drift that one site carries alone is named
-  site×date, as everywhere in the discover stage. Each flagged set becomes one finding per region (and
+  time are close in embedding space (a drift). It is asked *given the acquisition strata*: the features are
+  the reduced embedding minus its least-squares fit on the categorical acquisition attributes' values (site,
+  scanner; not an attribute that is mostly a function of the date, such as a half-yearly batch, which would
+  remove any drift), so that a site that recruited in one period and looks different does not make the kNN
+  graph follow the date (null: within the strata, the images' order by date is unrelated to their
+  neighbourhoods). A significant drift that one site carries alone is named site×date, as everywhere in the
+  discover stage. Each flagged set becomes one finding per region (and
   attribute): cleanlab gives scores and flags, not p-values, so those findings have no p-value.
 """
 
@@ -27,7 +32,14 @@ import logging
 
 import numpy as np
 
-from cohortlens.analysis.discover.core import Finding, RegionData, confine_to_any_stratum, interaction_name
+from cohortlens.analysis.discover.core import (
+    Finding,
+    RegionData,
+    confine_to_any_stratum,
+    date_proxies,
+    interaction_name,
+    stratum_attributes,
+)
 from cohortlens.analysis.table import AnalysisTable
 
 log = logging.getLogger(__name__)
@@ -78,7 +90,7 @@ def feature_issues(rd: RegionData, cfg: dict) -> list[Finding]:
     order, date_attr = _date_order(rd)
     features = np.ascontiguousarray(rd.Zc[order], dtype=np.float32)
     lab = _datalab({"row": np.arange(rd.n)})
-    lab.find_issues(features=features, issue_types={"outlier": {}, "near_duplicate": {}, "non_iid": {}})
+    lab.find_issues(features=features, issue_types={"outlier": {}, "near_duplicate": {}})
     issues = lab.get_issues()
     uids = rd.image_uids[order]
     out = []
@@ -103,17 +115,21 @@ def feature_issues(rd: RegionData, cfg: dict) -> list[Finding]:
         f.flagged = True
         out.append(f)
 
-    p = float(lab.get_info("non_iid")["p-value"])
+    given = drift_strata(rd, date_attr)
+    drift_features = np.ascontiguousarray(within_strata(rd, given)[order], dtype=np.float32)
+    p = _non_iid_p(drift_features)
+    if not np.isfinite(p):
+        return out
     order_name = date_attr or "row order"
-    score = float(lab.get_issue_summary("non_iid")["score"].iloc[0])
-    details = {"order": order_name, "source": "cleanlab Datalab", "score": score}
+    details = {"order": order_name, "source": "cleanlab Datalab", "score": p, "given": given}
     attribute, value = order_name, None
     summary = (f"{rd.region} embeddings {'drift with' if p <= cfg['alpha'] else 'show no drift with'} the "
-               f"{order_name}: cleanlab's non-IID test of the kNN graph against the {order_name} order")
+               f"{order_name}: cleanlab's non-IID test of the kNN graph against the {order_name} order"
+               + (f", given {' and '.join(given)}" if given else ""))
     strata = rd.strata()
     if date_attr is not None and strata is not None and p <= cfg["alpha"]:
         def rerun(keep):
-            return _non_iid_p(np.ascontiguousarray(features[keep[order]]))
+            return _non_iid_p(np.ascontiguousarray(drift_features[keep[order]]))
 
         stratum, site, p_without = confine_to_any_stratum(rd, rerun, cfg["alpha"], test_within=rerun)
         details["p_without_stratum"] = p_without
@@ -121,9 +137,31 @@ def feature_issues(rd: RegionData, cfg: dict) -> list[Finding]:
             attribute, value = interaction_name(stratum, date_attr), site
             details["stratum"] = stratum
             summary += f"; carried by {stratum} {site} alone (without it p = {p_without[stratum][site]:.2g})"
-    out.append(Finding("non_iid", rd.region, attribute, value, score, "cleanlab_non_iid_score", p,
+    out.append(Finding("non_iid", rd.region, attribute, value, p, "cleanlab_non_iid_score", p,
                        rd.n, [], summary, details))
     return out
+
+
+def drift_strata(rd: RegionData, date_attr: str | None) -> list[str]:
+    """The acquisition attributes a drift along the date is tested within: every categorical acquisition
+    attribute that is not mostly a function of the date (`core.date_proxies`)."""
+    if date_attr is None:
+        return []
+    proxies = date_proxies(rd, date_attr)
+    return [a for a in stratum_attributes(rd) if a not in proxies]
+
+
+def within_strata(rd: RegionData, attributes: list[str]) -> np.ndarray:
+    """The reduced embedding minus its least-squares fit on the attributes' values (one-hot, missing as a
+    value of its own): what is left when each stratum's mean look is taken out."""
+    Z = np.asarray(rd.Zc, dtype=np.float64)
+    cols = [np.ones(rd.n)]
+    for a in attributes:
+        labels = np.array([str(v) for v in rd.values(a)], dtype=object)
+        cols += [(labels == v).astype(float) for v in np.unique(labels)[1:]]
+    D = np.column_stack(cols)
+    coef, *_ = np.linalg.lstsq(D, Z, rcond=None)
+    return Z - D @ coef
 
 
 def label_issues(rd: RegionData, attribute: str, cfg: dict) -> Finding | None:
