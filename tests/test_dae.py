@@ -182,6 +182,20 @@ def test_config_rejects_typos_and_impossible_shapes():
     assert cfg["encoder_channel_mult"] == [1, 2, 2, 2]  # the encoder has one more downsampling level
 
 
+def test_training_timesteps_follow_the_timestep_power():
+    """power 1: uniform t over the schedule; below 1 noisier steps more often, E[t] = T / (1 + power) (up to the
+    floor), always inside [0, T - 1]."""
+    torch.manual_seed(0)
+    for power in (1.0, 0.5, 0.3):
+        model = DiffusionAutoencoder({**TINY, "timestep_power": power})
+        T = model.schedule.timesteps
+        t = model.training_timesteps(20000, torch.device("cpu"))
+        assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
+        # 20000 draws: the mean's standard error is below 0.003 T
+        assert abs(t.float().mean().item() / T - 1 / (1 + power)) < 0.01, power
+        assert float((t >= T // 2).float().mean()) == pytest.approx(1 - 0.5 ** (1 / power), abs=0.015)
+
+
 def test_presets_build_with_the_documented_sizes():
     full = DiffusionAutoencoder(DEFAULT_CONFIG)
     assert full.embedding_dim == 512 and full.config["image_size"] == 256

@@ -47,9 +47,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "chexpert": {**_DAE_256, "lr": 5e-4, "batch_size": 64, "steps": 200_000},
         # architecture: models/dae.py's DEMO_TINY_CONFIG (64 px, 32-d z_sem), picked by its `from_config`, at
         # half its width (8 base channels): 68 img/s instead of 35 on 2 CPU cores, 250 steps in ~70 s
+        # timestep_power 0.5: noisier steps twice as often as with uniform t (docs/models.md: the 250 steps' ridge
+        # age R² 0.76 / 0.75 / 0.37 -> 0.84 / 0.77 / 0.49, sex unchanged)
         "demo": {"crop": 64, "base_channels": 8, "norm_groups": 4, "lr": 1e-3, "batch_size": 16, "steps": 250,
                  "train_slices": "all", "ema_decay": 0.999, "checkpoint_every": 100, "log_every": 10,
-                 "normalise": "train_zscore"},
+                 "normalise": "train_zscore", "timestep_power": 0.5},
     },
 }
 
