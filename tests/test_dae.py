@@ -185,15 +185,21 @@ def test_config_rejects_typos_and_impossible_shapes():
 def test_training_timesteps_follow_the_timestep_power():
     """power 1: uniform t over the schedule; below 1 noisier steps more often, E[t] = T / (1 + power) (up to the
     floor), always inside [0, T - 1]."""
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = DiffusionAutoencoder({**TINY, "timestep_power": 0.5})
+    schedule, T = model.schedule, model.schedule.timesteps
     for power in (1.0, 0.5, 0.3):
-        model = DiffusionAutoencoder({**TINY, "timestep_power": power})
-        T = model.schedule.timesteps
-        t = model.training_timesteps(20000, torch.device("cpu"))
+        t = schedule.sample_timesteps(20000, torch.device("cpu"), gen, power=power)
         assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= T - 1
         # 20000 draws: the mean's standard error is below 0.003 T
         assert abs(t.float().mean().item() / T - 1 / (1 + power)) < 0.01, power
         assert float((t >= T // 2).float().mean()) == pytest.approx(1 - 0.5 ** (1 / power), abs=0.015)
+    # the training loss draws its timesteps with the configured power (the real draw, recorded on the way)
+    seen = []
+    real = schedule.sample_timesteps
+    schedule.sample_timesteps = lambda *a, **kw: seen.append(kw.get("power")) or real(*a, **kw)
+    model.training_loss(torch.zeros(2, 1, TINY["image_size"], TINY["image_size"]))
+    assert seen == [0.5]
 
 
 def test_presets_build_with_the_documented_sizes():

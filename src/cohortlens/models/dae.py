@@ -60,9 +60,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "timesteps": 1000,
     "beta_start": 1e-4,
     "beta_end": 2e-2,
-    # training timesteps t = floor(T * u**power), u uniform: 1 is the usual uniform t; below 1 draws noisier
-    # steps more often (density of t/T ∝ (t/T)**(1/power - 1)), where x_t tells the UNet little and z_sem must
-    "timestep_power": 1.0,                # carry the image: a short run's encoder learns its semantics sooner
+    # Training timesteps t = floor(T · u^power), u uniform (`DiffusionSchedule.sample_timesteps`): 1 is the usual
+    # uniform t; below 1 noisier steps come more often (density of t/T ∝ (t/T)^(1/power - 1)). There x_t tells the
+    # UNet little and z_sem must carry the image, so a short run's encoder learns its semantics sooner.
+    "timestep_power": 1.0,
     "ddim_steps": 100,                    # DDIM steps for the QA encode/decode
     "qa_images": 8,                       # columns in the QA grids
 }
@@ -179,22 +180,13 @@ class DiffusionAutoencoder(nn.Module):
         the encoder collapses to a constant).
         """
         z_sem = self.encoder(x)
-        t = self.training_timesteps(x.shape[0], x.device)
+        t = self.schedule.sample_timesteps(x.shape[0], x.device, power=float(self.config["timestep_power"]))
         noise = torch.randn_like(x, dtype=torch.float32)
         x_t = self.schedule.add_noise(x.float(), noise, t).to(x.dtype)
         eps = self.unet(x_t, t, z_sem)
         loss = F.mse_loss(eps.float(), noise)
         z_std = z_sem.detach().float().std(dim=0, correction=0).mean()
         return loss, {"mse": loss.detach(), "z_sem_std": z_std}
-
-    def training_timesteps(self, batch: int, device: torch.device) -> Tensor:
-        """t = floor(T · u^timestep_power), u uniform on [0, 1): uniform for power 1, noisier steps more often
-        below 1 (E[t] ≈ T / (1 + power))."""
-        power = float(self.config["timestep_power"])
-        if power == 1.0:
-            return self.schedule.sample_timesteps(batch, device)
-        u = torch.rand(batch, device=device)
-        return (self.schedule.timesteps * u.pow(power)).long().clamp_(max=self.schedule.timesteps - 1)
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:

@@ -55,8 +55,14 @@ class DiffusionSchedule(nn.Module):
         return (self.sqrt_alphas_cumprod[t].view(shape) * x0
                 + self.sqrt_one_minus_alphas_cumprod[t].view(shape) * noise)
 
-    def sample_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randint(0, self.timesteps, (batch,), device=device, generator=generator)
+    def sample_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None,
+                         power: float = 1.0) -> Tensor:
+        """Training timesteps t = floor(T · u^power), u uniform on [0, 1): uniform for power 1 (drawn as
+        `randint`), noisier steps more often below 1 (E[t] ≈ T / (1 + power)); always in [0, T - 1]."""
+        if power == 1.0:
+            return torch.randint(0, self.timesteps, (batch,), device=device, generator=generator)
+        u = torch.rand(batch, device=device, generator=generator)
+        return (self.timesteps * u.pow(power)).long().clamp_(max=self.timesteps - 1)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """Uniform grid τ_0 = 0 < … < τ_{S-1} = T-1 (plain ints: building it never touches the device)."""
