@@ -127,38 +127,3 @@ def test_continuous_strata_are_quintiles_with_missing_apart():
     assert sorted(set(labels)) == ["0", "1", "2", "3", "4"]
     assert all(15 <= (labels == b).sum() <= 25 for b in "01234")
 
-
-def _recruited_in_periods(n=400, seed=0, drift_in_a=False) -> RegionData:
-    """Site B looks different and recruited only in the first year, sites A, C, D over three years: ordered by
-    date, the kNN graph follows site B. `drift_in_a` adds a real drift within site A."""
-    rng = np.random.default_rng(seed)
-    site = np.array(list("ABCD"))[rng.integers(0, 4, n)]
-    days = np.where(site == "B", rng.integers(START, START + 365, n), rng.integers(START, START + 3 * 365, n))
-    Z = rng.normal(size=(n, 12))
-    Z[site == "B", :3] += 2.0
-    if drift_in_a:
-        Z[site == "A", 3] += 4.0 * (days[site == "A"] - START) / (3 * 365)
-    frame = pl.DataFrame({
-        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
-        "region": ["neck"] * n, "site": site.tolist(), "vendor": np.where(rng.random(n) < 0.5, "X", "Y").tolist(),
-        "sex": np.where(rng.random(n) < 0.5, "F", "M").tolist(), "weight": rng.normal(75, 10, n),
-        "date": pl.Series(days.astype("datetime64[D]")),
-    })
-    return RegionData("neck", frame, Z, SPECS, 12)
-
-
-@pytest.mark.slow
-def test_non_iid_drift_is_tested_within_the_sites():
-    """cleanlab's non-IID test on the date order, given site and vendor: a site that looks different and
-    recruited in another period is no drift (the marginal test calls it one); a drift within a site still is."""
-    from cohortlens.analysis.discover.quality import _date_order, _non_iid_p, feature_issues
-
-    cfg = settings({"permutations": 99})
-    rd = _recruited_in_periods()
-    order, _ = _date_order(rd)
-    assert _non_iid_p(np.ascontiguousarray(rd.Zc[order], dtype=np.float32)) < 0.001  # the marginal test's echo
-    drift = next(f for f in feature_issues(rd, cfg) if f.kind == "non_iid")
-    assert drift.details["given"] == ["site", "vendor"]
-    assert drift.p_value > 0.05, drift.summary
-    real = next(f for f in feature_issues(_recruited_in_periods(drift_in_a=True), cfg) if f.kind == "non_iid")
-    assert real.p_value < 0.001, real.summary

@@ -355,14 +355,15 @@ def test_settings_reject_unknown_keys():
 
 
 def test_tiny_strata_are_not_tested_alone_and_tiny_sets_are_not_non_iid_tested():
-    """A site with 4 images in a region (tiny cohorts) must neither reach cleanlab's non-IID test (its kNN graph
+    """A site with 4 images in a region (tiny cohorts) must neither reach the drift test (cleanlab's kNN graph
     needs more rows and it then has no result) nor be named as the one site carrying an effect."""
     import numpy as np
 
     from cohortlens.analysis.discover.core import confine_to_stratum
-    from cohortlens.analysis.discover.quality import _non_iid_p
+    from cohortlens.analysis.discover.drift import drift_test
 
-    assert np.isnan(_non_iid_p(np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)))
+    rng = np.random.default_rng(0)
+    assert np.isnan(drift_test(rng.normal(size=(4, 5)), np.arange(4.0), None, 9, rng)[1])
     strata = np.array(["A"] * 30 + ["B"] * 4, dtype=object)
 
     def within(keep):
@@ -406,8 +407,8 @@ def test_cleanlab_label_issues_only_for_target_attributes():
     issues = [f for f in found if f.kind == "label_issue"]
     assert {f.attribute for f in issues} == {"diagnosis"}, [f.summary for f in issues]
     assert issues[0].flagged and issues[0].sample_ids
-    # the feature-space checks still run (non-IID always reports its test)
-    assert any(f.kind == "non_iid" for f in found)
+    # the feature-space checks still run
+    assert not any(f.kind in ("outlier", "near_duplicate") and not f.sample_ids for f in found)
 
 
 def test_report_says_protected_labels_were_not_shown_wrong():

@@ -84,10 +84,10 @@ HEADLINES = [
     (_row("label_issue", "diagnosis", None, 5 / 250, "fraction_flagged", n=250, p=None,
           sample_ids=[f"S{i:05d}/neck" for i in range(5)]),
      "5 of 250 neck images have a recorded diagnosis that disagrees with the embedding (cleanlab label issues)"),
-    (_row("non_iid", "date", None, 0.3, "cleanlab_non_iid_score", p=0.001),
-     "The neck embeddings drift with the date (cleanlab non-IID test)"),
-    (_row("non_iid", "site×date", "Mannheim", 0.3, "cleanlab_non_iid_score", p=0.001),
-     "The neck embeddings drift with the date within site Mannheim (cleanlab non-IID test)"),
+    (_row("non_iid", "date", None, 0.3, "non_iid_ks", p=0.001, details={"given": ["site", "vendor"]}),
+     "The neck embeddings drift with the date, given site and vendor"),
+    (_row("non_iid", "site×date", "Mannheim", 0.3, "non_iid_ks", p=0.001),
+     "The neck embeddings drift with the date within site Mannheim"),
 ]
 
 

@@ -176,8 +176,9 @@ def _quality(row: Mapping, d: Mapping) -> str:
         attr, value = str(row["attribute"]), row.get("value")
         if SEP in attr:
             stratum, date_attr = attr.split(SEP, 1)
-            return f"The {region} embeddings drift with the {date_attr} within {stratum} {value} (cleanlab non-IID test)"
-        return f"The {region} embeddings drift with the {attr} (cleanlab non-IID test)"
+            return f"The {region} embeddings drift with the {date_attr} within {stratum} {value}"
+        return f"The {region} embeddings drift with the {attr}" + (
+            f", given {join_words(d['given'])}" if d.get("given") else "")
     count = _count(row, d)
     if kind == "label_issue":
         return (f"{count} of {n} {_images(region)} have a recorded {row['attribute']} that disagrees with the "
@@ -231,14 +232,15 @@ def _test_name(row: Mapping, d: Mapping) -> str:
                     f"{row.get('attribute')}, Benjamini-Hochberg over subjects (Simes)")
         return "binomial tests against the region's calibrated null, Bonferroni-combined"
     if kind == "non_iid":
-        return "cleanlab non-IID test of the kNN graph"
+        return (f"cleanlab's non-IID statistic of the kNN graph against the date order, dates permuted within "
+                f"the strata ({d.get('permutations', '?')} permutations)")
     return "cleanlab Datalab flags (no test)"
 
 
 _EFFECTS = {"balanced_accuracy_minus_chance": "balanced accuracy above chance {:.2f}", "r2": "R² {:.2f}",
             "enrichment_ratio": "enrichment {:.1f}×", "rank_biserial": "rank-biserial {:+.2f}",
             "observed_over_expected": "{:.1f}× the count expected if the regions were independent",
-            "cleanlab_non_iid_score": "non-IID score {:.2g}"}
+            "non_iid_ks": "KS distance of neighbours' date ranks from random pairs {:.3f}"}
 
 
 def evidence(row: Mapping) -> str:

@@ -3,9 +3,9 @@
 What is cleanlab's and what is ours:
 
 * cleanlab (`Datalab.find_issues`): the label-issue search (confident learning on out-of-fold class
-  probabilities), the outlier and near-duplicate detection (kNN distances in the feature space we pass) and
-  the non-IID test (is the kNN graph related to the row order? cleanlab's p-value), with cleanlab's default
-  thresholds.
+  probabilities) and the outlier and near-duplicate detection (kNN distances in the feature space we pass),
+  with cleanlab's default thresholds. The drift along the date (cleanlab's non-IID statistic with a
+  permutation p-value) is `drift`.
 * ours: the inputs and the reading. Features are the region's reduced embedding (standardised, leading PCA
   components). Class probabilities come from the probe stage's `out_of_fold_proba` (its RBF-kernel probe,
   subject-grouped folds, calibrated), so a label issue is "the recorded diagnosis disagrees with what the
@@ -14,16 +14,7 @@ What is cleanlab's and what is ours:
   majority, not mislabelled ones (paper 003 checked its subgroup: the recorded sex was right); naming them
   label errors would invite "correcting" a protected attribute to fit the model. They are the
   discordant-subgroup finding (`subgroups`), which reports the same images without calling their
-  labels wrong.
-  For non-IID the rows are sorted by acquisition date, so the test asks whether images acquired close in
-  time are close in embedding space (a drift). It is asked *given the acquisition strata*: the features are
-  the reduced embedding minus its least-squares fit on the categorical acquisition attributes' values (site,
-  scanner; not an attribute that is mostly a function of the date, such as a half-yearly batch, which would
-  remove any drift), so that a site that recruited in one period and looks different does not make the kNN
-  graph follow the date (null: within the strata, the images' order by date is unrelated to their
-  neighbourhoods). A significant drift that one site carries alone is named site×date, as everywhere in the
-  discover stage. Each flagged set becomes one finding per region (and
-  attribute): cleanlab gives scores and flags, not p-values, so those findings have no p-value.
+  labels wrong. Each flagged set becomes one finding per region (and attribute): cleanlab gives scores and flags, not p-values, so those findings have no p-value.
 """
 
 from __future__ import annotations
@@ -32,14 +23,7 @@ import logging
 
 import numpy as np
 
-from cohortlens.analysis.discover.core import (
-    Finding,
-    RegionData,
-    confine_to_any_stratum,
-    date_proxies,
-    interaction_name,
-    stratum_attributes,
-)
+from cohortlens.analysis.discover.core import Finding, RegionData
 from cohortlens.analysis.table import AnalysisTable
 
 log = logging.getLogger(__name__)
@@ -68,31 +52,12 @@ def data_quality(rd: RegionData, cfg: dict, rng: np.random.Generator) -> list[Fi
     return out
 
 
-def _date_order(rd: RegionData) -> tuple[np.ndarray, str | None]:
-    dates = rd.attributes(types=("date",))
-    if not dates:
-        return np.arange(rd.n), None
-    days = rd.values(dates[0])
-    return np.argsort(np.where(np.isfinite(days), days, np.inf), kind="stable"), dates[0]
-
-
-def _non_iid_p(features: np.ndarray) -> float:
-    """cleanlab's non-IID p-value of these rows in this order; NaN (untestable) for fewer rows than its kNN
-    graph needs (it asks for 10 neighbours and then reports no non_iid issue at all)."""
-    if len(features) < 20:
-        return float("nan")
-    lab = _datalab({"row": np.arange(len(features))})
-    lab.find_issues(features=features, issue_types={"non_iid": {}})
-    return float(lab.get_info("non_iid")["p-value"])
-
-
 def feature_issues(rd: RegionData, cfg: dict) -> list[Finding]:
-    order, date_attr = _date_order(rd)
-    features = np.ascontiguousarray(rd.Zc[order], dtype=np.float32)
+    features = np.ascontiguousarray(rd.Zc, dtype=np.float32)
     lab = _datalab({"row": np.arange(rd.n)})
     lab.find_issues(features=features, issue_types={"outlier": {}, "near_duplicate": {}})
     issues = lab.get_issues()
-    uids = rd.image_uids[order]
+    uids = rd.image_uids
     out = []
     for kind, what in ISSUES.items():
         col = f"is_{kind}_issue"
@@ -114,54 +79,7 @@ def feature_issues(rd: RegionData, cfg: dict) -> list[Finding]:
                     summary, details)
         f.flagged = True
         out.append(f)
-
-    given = drift_strata(rd, date_attr)
-    drift_features = np.ascontiguousarray(within_strata(rd, given)[order], dtype=np.float32)
-    p = _non_iid_p(drift_features)
-    if not np.isfinite(p):
-        return out
-    order_name = date_attr or "row order"
-    details = {"order": order_name, "source": "cleanlab Datalab", "score": p, "given": given}
-    attribute, value = order_name, None
-    summary = (f"{rd.region} embeddings {'drift with' if p <= cfg['alpha'] else 'show no drift with'} the "
-               f"{order_name}: cleanlab's non-IID test of the kNN graph against the {order_name} order"
-               + (f", given {' and '.join(given)}" if given else ""))
-    strata = rd.strata()
-    if date_attr is not None and strata is not None and p <= cfg["alpha"]:
-        def rerun(keep):
-            return _non_iid_p(np.ascontiguousarray(drift_features[keep[order]]))
-
-        stratum, site, p_without = confine_to_any_stratum(rd, rerun, cfg["alpha"], test_within=rerun)
-        details["p_without_stratum"] = p_without
-        if site is not None:
-            attribute, value = interaction_name(stratum, date_attr), site
-            details["stratum"] = stratum
-            summary += f"; carried by {stratum} {site} alone (without it p = {p_without[stratum][site]:.2g})"
-    out.append(Finding("non_iid", rd.region, attribute, value, p, "cleanlab_non_iid_score", p,
-                       rd.n, [], summary, details))
     return out
-
-
-def drift_strata(rd: RegionData, date_attr: str | None) -> list[str]:
-    """The acquisition attributes a drift along the date is tested within: every categorical acquisition
-    attribute that is not mostly a function of the date (`core.date_proxies`)."""
-    if date_attr is None:
-        return []
-    proxies = date_proxies(rd, date_attr)
-    return [a for a in stratum_attributes(rd) if a not in proxies]
-
-
-def within_strata(rd: RegionData, attributes: list[str]) -> np.ndarray:
-    """The reduced embedding minus its least-squares fit on the attributes' values (one-hot, missing as a
-    value of its own): what is left when each stratum's mean look is taken out."""
-    Z = np.asarray(rd.Zc, dtype=np.float64)
-    cols = [np.ones(rd.n)]
-    for a in attributes:
-        labels = np.array([str(v) for v in rd.values(a)], dtype=object)
-        cols += [(labels == v).astype(float) for v in np.unique(labels)[1:]]
-    D = np.column_stack(cols)
-    coef, *_ = np.linalg.lstsq(D, Z, rcond=None)
-    return Z - D @ coef
 
 
 def label_issues(rd: RegionData, attribute: str, cfg: dict) -> Finding | None:

@@ -8,6 +8,7 @@ detector read (`cfg["alpha"]`, `cfg["permutations"]`, ...).
 | `LeakSettings` | `leaks` | within-site date leaks, onset bootstraps |
 | `ClusterSettings` | `clusters` | HDBSCAN, stability, neighbourhood pockets, enrichment, site×date |
 | `SubgroupSettings` | `subgroups` | the discordant subgroup's folds |
+| `DriftSettings` | `drift` | permutations of the drift-along-the-date test |
 | `ExplainSettings` | `explain` | the explanation PNGs |
 
 The config check reads the same classes from source (`workflow/schemas/config.schema.yaml`, `x-settings` of
@@ -21,11 +22,12 @@ from typing import Mapping
 
 from cohortlens.analysis.discover.clusters import ClusterSettings
 from cohortlens.analysis.discover.core import CoreSettings
+from cohortlens.analysis.discover.drift import DriftSettings
 from cohortlens.analysis.discover.explain import ExplainSettings
 from cohortlens.analysis.discover.leaks import LeakSettings
 from cohortlens.analysis.discover.subgroups import SubgroupSettings
 
-SETTINGS_CLASSES = (CoreSettings, LeakSettings, ClusterSettings, SubgroupSettings, ExplainSettings)
+SETTINGS_CLASSES = (CoreSettings, LeakSettings, ClusterSettings, SubgroupSettings, DriftSettings, ExplainSettings)
 
 
 def _merged(classes) -> dict:

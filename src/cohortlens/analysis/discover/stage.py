@@ -12,7 +12,8 @@
   on sklearn's LDA); paper 003's independence comparison is kept in the text;
 * label_issue — recorded label vs out-of-fold probe probabilities (cleanlab Datalab's confident learning);
 * outlier, near_duplicate — kNN distances in the reduced embedding (cleanlab Datalab);
-* non_iid — the kNN graph vs the acquisition-date order (cleanlab Datalab, its p-value);
+* non_iid — a drift along the acquisition date: cleanlab's kNN graph and non-IID statistic, p-value by
+  permuting the dates within site and scanner (`drift`);
 
 then corrects p-values by Benjamini-Hochberg over every test of a kind (`core.adjust`), re-tests every
 significant leak, cluster and date interaction conditional on each other attribute and marks echoes with their
@@ -38,7 +39,7 @@ from typing import Mapping
 import numpy as np
 import polars as pl
 
-from cohortlens.analysis.discover import clusters, leaks, quality, subgroups
+from cohortlens.analysis.discover import clusters, drift, leaks, quality, subgroups
 from cohortlens.analysis.discover.causes import explain_echoes
 from cohortlens.analysis.discover.core import (
     FINDINGS_SCHEMA,
@@ -113,7 +114,8 @@ def _run_detectors(regions: list[RegionData], cfg: dict) -> list[Finding]:
     for rd in regions:
         for name, detector in (("leaks", leaks.attribute_leaks),
                                ("clusters", clusters.clusters),
-                               ("quality", quality.data_quality)):
+                               ("quality", quality.data_quality),
+                               ("drift", drift.date_drift)):
             t0 = time.perf_counter()
             tests += detector(rd, cfg, rng)
             log.info("discover %s %s: %.1fs", rd.region, name, time.perf_counter() - t0)
