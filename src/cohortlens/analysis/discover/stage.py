@@ -108,19 +108,25 @@ def run_tests(regions: list[RegionData], cfg: Mapping | None = None) -> list[Fin
     return tests
 
 
+DETECTORS = (("leaks", leaks.attribute_leaks), ("clusters", clusters.clusters), ("quality", quality.data_quality),
+             ("drift", drift.date_drift))
+
+
+def _stream(cfg: dict, *keys: int) -> np.random.Generator:
+    """The random stream of one detector in one region: adding or changing a detector leaves the others' draws
+    (and so their p-values and flags) as they were."""
+    return np.random.default_rng([int(cfg["seed"]), *keys])
+
+
 def _run_detectors(regions: list[RegionData], cfg: dict) -> list[Finding]:
-    rng = np.random.default_rng(cfg["seed"])
     tests: list[Finding] = []
-    for rd in regions:
-        for name, detector in (("leaks", leaks.attribute_leaks),
-                               ("clusters", clusters.clusters),
-                               ("quality", quality.data_quality),
-                               ("drift", drift.date_drift)):
+    for r, rd in enumerate(regions):
+        for d, (name, detector) in enumerate(DETECTORS):
             t0 = time.perf_counter()
-            tests += detector(rd, cfg, rng)
+            tests += detector(rd, cfg, _stream(cfg, r, d))
             log.info("discover %s %s: %.1fs", rd.region, name, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    tests += subgroups.discordant_subgroups(regions, cfg, rng)
+    tests += subgroups.discordant_subgroups(regions, cfg, _stream(cfg, len(regions), len(DETECTORS)))
     log.info("discover discordant subgroups: %.1fs", time.perf_counter() - t0)
     return tests
 
