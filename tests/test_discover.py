@@ -25,6 +25,7 @@ from cohortlens.analysis.discover.core import (
 )
 from cohortlens.analysis.discover.explain import CenterSlices, edge_profile
 from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.stats import holm_adjust
 from cohortlens.analysis.table import AttributeSpec
 from cohortlens.demo.truth import ground_truth_recall
 from cohortlens.io.tables import read_parquet_metadata
@@ -122,12 +123,16 @@ def test_findings_file_contract(demo_findings):
     frame = pl.read_parquet(out / "pca.parquet")
     assert set(frame["kind"].to_list()) <= set(KINDS)
     assert frame["finding_id"].n_unique() == frame.height
-    # BH within each kind over every test of that kind, significant or not
+    # BH within each kind over every test of that kind, significant or not; the pocket searches: Holm
+    holm = pl.col("details").str.contains('"correction": "Holm')
     for kind in tests["kind"].unique().to_list():
-        t = tests.filter((pl.col("kind") == kind) & pl.col("p_value").is_not_null())
+        t = tests.filter((pl.col("kind") == kind) & pl.col("p_value").is_not_null() & ~holm)
         if t.height:
             np.testing.assert_allclose(t["p_adjusted"].to_numpy(),
                                        false_discovery_control(t["p_value"].to_numpy(), method="bh"))
+    pockets = tests.filter(holm)
+    assert pockets.height and (pockets["finding_id"].str.contains("pocket")).all()
+    np.testing.assert_allclose(pockets["p_adjusted"].to_numpy(), holm_adjust(pockets["p_value"].to_numpy()))
     tested = frame.filter(pl.col("p_value").is_not_null())
     assert (tested["p_adjusted"] < ALPHA).all() and (tested["p_adjusted"] >= tested["p_value"] - 1e-12).all()
     volumes = pl.read_parquet(res / "embeddings/pca/volumes.parquet", columns=["image_uid", "region"])
@@ -433,3 +438,28 @@ def test_explanation_titles_carry_no_identifiers():
     assert "S00148" not in out and "S00162" not in out and "S00200" not in out, out
     assert out.startswith("cleanlab flags 2 of 300 neck images as near-duplicates: [id], [id]; subject [id]")
     assert without_ids("site Essen, n=37", uids) == "site Essen, n=37"
+
+
+def test_pocket_searches_are_one_holm_family_and_every_search_counts():
+    """A pocket at p = 0.012 is a finding when BH pools it with density clusters at p = 1e-60, not when Holm
+    counts the model's pocket searches (a search that found nothing counts, at p = 1)."""
+    from cohortlens.analysis.discover.core import adjust
+    from cohortlens.analysis.stats import holm_adjust
+
+    assert np.allclose(holm_adjust(np.array([0.01, 0.04, np.nan, 0.03])), [0.03, 0.06, np.nan, 0.06],
+                       equal_nan=True)
+    clusters = [Finding("cluster", "neck", "site", "A", 5.0, "enrichment_ratio", 1e-60, 50, [], "c")
+                for _ in range(10)]
+    chance = Finding("cluster", "lumbar", "site", "M", 3.0, "enrichment_ratio", 0.012, 24, [], "p",
+                     tag="pocket", family="pocket")
+    real = Finding("cluster", "neck", "site", "E", 6.0, "enrichment_ratio", 0.001, 60, [], "p", tag="pocket",
+                   family="pocket")
+    searches = [Finding("cluster", r, "vendor", None, 0.0, "enrichment_ratio", 1.0, 0, [], "none",
+                        family="pocket") for r in ("neck", "chest", "lumbar", "chest", "lumbar")]
+    adjust(clusters + [chance, real] + searches)
+    assert real.p_adjusted == pytest.approx(0.007) and real.is_finding(0.05)
+    assert chance.p_adjusted == pytest.approx(0.072) and not chance.is_finding(0.05)
+    assert "Holm over 7 pocket searches" in chance.details["correction"] and "Holm-adjusted" in chance.description
+    pooled = Finding("cluster", "lumbar", "site", "M", 3.0, "enrichment_ratio", 0.012, 24, [], "p", tag="pocket")
+    adjust([*clusters, pooled])
+    assert pooled.is_finding(0.05)  # what BH within the kind did

@@ -92,6 +92,18 @@ def percentile_ci(reps: np.ndarray, level: float) -> tuple[float, float]:
     return percentile_interval(reps, 100 * (1 - level) / 2, 100 * (1 + level) / 2)
 
 
+def holm_adjust(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error), 1-D; NaN stays NaN and does not count."""
+    p = np.asarray(p, float)
+    q = np.full(len(p), np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if len(ok):
+        order = ok[np.argsort(p[ok], kind="stable")]
+        m = len(order)
+        q[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return q
+
+
 def bh_adjust(p: np.ndarray, axis: int = -1) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values along `axis` (scipy's `false_discovery_control`). NaN marks a test
     that was not run: it stays NaN and does not count towards the number of tests (1-D input only)."""

@@ -248,7 +248,10 @@ def evidence(row: Mapping) -> str:
     d = details_of(row)
     parts = [_test_name(row, d)]
     if row.get("p_value") is not None:
-        parts.append(f"p = {fmt_p(row['p_value'])}, FDR-adjusted {fmt_p(row.get('p_adjusted'))}")
+        correction = d.get("correction")  # Holm over a family's searches; otherwise BH within the kind
+        adjusted = f"{correction}: {fmt_p(row.get('p_adjusted'))}" if correction else \
+            f"FDR-adjusted {fmt_p(row.get('p_adjusted'))}"
+        parts.append(f"p = {fmt_p(row['p_value'])}, {adjusted}")
     measure, effect = row.get("effect_measure"), row.get("effect_size")
     if effect is not None and measure in _EFFECTS:
         parts.append("effect: " + _EFFECTS[measure].format(effect))

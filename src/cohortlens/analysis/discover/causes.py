@@ -18,7 +18,9 @@ recorded attribute B (protected and acquisition; continuous ones in quintile bin
   significant date stratum — when the protocol change of site S is the cause, "date within scanner X"
   vanishes once site S's images are left out, while site S's effect does not vanish without scanner X's other
   images — and (b) with dates permuted within another acquisition attribute's values inside the stratum
-  (null: the date is no more predictable than the other attribute's values make it). Attributes that are
+  (null: the date is no more predictable than the other attribute's values make it), provided the other
+  attribute's values go with the date inside the stratum (Kruskal–Wallis p ≤ alpha; a scanner spread evenly
+  over a site's years cannot explain its date effect, a loss of power can). Attributes that are
   largely a function of the date (a half-yearly batch: η² of the date by its values ≥ 0.3) are never used to
   condition a date effect, nor as a rival stratum of one that is not.
 
@@ -290,11 +292,31 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
                       p_given[b], min((r for r in reverse if r is not None), default=None))
                 break
             if reg.has_effect(b):
+                p_assoc = date_association(rd, stratum_labels(rd, s1) == v1, b, date_attr)
+                f.details.setdefault("date_by", {})[b] = round(p_assoc, 4)
+                if p_assoc > reg.alpha:
+                    continue  # B's values do not follow the date inside S: conditioning on B only cost power
                 _mark(f, b, reg.root_value(b), "date leak within the stratum, permuted within the other attribute",
                       p_given[b], None)
                 break
         if f.explained_by is None:
             f.details["survives_conditioning"] = sorted(tested) + sorted(p_given)
+
+
+def date_association(rd: RegionData, inside: np.ndarray, attribute: str, date_attr: str) -> float:
+    """Kruskal–Wallis p-value that the dates differ between the attribute's values inside a stratum. An attribute
+    whose values are spread evenly over the stratum's dates cannot explain its date effect (a confounder has to
+    go with the date); only a loss of power makes the effect weaker given it."""
+    from scipy.stats import kruskal
+
+    days = np.asarray(rd.values(date_attr), float)
+    labels = stratum_labels(rd, attribute)
+    ok = inside & np.isfinite(days)
+    groups = [days[ok & (labels == v)] for v in np.unique(labels[ok])]
+    groups = [g for g in groups if len(g) >= 2]
+    if len(groups) < 2 or np.ptp(days[ok]) == 0:
+        return 1.0
+    return float(kruskal(*groups).pvalue)
 
 
 def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> None:

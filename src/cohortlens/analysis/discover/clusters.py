@@ -348,6 +348,8 @@ def neighbourhood_pockets(rd: RegionData, cfg: dict, rng: np.random.Generator) -
                      for v in values}
             found = {v: g for v, g in found.items() if g}
             if not found:
+                # a search that found nothing is a test of the family too (p = 1): Holm counts every search
+                out.append(_no_pocket(rd, attribute, values, set_aside))
                 break
             # Null of the largest pocket over the values in play: labels permuted among the remaining images
             # (dates within site), the graph fixed.
@@ -374,6 +376,16 @@ def neighbourhood_pockets(rd: RegionData, cfg: dict, rng: np.random.Generator) -
     return out
 
 
+def _no_pocket(rd: RegionData, attribute: str, values: list[str], set_aside: list[str]) -> dict:
+    rest = f" among the images outside {attribute} {', '.join(set_aside)}" if set_aside else ""
+    f = Finding("cluster", rd.region, attribute, None, 0.0, "enrichment_ratio", 1.0, 0, [],
+                f"no neighbourhood pocket of {attribute} ({len(values)} values) in {rd.region}{rest}",
+                {"tag": "pocket", "method": "knn_pocket", "test": "permutation_max_pocket", "set_aside": set_aside},
+                tag="pocket-search", family="pocket")
+    f.reportable = False
+    return {"finding": f, "members": None, "name": None, "meta": None, "stratum": None}
+
+
 def p_of(stat: float, null: np.ndarray) -> float:
     return float((1 + np.sum(null >= stat)) / (1 + len(null)))
 
@@ -398,7 +410,7 @@ def _pocket_finding(rd, attribute, value, centres, nbrs, is_v, ok, null, k, stra
     details = dict(meta, share=float(share), base_rate=float(base), size=size, test="permutation_max_pocket",
                    permutations=len(null))
     f = Finding("cluster", rd.region, attribute, value, ratio, "enrichment_ratio", p, size,
-                rd.image_uids[members].tolist(), summary, details, tag="pocket")
+                rd.image_uids[members].tolist(), summary, details, tag="pocket", family="pocket")
     f.reportable = bool(ratio >= cfg["min_enrichment"])
     # a pocket of a site is tested for a date effect within that site; a pocket of a date (selected by the date)
     # is not tested for a date effect at all: its dates differ from the rest by construction (circular)

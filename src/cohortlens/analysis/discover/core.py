@@ -21,8 +21,14 @@ import pyarrow as pa
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-from cohortlens.analysis.stats import bh_adjust
+from cohortlens.analysis.stats import bh_adjust, holm_adjust
 from cohortlens.analysis.table import AttributeSpec, attribute_values, present
+
+# Test families corrected for the family-wise error (Holm) rather than the false discovery rate: the
+# neighbourhood-pocket searches. Their evidence is weak (tens of images, p near the permutation floor at best),
+# and pooled in one BH family with the density clusters' p = 1e-60 BH let chance pockets of p = 0.006-0.012
+# through (one per trained embedding of the confounded scenario; docs/findings.md).
+HOLM_FAMILIES = ("pocket",)
 
 KINDS = ("attribute_leak", "cluster", "discordant_subgroup", "label_issue", "outlier", "near_duplicate", "non_iid")
 # A site x date finding is named like this, so that "date" alone always means a date effect that is not
@@ -96,6 +102,7 @@ class Finding:
     reportable: bool = True
     tag: str = ""  # distinguishes tests of one kind/region/attribute/value in the id (e.g. which cluster)
     explained_by: str | None = None  # "attribute=value" of the root cause (causes), None: survives
+    family: str | None = None  # the correction family (None: the kind's BH family; HOLM_FAMILIES: Holm)
 
     def is_finding(self, alpha: float) -> bool:
         if not self.reportable:
@@ -108,7 +115,8 @@ class Finding:
     def description(self) -> str:
         if self.p_value is None:
             return self.summary
-        return f"{self.summary} (p={fmt_p(self.p_value)}, FDR-adjusted {fmt_p(self.p_adjusted)})"
+        adjusted = "Holm-adjusted" if self.family in HOLM_FAMILIES else "FDR-adjusted"
+        return f"{self.summary} (p={fmt_p(self.p_value)}, {adjusted} {fmt_p(self.p_adjusted)})"
 
     def row(self, alpha: float | None = None) -> dict:
         description = self.description
@@ -171,14 +179,18 @@ def findings_frame(findings: list[Finding], alpha: float | None = None) -> pl.Da
 
 
 def adjust(findings: list[Finding]) -> None:
-    """Benjamini-Hochberg within each kind, over every test of that kind that has a p-value."""
-    for kind in {f.kind for f in findings}:
-        tested = [f for f in findings if f.kind == kind and f.p_value is not None]
+    """Benjamini-Hochberg within each kind, over every test of that kind that has a p-value; Holm within a
+    family of HOLM_FAMILIES (over every test of the family, in every region)."""
+    for family in {f.family or f.kind for f in findings}:
+        tested = [f for f in findings if (f.family or f.kind) == family and f.p_value is not None]
         if not tested:
             continue
         ps = np.clip(np.array([f.p_value for f in tested], float), 0.0, 1.0)
-        for f, q in zip(tested, bh_adjust(ps)):
+        holm = family in HOLM_FAMILIES
+        for f, q in zip(tested, holm_adjust(ps) if holm else bh_adjust(ps)):
             f.p_adjusted = float(q)
+            if holm:
+                f.details["correction"] = f"Holm over {len(tested)} {family} searches"
 
 
 def assign_ids(findings: list[Finding]) -> None:
