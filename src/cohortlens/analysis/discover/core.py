@@ -179,8 +179,9 @@ def findings_frame(findings: list[Finding], alpha: float | None = None) -> pl.Da
 
 
 def adjust(findings: list[Finding]) -> None:
-    """Benjamini-Hochberg within each kind, over every test of that kind that has a p-value; Holm within a
-    family of HOLM_FAMILIES (over every test of the family, in every region)."""
+    """Benjamini-Hochberg within each family, over every test of that family that has a p-value (in every
+    region). A test's family is its kind unless it names its own (`Finding.family`: the within-site date leaks);
+    HOLM_FAMILIES are corrected by Holm instead. `details["family"]` names a family that is not the kind."""
     for family in {f.family or f.kind for f in findings}:
         tested = [f for f in findings if (f.family or f.kind) == family and f.p_value is not None]
         if not tested:
@@ -189,8 +190,10 @@ def adjust(findings: list[Finding]) -> None:
         holm = family in HOLM_FAMILIES
         for f, q in zip(tested, holm_adjust(ps) if holm else bh_adjust(ps)):
             f.p_adjusted = float(q)
-            if holm:
-                f.details["correction"] = f"Holm over {len(tested)} {family} searches"
+            if f.family:
+                f.details["family"] = f.family
+                f.details["correction"] = (f"Holm over {len(tested)} {family} searches" if holm
+                                           else f"BH over {len(tested)} {family.replace('_', ' ')} tests")
 
 
 def assign_ids(findings: list[Finding]) -> None:
