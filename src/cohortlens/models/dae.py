@@ -64,6 +64,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # uniform t; below 1 noisier steps come more often (density of t/T ∝ (t/T)^(1/power - 1)). There x_t tells the
     # UNet little and z_sem must carry the image, so a short run's encoder learns its semantics sooner.
     "timestep_power": 1.0,
+    # Learning rate of the semantic encoder relative to the trainer's lr (the UNet keeps the lr): the encoder is
+    # trained only through the UNet's conditioning, so in a short run it moves least.
+    "encoder_lr_mult": 1.0,
     "ddim_steps": 100,                    # DDIM steps for the QA encode/decode
     "qa_images": 8,                       # columns in the QA grids
 }
@@ -167,6 +170,13 @@ class DiffusionAutoencoder(nn.Module):
         if "latent_dim" in cfg:
             model_cfg["z_dim"] = int(cfg["latent_dim"])
         return cls(model_cfg)
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """The optimiser's parameter groups: the encoder at `encoder_lr_mult` × lr, the rest at lr."""
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        ids = {id(p) for p in encoder}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest, "lr": lr}, {"params": encoder, "lr": lr * float(self.config["encoder_lr_mult"])}]
 
     def forward(self, x_t: Tensor, t: Tensor, z_sem: Tensor) -> Tensor:
         """ε̂(x_t, t, z_sem)."""

@@ -123,7 +123,9 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    # a model may give parts of itself their own learning rate (the DAE's semantic encoder: `encoder_lr_mult`)
+    groups = getattr(model, "parameter_groups", None)
+    params = groups(settings.lr) if groups else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -141,7 +143,7 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
     else:
         LOG.info("%s: starting at step 0 (checkpoints in %s)", name, folder)
     LOG.info("%s: device %s, %d parameters, %d training slices, batch %d, crop %d, %d steps, EMA %s", name, device,
-             sum(p.numel() for p in params), len(data.rows), settings.batch_size, settings.crop, settings.steps,
+             sum(p.numel() for g in optimizer.param_groups for p in g["params"]), len(data.rows), settings.batch_size, settings.crop, settings.steps,
              settings.ema_decay or "off")
 
     num_workers = settings.num_workers if settings.num_workers is not None else max(0, int(threads) - 1)
