@@ -127,3 +127,18 @@ def test_continuous_strata_are_quintiles_with_missing_apart():
     assert sorted(set(labels)) == ["0", "1", "2", "3", "4"]
     assert all(15 <= (labels == b).sum() <= 25 for b in "01234")
 
+
+
+def test_only_an_attribute_that_goes_with_the_date_can_explain_a_date_effect():
+    """Inside site B: vendor drawn independently of the date cannot explain B's date effect (conditioning on it
+    only costs power); a vendor that B replaced at a date can."""
+    from cohortlens.analysis.discover.causes import date_association
+
+    rd = confounded_region(n=600, seed=5)
+    inside = rd.values("site") == "B"
+    assert date_association(rd, inside, "vendor", "date") > 0.05
+    days = rd.values("date")
+    switched = np.where(days >= STEP, "X", "Y")
+    frame = rd.frame.with_columns(pl.Series("vendor", switched.tolist()))
+    rd2 = RegionData("neck", frame, rd.Z, SPECS, 12)
+    assert date_association(rd2, inside, "vendor", "date") < 1e-6
