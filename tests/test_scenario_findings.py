@@ -93,8 +93,11 @@ def test_confounded_subgroup_is_calibrated(confounded):
     co = confounded["findings"].filter((pl.col("kind") == "discordant_subgroup") & (pl.col("region") == "all"))
     assert co.height == 1, "no cross-region subgroup finding"
     flagged = set(json.loads(co["details"][0])["subjects"])
-    precision = len(flagged & planted) / len(flagged)
-    assert precision >= 0.8 and len(flagged & planted) >= 3, (sorted(flagged), sorted(planted))
+    # BH bounds the expected false share, E[V / R] <= alpha, not each world's: with R ~ 10 flagged, E[V] <= 0.5,
+    # and V >= 3 false flags has probability ~1.4 % (Poisson 0.5). A precision threshold (0.8) failed on one
+    # extra chance flag (7 of 9 planted, seed stream of 2026-12-02).
+    false = flagged - planted
+    assert len(flagged & planted) >= 3 and len(false) <= 2, (sorted(flagged), sorted(planted))
 
 
 def test_null_world_has_no_acquisition_finding(null_world):
