@@ -103,6 +103,47 @@ def test_direction_rest_excludes_the_set_and_needs_both_sides():
         finding_direction(np.ones((10, 3)), np.arange(10) < 5)
 
 
+def test_adjusted_direction_leaves_out_what_a_covariate_carries():
+    # the set (men) is taller on average, and height moves the first two dimensions: the plain difference of means
+    # points partly along height, the adjusted one only along the set's own effect (the third dimension)
+    rng = np.random.default_rng(3)
+    n = 4000
+    in_set = rng.random(n) < 0.5
+    height = rng.normal(size=n) + 1.2 * in_set
+    Z = rng.normal(scale=0.3, size=(n, 5))
+    Z[:, :2] += 2.0 * height[:, None]
+    Z[:, 2] += 1.0 * in_set
+    plain = finding_direction(Z, in_set)
+    adjusted = finding_direction(Z, in_set, covariates=height[:, None])
+    assert abs(plain.unit[0]) > 0.5  # the echo of height
+    truth = np.eye(5)[2]
+    assert adjusted.unit @ truth > 0.99
+    assert adjusted.mean_gap == pytest.approx(1.0, abs=0.05)
+    # an empty covariate matrix is the plain direction
+    np.testing.assert_allclose(finding_direction(Z, in_set, covariates=np.zeros((n, 0))).unit, plain.unit)
+
+
+def test_direction_covariates_are_the_other_continuous_traits_standardised():
+    from cohortlens.analysis.counterfactuals import direction_covariates
+    from cohortlens.analysis.table import AnalysisTable, AttributeSpec
+
+    frame = pl.DataFrame({"sex": ["F", "M", "M", "F"], "age": [40.0, 50.0, None, 70.0],
+                          "height": [1.6, 1.8, 1.9, 1.7], "weight": [None, None, None, 80.0],
+                          "date": ["2015-01-01"] * 4})
+    specs = {"sex": AttributeSpec("sex", "categorical", "protected"),
+             "age": AttributeSpec("age", "continuous", "protected"),
+             "height": AttributeSpec("height", "continuous", "protected"),
+             "weight": AttributeSpec("weight", "continuous", "protected"),
+             "date": AttributeSpec("date", "date", "acquisition")}
+    table = AnalysisTable(frame=frame, X=np.zeros((4, 2)), specs=specs)
+    C, names = direction_covariates(frame, table, "sex")
+    assert names == ["age", "height"]  # weight: recorded for 1 of 4 images; date and the categorical sex: not traits
+    np.testing.assert_allclose(C.mean(0), 0, atol=1e-12)
+    assert C[2, 0] == pytest.approx(0.0)  # the missing age is the mean
+    assert names == direction_covariates(frame, table, "weight")[1]
+    assert direction_covariates(frame, table, "height×date")[1] == ["age"]  # its own attribute left out
+
+
 # ---------------------------------------------------------------------------------------------- the grid
 
 
@@ -233,7 +274,9 @@ def test_stage_writes_and_indexes_one_strip_per_finding_with_a_set(small_run):
     Z = np.stack(slices["embedding"].to_numpy())
     std = np.asarray(read_parquet_metadata(root / "emb/slices.parquet")["normalisation"]["std"])
     fit = np.array([sp != "test" for sp in split])
-    d = finding_direction(Z[fit], (np.array(sex) == "M")[fit], std=std)
+    age = np.arange(len(sex), dtype=float)  # the subjects' age, the one continuous trait: held fixed
+    d = finding_direction(Z[fit], (np.array(sex) == "M")[fit], std=std,
+                          covariates=((age - age.mean()) / age.std())[fit, None])
     assert leak["direction_norm"] == pytest.approx(d.mean_gap, rel=1e-5)
     assert leak["sigma"] == pytest.approx(d.sigma, rel=1e-5)
     assert leak["raw_norm"] == pytest.approx(np.linalg.norm(d.unit * std), rel=1e-5)

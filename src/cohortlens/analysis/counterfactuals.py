@@ -11,9 +11,10 @@ Decisions (docs/findings.md, "Counterfactual strips"):
   is the difference of the class means of that slice's embeddings (the exact restriction of the volume direction
   to the z_sem being moved; the mean block would average neighbouring slices' directions into it).
 - **Direction.** In the standardised space the embeddings are stored in (`embed.autoencoder`'s `train_zscore`):
-  u = (mean(set) - mean(rest)) / ‖…‖, fitted on the images outside the test split (the strip shows test images
-  it was not fitted on). σ is the standard deviation of the projections Z·u of those images (set and rest
-  together): ±2σ spans the cohort along u. The step in raw z_sem, which the decoder takes, is s·σ·(u ⊙ std) with
+  u = (mean(set) - mean(rest)) / ‖…‖ at equal recorded continuous traits (the set's coefficient in
+  z ~ 1 + set + age, height, weight, …: sex's direction without the height that goes with it), fitted on the images
+  outside the test split (the strip shows test images it was not fitted on). σ is the standard deviation of the
+  projections Z·u of those images (set and rest together): ±2σ spans the cohort along u. The step in raw z_sem, which the decoder takes, is s·σ·(u ⊙ std) with
   the train-split std of the embedding's metadata (no normalisation: std = 1). +σ moves towards the set.
 - **Sets.** A categorical attribute leak: that value vs the other recorded values. A date effect within one site
   (`site×date`): the images after the onset vs the same site's other images. A cluster: its members vs the rest
@@ -101,23 +102,53 @@ class FindingDirection:
 
 
 def finding_direction(embeddings: np.ndarray, in_set: np.ndarray, in_rest: np.ndarray | None = None,
-                      std: np.ndarray | None = None) -> FindingDirection:
-    """Difference of the class means of standardised embeddings (n, d), unit-normalised; σ = std of the
-    projections of set ∪ rest onto it; `std` (d,) maps it back to raw z_sem (the embedding's train-split std)."""
+                      std: np.ndarray | None = None, covariates: np.ndarray | None = None) -> FindingDirection:
+    """The set's direction in standardised embeddings (n, d), unit-normalised; σ = std of the projections of
+    set ∪ rest onto it; `std` (d,) maps it back to raw z_sem (the embedding's train-split std).
+
+    Without `covariates` it is the difference of the class means. With `covariates` (n, k), recorded traits of the
+    same images, it is the set indicator's coefficient in the least-squares model Z ~ 1 + set + covariates fitted on
+    set ∪ rest: the difference of the means *at equal covariates*, so that the direction of sex does not carry
+    body height along with it (an echo of a covariate is not what the set looks like)."""
     Z = np.asarray(embeddings, dtype=np.float64)
     in_set = np.asarray(in_set, dtype=bool)
     in_rest = ~in_set if in_rest is None else np.asarray(in_rest, dtype=bool) & ~in_set
     if in_set.sum() < 2 or in_rest.sum() < 2:
         raise ValueError(f"a direction needs two images on each side (set {in_set.sum()}, rest {in_rest.sum()})")
-    diff = Z[in_set].mean(0) - Z[in_rest].mean(0)
+    used = in_set | in_rest
+    if covariates is not None and np.asarray(covariates).size:
+        C = np.asarray(covariates, dtype=np.float64)[used]
+        design = np.column_stack([np.ones(used.sum()), in_set[used].astype(np.float64), C])
+        diff = np.linalg.lstsq(design, Z[used], rcond=None)[0][1]
+    else:
+        diff = Z[in_set].mean(0) - Z[in_rest].mean(0)
     gap = float(np.linalg.norm(diff))
     if not np.isfinite(gap) or gap == 0.0:
         raise ValueError("the set and the rest have the same mean embedding: no direction")
     unit = diff / gap
-    sigma = float((Z[in_set | in_rest] @ unit).std(ddof=1))
+    sigma = float((Z[used] @ unit).std(ddof=1))
     std = np.ones(Z.shape[1]) if std is None else np.asarray(std, dtype=np.float64)
     return FindingDirection(unit=unit, sigma=sigma, raw=unit * std, mean_gap=gap, n_set=int(in_set.sum()),
                             n_rest=int(in_rest.sum()))
+
+
+def direction_covariates(frame: pl.DataFrame, table: AnalysisTable, attribute: str) -> tuple[np.ndarray, list[str]]:
+    """The recorded continuous traits (age, height, weight, …; not dates, not the finding's own attribute) of
+    `frame`'s images as an (n, k) matrix, standardised, a missing value set to the mean (it then adds nothing),
+    and their names. A trait recorded for fewer than half of the images, or constant, is left out."""
+    own = attribute.split(INTERACTION_SEP)[0]
+    columns, names = [], []
+    for name, spec in table.specs.items():
+        if name == own or spec.type != "continuous" or name not in frame.columns:
+            continue
+        v = attribute_values(frame, spec)
+        ok = np.isfinite(v)
+        if ok.sum() < max(2, 0.5 * len(v)) or np.nanstd(v) == 0:
+            continue
+        v = np.where(ok, v, np.nanmean(v))
+        columns.append((v - v.mean()) / v.std())
+        names.append(name)
+    return (np.column_stack(columns) if columns else np.zeros((frame.height, 0))), names
 
 
 def counterfactual_grid(model, images, z_sem, direction, sigma: float = 1.0,
@@ -334,7 +365,8 @@ def counterfactuals(model_path: PathLike, slices_parquet: PathLike, index_parque
     index = pl.DataFrame(rows, schema=INDEX_SCHEMA)
     meta = {"model": info["model"], "weights": info["weights"], "settings": asdict(s),
             "direction": "difference of class means of the decoded center slice's standardised z_sem (its own block "
-                         "of the volume embedding), unit length; sigma: std of the projections; raw = unit * std"}
+                         "of the volume embedding) at equal recorded continuous traits (least squares), unit length; "
+                         "sigma: std of the projections; raw = unit * std"}
     write_parquet(index, out_index, metadata=meta)
     return index
 
@@ -356,7 +388,8 @@ def _strip(f: dict, frame: pl.DataFrame, Z: np.ndarray, table: AnalysisTable, st
         log.info("counterfactuals %s: set %d / rest %d images, fewer than %d: no strip", f["finding_id"],
                  (c.in_set & fit).sum(), (c.in_rest & fit).sum(), s.min_set_images)
         return None
-    direction = finding_direction(Zr[fit], c.in_set[fit], c.in_rest[fit], std)
+    covariates, _ = direction_covariates(region, table, str(f["attribute"]))
+    direction = finding_direction(Zr[fit], c.in_set[fit], c.in_rest[fit], std, covariates[fit])
     shown_pool = is_test if is_test.any() else np.ones(len(is_test), bool)
     rng = np.random.default_rng([s.seed, _stable(f["finding_id"])])
     chosen, sides = choose_images(c, shown_pool, s.images, rng)
