@@ -62,7 +62,7 @@ HEADLINES = [
     (_row("cluster", "site", "Neubrandenburg", 2.6, "enrichment_ratio", n=58,
           details={"method": "knn_pocket", "size": 58, "share": 0.596, "base_rate": 0.228, "set_aside": ["Essen"]}),
      "Site Neubrandenburg is recognisable in the neck images: a neighbourhood pocket of 58 images, 60 % "
-     "Neubrandenburg vs 23 % of the images outside site Essen"),
+     "Neubrandenburg vs 23 % of the images outside site Essen, whose own pocket was found first"),
     (_row("cluster", "site×date", "Neubrandenburg, from 2015-05-27", 0.71, "rank_biserial", n=58,
           details={"method": "knn_pocket", "site": "Neubrandenburg", "onset": "2015-05-27", "direction": "from",
                    "share_inside": 0.97, "share_outside": 0.33, "n_inside": 34, "n_outside": 24}),

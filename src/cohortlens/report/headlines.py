@@ -144,7 +144,9 @@ def _cluster(row: Mapping, d: Mapping, units: Mapping | None) -> str:
     is_date = unit_of(attr, units) == "days" and str(value).isdigit()
     subject = f"The year {value} ({attr})" if is_date else f"{_cap(attr)} {value}"
     shown = f"from {value}" if is_date else str(value)
-    reference = (f"of the images outside {attr} {join_words(set_aside)}" if set_aside else "overall")
+    # the pockets of one attribute are searched in turn, each value set aside once its pocket is found
+    reference = (f"of the images outside {attr} {join_words(set_aside)}, whose own pocket was found first"
+                 if set_aside else "overall")
     if share is None or base is None:
         return f"{subject} is recognisable in the {_images(region)}: a {_group(d)} of {size} images"
     return (f"{subject} is recognisable in the {_images(region)}: a {_group(d)} of {size} images, {pct(share)} "

@@ -401,7 +401,8 @@ def _pocket_finding(rd, attribute, value, centres, nbrs, is_v, ok, null, k, stra
     p = p_of(len(centres), null)
     name = f"neighbourhood pocket of {attribute} {value}"
     shown = f"{attribute} {value}" if rd.specs[attribute].type != "date" else f"{attribute} in {value}"
-    reference = "overall" if not set_aside else f"of the images outside {attribute} {', '.join(set_aside)}"
+    reference = ("overall" if not set_aside else
+                 f"of the images outside {attribute} {', '.join(set_aside)}, whose own pocket was found first")
     summary = (f"neighbourhood pocket (n={size}, {rd.region}) is {pct(share)} {shown} vs {pct(base)} {reference} "
                f"(enrichment {ratio:.1f}×): {len(centres)} neighbourhoods of {k} images over-represent it "
                f"(permutation test of the largest pocket)")
