@@ -50,13 +50,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # timestep_power 0.5: noisier steps twice as often as with uniform t (docs/models.md: the 250 steps' ridge
         # age R² 0.76 / 0.75 / 0.37 -> 0.84 / 0.77 / 0.49, sex unchanged); encoder_lr_mult 10: the semantic
         # encoder at 1e-2 (age R², seeds 0 / 1: 0.90 / 0.87, 0.92 / 0.66, 0.75 / 0.72 against 0.84 / 0.53,
-        # 0.77 / 0.58, 0.49 / 0.23 at 1e-3; sex up too); encoder_channel_mult [4, 8, 8, 8, 8]: the semantic
-        # encoder 4x the UNet's width (32-64 channels) while the UNet stays at 8-16 (age R², seeds 0 / 1: 0.93 / 0.90,
-        # 0.95 / 0.92, 0.91 / 0.85 against 0.90 / 0.87, 0.92 / 0.66, 0.75 / 0.72; training 75 s instead of 56)
+        # 0.77 / 0.58, 0.49 / 0.23 at 1e-3; sex up too)
         "demo": {"crop": 64, "base_channels": 8, "norm_groups": 4, "lr": 1e-3, "batch_size": 16, "steps": 250,
                  "train_slices": "all", "ema_decay": 0.999, "checkpoint_every": 100, "log_every": 10,
-                 "normalise": "train_zscore", "timestep_power": 0.5, "encoder_lr_mult": 10.0,
-                 "encoder_channel_mult": [4, 8, 8, 8, 8]},
+                 "normalise": "train_zscore", "timestep_power": 0.5, "encoder_lr_mult": 10.0},
     },
 }
 
