@@ -14,8 +14,9 @@ Decisions (docs/findings.md, "Counterfactual strips"):
   u = (mean(set) - mean(rest)) / ‖…‖ at equal recorded continuous traits (the set's coefficient in
   z ~ 1 + set + age, height, weight, …: sex's direction without the height that goes with it), fitted on the images
   outside the test split (the strip shows test images it was not fitted on). σ is the standard deviation of the
-  projections Z·u of those images (set and rest together): ±2σ spans the cohort along u. The step in raw z_sem, which the decoder takes, is s·σ·(u ⊙ std) with
-  the train-split std of the embedding's metadata (no normalisation: std = 1). +σ moves towards the set.
+  projections Z·u of those images (set and rest together): ±2σ spans the cohort along u. The step in raw z_sem,
+  which the decoder takes, is s·σ·(u ⊙ std) with the train-split std of the embedding's metadata (no
+  normalisation: std = 1). +σ moves towards the set.
 - **Sets.** A categorical attribute leak: that value vs the other recorded values. A date effect within one site
   (`site×date`): the images after the onset vs the same site's other images. A cluster: its members vs the rest
   of the region. A discordant subgroup mixes the attribute's values (men that look female and women that look
