@@ -232,7 +232,8 @@ def _test_name(row: Mapping, d: Mapping) -> str:
         if row.get("value") == "co-occurrence":
             return ("mixture likelihood ratio of the regions against a null fitted per recorded "
                     f"{row.get('attribute')}, Benjamini-Hochberg over subjects (Simes)")
-        return "binomial tests against the region's calibrated null, Bonferroni-combined"
+        return ("binomial count against the region's calibrated null and Stouffer's z of the subjects the other "
+                "regions flag, Bonferroni-combined")
     if kind == "non_iid":
         return (f"cleanlab's non-IID statistic of the kNN graph against the date order, dates permuted within "
                 f"the strata ({d.get('permutations', '?')} permutations)")

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.stats import binomtest, chi2
+from scipy.stats import binomtest, chi2, norm
 from scipy.stats import f as f_dist
 from scipy.stats import t as t_dist
 from sklearn.covariance import MinCovDet
@@ -201,6 +201,25 @@ def conditional_z(null: dict, j: int) -> np.ndarray:
     return (null["resid"][:, j] - null["resid"][:, others] @ b) / np.sqrt(max(var, 1e-12))
 
 
+def conditional_score(null: dict, j: int) -> np.ndarray:
+    """`conditional_z` as a standard normal score under the null, given the other regions. Under a multivariate
+    t null (scale matrix S, df) region j given the other R - 1 is t with df + R - 1 degrees of freedom and its
+    scale widened by sqrt((df + d2) / (df + R - 1)), d2 the other regions' squared Mahalanobis distance: a
+    subject whom the other regions place far out is less predictable here too, and exactly those are the ones
+    the other regions flag. Gaussian null (df = inf): the conditional z itself."""
+    z = conditional_z(null, j)
+    df = null["df"]
+    if not np.isfinite(df):
+        return z
+    R = null["sigma"].shape[0]
+    others = [k for k in range(R) if k != j]
+    S = (null["sigma"] * null["scale"])[np.ix_(others, others)]
+    r = null["resid"][:, others]
+    d2 = np.einsum("ij,jk,ik->i", r, np.linalg.inv(S), r)
+    u = z * np.sqrt((df + R - 1) / (df + d2))
+    return norm.isf(t_dist.sf(u, df + R - 1))
+
+
 def _bh(p: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     q = bh_adjust(p)
     return q, np.nan_to_num(q, nan=1.0) < alpha
@@ -223,16 +242,19 @@ def calibrated_subgroup(E: np.ndarray, C: np.ndarray, labels: np.ndarray, classe
     alone (more subjects beyond their null's upper 2.5% point in this region than the 2.5% expected: a one-sided
     binomial test, a count at a moderate quantile rather than the single most extreme p-value, which would trust
     the fitted null's far tail) and with the subject's other regions (of the subjects that the *other* regions
-    flag, leave-region-out BH, more are beyond the upper 2.5% point of region j's evidence *given* their other
-    regions, i.e. beyond what the between-region correlation predicts, than 2.5%: the same binomial test on a
-    set chosen without region j); the region's p is their Bonferroni combination.
+    flag, leave-region-out BH, region j's evidence *given* their other regions, i.e. beyond what the
+    between-region correlation predicts, as a normal score under the null (`conditional_score`), summed over
+    them: Stouffer's z. A set chosen without region j leaves each score standard normal under the null, and
+    the sum uses every chosen subject's lean where a count at the 2.5% point used only the few past it (a
+    subgroup region read at d' 1-2 puts most of its subjects below that point)); the region's p is the
+    Bonferroni combination of the two.
 
     E: subjects x regions x values. Returns per subject: p (NaN = untested), q (BH), flagged, tested, `toward`
     (the value it looks like), the adjusted evidence towards it (subjects x regions); per region its tests; per
     (a, b) the fitted null's summary."""
     n, R, K = E.shape
     p_ab = np.full((n, K), np.nan)
-    p_alone, p_without, p_cond, adjusted = (np.full((n, R, K), np.nan) for _ in range(4))
+    p_alone, p_without, score_cond, adjusted = (np.full((n, R, K), np.nan) for _ in range(4))
     nulls = {}
     # resolution well below the BH threshold of the first rejection (alpha / n)
     draws = int(np.clip(20 * n / alpha, 100_000, 2_000_000))
@@ -249,7 +271,7 @@ def calibrated_subgroup(E: np.ndarray, C: np.ndarray, labels: np.ndarray, classe
             p_alone[rows, :, ib] = t_dist.sf(marginal_z(null), null["df"])  # df = inf: the Gaussian
             for j in range(R if R >= 2 else 0):
                 p_without[rows, j, ib] = null_pvalues(null, rng, draws // 4, drop=j)
-                p_cond[rows, j, ib] = t_dist.sf(conditional_z(null, j), null["df"])
+                score_cond[rows, j, ib] = conditional_score(null, j)
             sd = np.sqrt(np.diag(null["sigma"]))
             corr = null["sigma"] / np.outer(sd, sd)
             nulls[str(a) if K == 2 else f"{a}→{b}"] = {
@@ -274,14 +296,14 @@ def calibrated_subgroup(E: np.ndarray, C: np.ndarray, labels: np.ndarray, classe
         if R >= 2:
             without, b_j = _smallest(p_without[:, j])  # the other value chosen without region j
             _, by_others = _bh(np.where(np.isfinite(without), np.minimum(1.0, bonferroni * without), np.nan), alpha)
-            cond = bonferroni * p_cond[rows, j, b_j]
-            chosen = by_others & np.isfinite(cond)
+            # the other value b_j was chosen without region j: its score needs no correction for the choice
+            score = score_cond[rows, j, b_j]
+            chosen = by_others & np.isfinite(score)
             test["flagged_by_other_regions"] = int(chosen.sum())
             if chosen.any():
-                k = int((cond[chosen] <= EXCEEDANCE).sum())
-                test["beyond_given_other_regions"] = k
-                test["p_with_other_regions"] = float(binomtest(k, int(chosen.sum()), EXCEEDANCE,
-                                                               alternative="greater").pvalue)
+                test["beyond_given_other_regions"] = int((score[chosen] >= norm.isf(EXCEEDANCE)).sum())
+                test["mean_score_given_other_regions"] = float(score[chosen].mean())
+                test["p_with_other_regions"] = float(norm.sf(score[chosen].sum() / np.sqrt(chosen.sum())))
         ps = [x for x in (test["p_alone"], test["p_with_other_regions"]) if x is not None]
         test["p"] = min(1.0, len(ps) * min(ps)) if ps else None
         region_tests.append(test)

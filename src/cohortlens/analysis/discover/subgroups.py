@@ -19,8 +19,9 @@ the sample ids and the p-values come from the calibrated procedure.
 
 Findings per protected categorical attribute: one `discordant_subgroup` per region (sample ids: the flagged
 subjects' images of that region that lean to the other value; effect: their share of the region's images; p: the
-region's own count of subjects beyond its null's upper 2.5% point, and the same count among the subjects that the
-other regions flag, binomial tests Bonferroni-combined) and one across regions (region `all`, value
+region's own count of subjects beyond its null's upper 2.5% point, a binomial test, and the summed normal scores
+of the region given the other regions among the subjects that the other regions flag, Stouffer's z; the two
+Bonferroni-combined) and one across regions (region `all`, value
 `co-occurrence`; sample ids: the flagged subjects' leaning images of every region; p: Simes' test over the
 subjects' p-values, i.e. the smallest BH-adjusted p, below alpha exactly when somebody is flagged; effect size:
 the paper's observed / expected-if-independent ratio, which `cohortlens.demo.truth` prints as such; details: the flagged
@@ -212,14 +213,17 @@ def _region_finding(rd: RegionData, v: dict, j: int, attribute: str, table: dict
                **{f"test_{key}": value for key, value in test.items()},
                "paper_classified_as_other": paper}
     covs = ", ".join(table["covariates"]) or "no covariates"
+    mean = test.get("mean_score_given_other_regions")
+    lean = ("" if mean is None else
+            f"{test.get('beyond_given_other_regions', 0)} beyond it given those regions, their mean lean here "
+            f"{mean:+.2f} null sd,")
     summary = (f"{len(ids)} of {n} {rd.region} images ({100 * len(ids) / max(n, 1):.1f}%) belong to the calibrated "
                f"{attribute}-discordant subgroup and lean to another {attribute} here given {covs} "
                f"({', '.join(f'{c}: {k}' for c, k in by_class.items())}); beyond the upper 2.5% of the region's "
                f"null (its classifier's error given the covariates): {test['beyond_null_upper_2.5%']} subjects vs "
-               f"{test['expected_beyond']:.1f} expected, p={fmt_p(test['p_alone'])}; of the "
-               f"{test['flagged_by_other_regions']} subjects the other regions flag, "
-               f"{test.get('beyond_given_other_regions', 0)} beyond it given those regions, "
-               f"p={fmt_p(test['p_with_other_regions'])} (binomial tests, Bonferroni-combined). What paper 003 "
+               f"{test['expected_beyond']:.1f} expected, p={fmt_p(test['p_alone'])} (binomial); of the "
+               f"{test['flagged_by_other_regions']} subjects the other regions flag, {lean} "
+               f"p={fmt_p(test['p_with_other_regions'])} (Stouffer; the two Bonferroni-combined). What paper 003 "
                f"counted: {paper['count']} images ({pct(paper['rate'])}) classified towards another {attribute} by a "
                f"classifier on the embedding alone")
     return Finding("discordant_subgroup", rd.region, attribute, None, len(ids) / max(n, 1), "discordant_fraction", p,
