@@ -277,3 +277,29 @@ def test_mixture_statistic_counts_missing_regions_as_nothing():
     x = np.array([[2.0, -30.0, np.nan]])
     expected = np.log(0.5 * np.exp(2.0) + 0.5) + np.log(0.5 * np.exp(-30.0) + 0.5)
     assert mixture_statistic(x)[0] == pytest.approx(expected)
+
+
+def test_conditional_score_is_standard_normal_where_the_other_regions_are_far_out():
+    """Under a multivariate t null, region j given the other regions is wider for subjects far out in those
+    regions: exactly the subjects the other regions flag. The score must be N(0, 1) there too, or the per-region
+    Stouffer test would reject for a region the subgroup does not reach."""
+    from scipy.stats import norm
+
+    from cohortlens.analysis.discover.subgroup_null import conditional_score, conditional_z
+
+    rng = np.random.default_rng(0)
+    n, df = 200_000, 5.0
+    S = np.array([[1.0, 0.5, 0.3], [0.5, 1.0, 0.4], [0.3, 0.4, 1.0]])
+    X = rng.multivariate_normal(np.zeros(3), S, size=n) * np.sqrt(df / rng.chisquare(df, size=(n, 1)))
+    null = {"sigma": S, "scale": 1.0, "df": df, "resid": X}
+    others = X[:, 1:]
+    d2 = np.einsum("ij,jk,ik->i", others, np.linalg.inv(S[1:, 1:]), others)
+    far = d2 > np.quantile(d2, 0.95)
+    score, naive = conditional_score(null, 0), conditional_z(null, 0)
+    assert abs(score[far].std() - 1) < 0.05 and abs(score[far].mean()) < 0.05
+    assert abs(score.std() - 1) < 0.02
+    assert (score[far] > norm.isf(0.025)).mean() == pytest.approx(0.025, abs=0.006)
+    assert naive[far].std() > 1.5  # without the widening: over-dispersed exactly where it matters
+    # a Gaussian null: the conditional z itself
+    gauss = {**null, "df": float("inf")}
+    np.testing.assert_allclose(conditional_score(gauss, 0), conditional_z(gauss, 0))

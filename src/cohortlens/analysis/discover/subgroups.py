@@ -216,13 +216,13 @@ def _region_finding(rd: RegionData, v: dict, j: int, attribute: str, table: dict
     mean = test.get("mean_score_given_other_regions")
     lean = ("" if mean is None else
             f"{test.get('beyond_given_other_regions', 0)} beyond it given those regions, their mean lean here "
-            f"{mean:+.2f} null sd,")
+            f"{mean:+.2f} null sd, ")
     summary = (f"{len(ids)} of {n} {rd.region} images ({100 * len(ids) / max(n, 1):.1f}%) belong to the calibrated "
                f"{attribute}-discordant subgroup and lean to another {attribute} here given {covs} "
                f"({', '.join(f'{c}: {k}' for c, k in by_class.items())}); beyond the upper 2.5% of the region's "
                f"null (its classifier's error given the covariates): {test['beyond_null_upper_2.5%']} subjects vs "
                f"{test['expected_beyond']:.1f} expected, p={fmt_p(test['p_alone'])} (binomial); of the "
-               f"{test['flagged_by_other_regions']} subjects the other regions flag, {lean} "
+               f"{test['flagged_by_other_regions']} subjects the other regions flag, {lean}"
                f"p={fmt_p(test['p_with_other_regions'])} (Stouffer; the two Bonferroni-combined). What paper 003 "
                f"counted: {paper['count']} images ({pct(paper['rate'])}) classified towards another {attribute} by a "
                f"classifier on the embedding alone")
