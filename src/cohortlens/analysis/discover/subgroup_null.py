@@ -191,14 +191,23 @@ def marginal_z(null: dict) -> np.ndarray:
     return null["resid"] / sd
 
 
+def _given_other_regions(null: dict, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Region j's residual beyond what the other regions predict, in units of its conditional scale, and the
+    other regions' squared Mahalanobis distance (both NaN where a region is missing)."""
+    others = [k for k in range(null["sigma"].shape[0]) if k != j]
+    S = null["sigma"] * null["scale"]
+    S_oo_inv = np.linalg.inv(S[np.ix_(others, others)])
+    b = S_oo_inv @ S[others, j]
+    var = S[j, j] - S[j, others] @ b
+    r = null["resid"][:, others]
+    z = (null["resid"][:, j] - r @ b) / np.sqrt(max(var, 1e-12))
+    return z, np.einsum("ij,jk,ik->i", r, S_oo_inv, r)
+
+
 def conditional_z(null: dict, j: int) -> np.ndarray:
     """Region j's residual beyond what the subject's other regions predict under the null (the between-region
     correlation of ordinary subjects), in units of its conditional scale; NaN where a region is missing."""
-    others = [k for k in range(null["sigma"].shape[0]) if k != j]
-    S = null["sigma"] * null["scale"]
-    b = np.linalg.solve(S[np.ix_(others, others)], S[others, j])
-    var = S[j, j] - S[j, others] @ b
-    return (null["resid"][:, j] - null["resid"][:, others] @ b) / np.sqrt(max(var, 1e-12))
+    return _given_other_regions(null, j)[0]
 
 
 def conditional_score(null: dict, j: int) -> np.ndarray:
@@ -207,15 +216,10 @@ def conditional_score(null: dict, j: int) -> np.ndarray:
     scale widened by sqrt((df + d2) / (df + R - 1)), d2 the other regions' squared Mahalanobis distance: a
     subject whom the other regions place far out is less predictable here too, and exactly those are the ones
     the other regions flag. Gaussian null (df = inf): the conditional z itself."""
-    z = conditional_z(null, j)
-    df = null["df"]
+    z, d2 = _given_other_regions(null, j)
+    df, R = null["df"], null["sigma"].shape[0]
     if not np.isfinite(df):
         return z
-    R = null["sigma"].shape[0]
-    others = [k for k in range(R) if k != j]
-    S = (null["sigma"] * null["scale"])[np.ix_(others, others)]
-    r = null["resid"][:, others]
-    d2 = np.einsum("ij,jk,ik->i", r, np.linalg.inv(S), r)
     u = z * np.sqrt((df + R - 1) / (df + d2))
     return norm.isf(t_dist.sf(u, df + R - 1))
 
