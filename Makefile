@@ -28,18 +28,22 @@ archive: install
 	@echo "archive: $(CURDIR)/results/archive/cohortlens-$(KIND).tar.gz"
 
 # the whole suite (docs/testing.md): unit tests, the session's demo run, end-to-end workflows, SLURM; the slowest
-# tests are printed so the 20-minute budget stays visible
+# tests are printed so the 20-minute budget stays visible. Two pytest-xdist workers, each running whole groups
+# (tests/conftest.py): one pytest process alone keeps 2 cores about half busy (Python start-up of every workflow
+# job, SLURM's status polls). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 test: install
-	$(BIN)/python -m pytest -q tests -m "not trained_models" --durations=25
+	$(BIN)/python -m pytest -q tests -m "not trained_models" $(XDIST) --durations=25
 
 # tests that train the demo vae/dae: the confounded and null scenarios, the DAE counterfactuals (~25 min on 2 cores;
 # docs/testing.md)
 test-models: install
-	$(BIN)/python -m pytest -q tests -m trained_models --durations=10
+	$(BIN)/python -m pytest -q tests -m trained_models $(XDIST) --durations=10
 
 # the inner loop (< 3 min): no test marked slow, demo, workflow or slurm
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not slow and not demo and not workflow and not slurm" --durations=10
+	$(BIN)/python -m pytest -q tests -m "not slow and not demo and not workflow and not slurm" $(XDIST) --durations=10
 
 lint: install
 	$(BIN)/ruff check .

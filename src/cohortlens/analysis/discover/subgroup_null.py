@@ -81,6 +81,11 @@ def local_location(resid: np.ndarray, C: np.ndarray) -> np.ndarray:
     return np.nanmedian(resid[idx], axis=1)
 
 
+def squared_distance(x: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis length of each row of x (already centred) under a precision (inverse covariance)."""
+    return np.einsum("ij,jk,ik->i", x, precision, x)
+
+
 def _mcd_inliers(resid: np.ndarray, present_r: np.ndarray, seed: int) -> np.ndarray:
     """Subjects inside the 97.5% ellipsoid of the MCD of the complete rows (sub-blocks for missing regions)."""
     mcd = MinCovDet(random_state=seed).fit(resid[present_r.all(1)])
@@ -89,7 +94,7 @@ def _mcd_inliers(resid: np.ndarray, present_r: np.ndarray, seed: int) -> np.ndar
         rows = (present_r == pattern).all(1)
         idx = np.flatnonzero(pattern)
         c = resid[np.ix_(rows, idx)] - mcd.location_[idx]
-        d2 = np.einsum("ij,jk,ik->i", c, np.linalg.pinv(mcd.covariance_[np.ix_(idx, idx)]), c)
+        d2 = squared_distance(c, np.linalg.pinv(mcd.covariance_[np.ix_(idx, idx)]))
         inlier[rows] = d2 <= chi2.ppf(0.975, len(idx))
     return inlier
 
@@ -125,7 +130,7 @@ def fit_null(E: np.ndarray, C: np.ndarray, seed: int) -> dict | None:
     mu_bar = (E - resid)[keep].mean(0)  # the inliers' mean location: the reference covariates
     # The radial law (how heavy the tails are) from the subjects on the side opposite to any subgroup.
     rc = resid[complete]
-    d2 = np.einsum("ij,jk,ik->i", rc, np.linalg.pinv(sigma), rc)
+    d2 = squared_distance(rc, np.linalg.pinv(sigma))
     df, scale = radial_t(d2[(rc / np.sqrt(np.diag(sigma))).sum(1) <= 0], R)
     # A null estimated from n_fit subjects predicts a new one with Student-t tails of n_fit - p - R degrees of
     # freedom (parameter uncertainty; matters for classes of a hundred, not of thousands).
@@ -201,7 +206,7 @@ def _given_other_regions(null: dict, j: int) -> tuple[np.ndarray, np.ndarray]:
     var = S[j, j] - S[j, others] @ b
     r = null["resid"][:, others]
     z = (null["resid"][:, j] - r @ b) / np.sqrt(max(var, 1e-12))
-    return z, np.einsum("ij,jk,ik->i", r, S_oo_inv, r)
+    return z, squared_distance(r, S_oo_inv)
 
 
 def conditional_z(null: dict, j: int) -> np.ndarray:
