@@ -117,31 +117,34 @@ def demo_results(tmp_path_factory) -> Path:
 # module-scoped fixture is built once, and one for every test of the session's demo run, so that run is built
 # once. The longest groups go first, so that neither worker is left with one of them at the end.
 LONG_GROUPS = ("test_slurm", "demo", "test_scenario_findings", "test_workflow", "test_embeddings_only")
-_GROUP = pytest.StashKey[str]()
+
+
+def _group(item) -> str:
+    if "demo_results" in getattr(item, "fixturenames", ()):
+        return "demo"
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else item.nodeid.split("::")[0]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     # the tiers of docs/testing.md: every test that reads the session's demo run is marked `demo`
     for item in items:
-        if "demo_results" in getattr(item, "fixturenames", ()):
+        group = _group(item)
+        if group == "demo":
             item.add_marker(pytest.mark.demo)
-            group = "demo"
-        else:
-            group = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
-        item.stash[_GROUP] = group
     rank = {g: i for i, g in enumerate(LONG_GROUPS)}
-    items.sort(key=lambda it: rank.get(it.stash[_GROUP], len(rank)))  # stable: file order within a group
+    items.sort(key=lambda it: rank.get(_group(it), len(rank)))  # stable: file order within a group
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_finish(session):
+@pytest.hookimpl(optionalhook=True)  # an xdist hook, called in the controlling process with a worker's test ids
+def pytest_xdist_node_collection_finished(node, ids):
     # A pytest that xdist cannot group for (pytest 9 with xdist 3.8, pyproject.toml) would build the demo run and
     # every module's fixtures once per worker: stop instead of doubling the suite's time unnoticed.
-    if session.config.getoption("loadgroup", False) and session.items and "@" not in session.items[0].nodeid:
-        raise pytest.UsageError("pytest-xdist --dist loadgroup did not group the tests (see pyproject.toml's "
-                                "note on pytest < 9); run with TEST_WORKERS=0")
+    if node.config.getoption("dist") == "loadgroup" and ids and "@" not in ids[0]:
+        raise pytest.UsageError("pytest-xdist --dist loadgroup did not group the tests (see pyproject.toml's note "
+                                "on pytest < 9); run with TEST_WORKERS=0")
 
 
 @pytest.fixture(scope="module")
