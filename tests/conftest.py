@@ -119,9 +119,16 @@ def demo_results(tmp_path_factory) -> Path:
 LONG_GROUPS = ("test_slurm", "demo", "test_scenario_findings", "test_workflow", "test_embeddings_only")
 
 
+# Session fixtures used by more than one module: a test that uses one runs in that fixture's group, so that the
+# fixture is built by one worker only (tiny_cohort lives in test_training; test_vae imports it).
+SHARED_FIXTURE_GROUPS = {"demo_results": "demo", "tiny_cohort": "test_training"}
+
+
 def _group(item) -> str:
-    if "demo_results" in getattr(item, "fixturenames", ()):
-        return "demo"
+    fixtures = getattr(item, "fixturenames", ())
+    for fixture, group in SHARED_FIXTURE_GROUPS.items():
+        if fixture in fixtures:
+            return group
     module = getattr(item, "module", None)
     return module.__name__ if module is not None else item.nodeid.split("::")[0]
 
