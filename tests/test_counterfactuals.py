@@ -18,14 +18,10 @@ import torch
 import yaml
 from PIL import Image
 
-from cohortlens.analysis.counterfactuals import (
-    INDEX_SCHEMA,
-    counterfactual_grid,
-    counterfactuals,
-    finding_direction,
-    select_findings,
-)
+from cohortlens.analysis.counterfactual_direction import finding_direction
+from cohortlens.analysis.counterfactuals import INDEX_SCHEMA, counterfactual_grid, counterfactuals, select_findings
 from cohortlens.analysis.discover.core import Finding, assign_ids, findings_table
+from cohortlens.analysis.strip_judge import fit_strip_judge
 from cohortlens.embed.autoencoder import embed_autoencoder
 from cohortlens.io.tables import read_parquet_metadata, write_parquet
 from cohortlens.models.dae import DiffusionAutoencoder
@@ -124,7 +120,7 @@ def test_adjusted_direction_leaves_out_what_a_covariate_carries():
 
 
 def test_direction_covariates_are_the_other_continuous_traits_standardised():
-    from cohortlens.analysis.counterfactuals import direction_covariates
+    from cohortlens.analysis.counterfactual_direction import direction_covariates
     from cohortlens.analysis.table import AnalysisTable, AttributeSpec
 
     frame = pl.DataFrame({"sex": ["F", "M", "M", "F"], "age": [40.0, 50.0, None, 70.0],
@@ -291,6 +287,19 @@ def test_stage_writes_and_indexes_one_strip_per_finding_with_a_set(small_run):
     with Image.open(root / "cf" / leak["png"]) as png:
         assert png.height > 3 * 128 and png.width > 5 * 128  # 3 rows of input + 3 decodes + difference
 
+    # the judge: fitted on the direction's own images (all 30 outside the test split, under the cap), its shifts
+    # are those of a judge refitted here on the same slices, labels and trait
+    assert (leak["judge_n_set"], leak["judge_n_rest"]) == (train.count("M"), train.count("F"))
+    assert leak["judge_balanced_accuracy"] > 0.9  # the bright band is plain in the pixels
+    shown = pl.read_parquet(root / "preprocessed/index.parquet").filter(pl.col("slice_position") == 2).sort("image_uid")
+    store = np.load(root / "preprocessed/shard-0.npy").astype(np.float32)
+    images = store[shown["row"].to_numpy()]
+    judge = fit_strip_judge(images[fit], (np.array(sex) == "M")[fit], ((age - age.mean()) / age.std())[fit, None])
+    np.testing.assert_allclose(leak["judge_shift"], judge.shift(grid[:, 0], grid[:, -1]), rtol=1e-3, atol=1e-3)
+    assert leak["judge_agrees"] == sum(v > 0 for v in leak["judge_shift"])
+    capped = _run(root, attrs, "cfj", max_findings=1, judge_images=10).row(0, named=True)
+    assert (capped["judge_n_set"], capped["judge_n_rest"]) == (5, 5)
+
 
 def test_stage_caps_the_strips_and_skips_small_sets(small_run):
     root, attrs, *_ = small_run
@@ -314,6 +323,26 @@ def test_report_shows_the_strip_beside_the_finding_and_not_in_publication(small_
     public = findings_section([root / "findings/dae.parquet"], [], [], cfg, publication=True,
                               counterfactuals=[root / "cfr/dae.parquet"])
     assert "counterfactual:" not in public
+    assert page.count("A pixel classifier of") == 2  # every strip carries its judge's verdict
+
+
+@pytest.mark.parametrize("accuracy, shifts, verdict", [
+    (0.55, [0.5, 0.5, 0.5, 0.5], "cannot tell the groups apart"),
+    (0.95, [0.05, -0.02, 0.08, 0.01], "barely move"),
+    (0.95, [0.3, 0.4, 0.2, -0.1], "towards sex=F in 3 of 4 images (median"),
+    (0.95, [-0.3, -0.2, -0.2, 0.1], "<b>away from</b> sex=F in 3 of 4 images"),
+    (0.95, [0.5, 0.4, -0.2, -0.1], "in 2 of 4 images only"),
+    (None, None, ""),
+])
+def test_the_judge_verdict_in_the_caption(accuracy, shifts, verdict):
+    from cohortlens.report.findings import judge_statement
+
+    row = {"set": "sex=F", "rest": "sex=M", "judge_n_set": 120, "judge_n_rest": 130,
+           "judge_balanced_accuracy": accuracy, "judge_shift": shifts}
+    text = judge_statement(row)
+    assert verdict in text if verdict else text == ""
+    if verdict:
+        assert "120 + 130 images" in text
 
 
 # ---------------------------------------------------------------------------------------------- the demo
@@ -395,6 +424,10 @@ def test_demo_sex_direction_changes_the_planted_sex_regions_more_than_elsewhere(
             outside.append(change[body & ~sex_region])
     inside_mean, outside_mean = np.concatenate(inside).mean(), np.concatenate(outside).mean()
     print(f"mean |change| where the sex effect lives {inside_mean:.4f}, elsewhere in the body {outside_mean:.4f}")
+    # the strip's judge: the planted sex features are plain in one slice's pixels, so a judge near chance means the
+    # stage fitted it on the wrong images or labels
+    print("judge balanced accuracy", sex["judge_balanced_accuracy"].to_list(), "shifts", sex["judge_shift"].to_list())
+    assert (sex["judge_balanced_accuracy"] > 0.8).all()
     assert inside_mean > 0.01  # the strip changes at all
     # a regression check of the seed-0 demo DAE: seeds 1 and 2 give 0.94x and 0.88x (docs/findings.md, seed dependence)
     assert inside_mean > 1.2 * outside_mean

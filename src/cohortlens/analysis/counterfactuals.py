@@ -42,6 +42,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 
+from cohortlens.analysis.counterfactual_direction import direction_covariates, finding_direction
 from cohortlens.analysis.discover.core import INTERACTION_SEP
 from cohortlens.analysis.panels import diverging_panel, grey_panel, plain_text
 from cohortlens.analysis.panels import font as load_font
@@ -66,7 +67,9 @@ class CounterfactualSettings:
     ddim_steps: int = 20  # DDIM steps of the encode and of every decode
     sigmas: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)  # positions along the direction, in σ
     min_set_images: int = 10  # a set (or rest) outside the test split smaller than this gets no direction
-    seed: int = 0  # which test images are shown
+    seed: int = 0  # which test images are shown (and the judge's sample and folds)
+    judge_images: int = 2000  # images outside the test split the strip's judge is fitted on (half per side)
+    judge_components: int = 32  # pixel principal components of the judge
     device: str = "auto"  # auto: CUDA when visible
 
 
@@ -75,81 +78,6 @@ def settings(cfg: Mapping | None) -> CounterfactualSettings:
     if "sigmas" in cfg:
         cfg["sigmas"] = tuple(float(s) for s in cfg["sigmas"])
     return CounterfactualSettings(**cfg)
-
-
-# ---------------------------------------------------------------------------------------------- direction
-
-
-@dataclass(frozen=True)
-class FindingDirection:
-    """u (unit, standardised space), σ of the projections on u, the raw z_sem direction u ⊙ std, and the
-    distance between the class means along u (‖mean(set) - mean(rest)‖, standardised units)."""
-
-    unit: np.ndarray
-    sigma: float
-    raw: np.ndarray
-    mean_gap: float
-    n_set: int
-    n_rest: int
-
-    @property
-    def gap_sigma(self) -> float:
-        """How many σ the class means lie apart along u."""
-        return self.mean_gap / self.sigma
-
-    def step(self, s: float) -> np.ndarray:
-        """The raw z_sem displacement of s σ along the direction."""
-        return (s * self.sigma) * self.raw
-
-
-def finding_direction(embeddings: np.ndarray, in_set: np.ndarray, in_rest: np.ndarray | None = None,
-                      std: np.ndarray | None = None, covariates: np.ndarray | None = None) -> FindingDirection:
-    """The set's direction in standardised embeddings (n, d), unit-normalised; σ = std of the projections of
-    set ∪ rest onto it; `std` (d,) maps it back to raw z_sem (the embedding's train-split std).
-
-    Without `covariates` it is the difference of the class means. With `covariates` (n, k), recorded traits of the
-    same images, it is the set indicator's coefficient in the least-squares model Z ~ 1 + set + covariates fitted on
-    set ∪ rest: the difference of the means *at equal covariates*, so that the direction of sex does not carry
-    body height along with it (an echo of a covariate is not what the set looks like)."""
-    Z = np.asarray(embeddings, dtype=np.float64)
-    in_set = np.asarray(in_set, dtype=bool)
-    in_rest = ~in_set if in_rest is None else np.asarray(in_rest, dtype=bool) & ~in_set
-    if in_set.sum() < 2 or in_rest.sum() < 2:
-        raise ValueError(f"a direction needs two images on each side (set {in_set.sum()}, rest {in_rest.sum()})")
-    used = in_set | in_rest
-    if covariates is not None and np.asarray(covariates).size:
-        C = np.asarray(covariates, dtype=np.float64)[used]
-        design = np.column_stack([np.ones(used.sum()), in_set[used].astype(np.float64), C])
-        diff = np.linalg.lstsq(design, Z[used], rcond=None)[0][1]
-    else:
-        diff = Z[in_set].mean(0) - Z[in_rest].mean(0)
-    gap = float(np.linalg.norm(diff))
-    if not np.isfinite(gap) or gap == 0.0:
-        raise ValueError("the set and the rest have the same mean embedding: no direction")
-    unit = diff / gap
-    sigma = float((Z[used] @ unit).std(ddof=1))
-    std = np.ones(Z.shape[1]) if std is None else np.asarray(std, dtype=np.float64)
-    return FindingDirection(unit=unit, sigma=sigma, raw=unit * std, mean_gap=gap, n_set=int(in_set.sum()),
-                            n_rest=int(in_rest.sum()))
-
-
-def direction_covariates(frame: pl.DataFrame, table: AnalysisTable, attribute: str) -> tuple[np.ndarray, list[str]]:
-    """The recorded continuous traits (age, height, weight, …; not dates, not the finding's own attribute) of
-    `frame`'s images as an (n, k) matrix, standardised, a missing value set to the mean (it then adds nothing),
-    and their names. A trait recorded for fewer than half of the images, or constant, is left out."""
-    own = attribute.split(INTERACTION_SEP)[0]
-    columns, names = [], []
-    for name, spec in table.specs.items():
-        if name == own or spec.type != "continuous" or name not in frame.columns:
-            continue
-        v = attribute_values(frame, spec)
-        ok = np.isfinite(v)
-        if ok.sum() < max(2, 0.5 * len(v)) or np.nanstd(v) == 0:
-            continue
-        v = np.where(ok, v, np.nanmean(v))
-        columns.append((v - v.mean()) / v.std())
-        names.append(name)
-    return (np.column_stack(columns) if columns else np.zeros((frame.height, 0))), names
 
 
 def counterfactual_grid(model, images, z_sem, direction, sigma: float = 1.0,
@@ -312,12 +240,17 @@ def render_strip(path: PathLike, title: str, subtitle: str, grid: np.ndarray, in
 # FindingDirection; image_uids / slice_uids / sides: the rows of the strip; change_*: |decode(last σ) - decode(first
 # σ)| per pixel, its mean per image and over all, and the per-pixel mean over the images (height × width, row-major);
 # png / grid: the strip and its decodes (float16 .npy, images × sigmas × height × width) in the folder beside it.
+# judge_*: the independent pixel-space check of the strip (`analysis.strip_judge`): its cross-validated balanced
+# accuracy and sample, its logit(last σ decode) - logit(first σ decode) per image in units of its set-vs-rest logit
+# gap (judge_shift), and how many of those are > 0; null when either side has too few images to fit it.
 INDEX_SCHEMA = {"finding_id": pl.Utf8, "kind": pl.Utf8, "region": pl.Utf8, "attribute": pl.Utf8, "value": pl.Utf8,
                 "set": pl.Utf8, "rest": pl.Utf8, "n_set": pl.Int64, "n_rest": pl.Int64, "direction_norm": pl.Float64,
                 "raw_norm": pl.Float64, "sigma": pl.Float64, "gap_sigma": pl.Float64, "sigmas": pl.List(pl.Float64),
                 "image_uids": pl.List(pl.Utf8), "slice_uids": pl.List(pl.Utf8), "sides": pl.List(pl.Utf8),
                 "change_per_image": pl.List(pl.Float64), "change_mean": pl.Float64, "height": pl.Int64,
-                "width": pl.Int64, "change_map": pl.List(pl.Float32), "png": pl.Utf8, "grid": pl.Utf8}
+                "width": pl.Int64, "change_map": pl.List(pl.Float32), "png": pl.Utf8, "grid": pl.Utf8,
+                "judge_balanced_accuracy": pl.Float64, "judge_n_set": pl.Int64, "judge_n_rest": pl.Int64,
+                "judge_shift": pl.List(pl.Float64), "judge_agrees": pl.Int64}
 
 
 def _normalisation(slices_parquet: PathLike, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -367,7 +300,11 @@ def counterfactuals(model_path: PathLike, slices_parquet: PathLike, index_parque
     meta = {"model": info["model"], "weights": info["weights"], "settings": asdict(s),
             "direction": "difference of class means of the decoded center slice's standardised z_sem (its own block "
                          "of the volume embedding) at equal recorded continuous traits (least squares), unit length; "
-                         "sigma: std of the projections; raw = unit * std"}
+                         "sigma: std of the projections; raw = unit * std",
+            "judge": "PCA of the pixels + the same traits, class-balanced logistic regression, fitted on a sample of "
+                     "the direction's images (outside the test split); balanced accuracy out of fold; judge_shift: logit "
+                     "change from the first to the last sigma over the set-vs-rest mean logit gap; judge_agrees: "
+                     "strip images whose shift is > 0"}
     write_parquet(index, out_index, metadata=meta)
     return index
 
@@ -406,6 +343,7 @@ def _strip(f: dict, frame: pl.DataFrame, Z: np.ndarray, table: AnalysisTable, st
         z = model.embed(torch.from_numpy(np.ascontiguousarray(x))[:, None].to(device)).float().cpu().numpy()
     grid = counterfactual_grid(model, x, z, direction.raw, direction.sigma, s.sigmas, s.ddim_steps)
     change = np.abs(grid[:, -1] - grid[:, 0])
+    judged = _judge(region, c, fit, covariates, store, crop, s, rng, grid)
     png = f"{f['finding_id']}.png"
     subtitle = (f"{c.set_label} (n={direction.n_set}) vs {c.rest_label} (n={direction.n_rest}): z_sem moved along "
                 f"the difference of their means, 1 sd = {direction.sigma:.2f} (class means {direction.gap_sigma:.1f} "
@@ -423,7 +361,26 @@ def _strip(f: dict, frame: pl.DataFrame, Z: np.ndarray, table: AnalysisTable, st
             "sides": sides, "change_per_image": change.mean(axis=(1, 2)).astype(float).tolist(),
             "change_mean": float(change.mean()), "height": int(change.shape[1]), "width": int(change.shape[2]),
             "change_map": change.mean(0).astype(np.float32).ravel().tolist(), "png": png,
-            "grid": f"{f['finding_id']}.npy"}
+            "grid": f"{f['finding_id']}.npy", **judged}
+
+
+def _judge(region: pl.DataFrame, c: Contrast, fit: np.ndarray, covariates: np.ndarray, store: SliceStore, crop: int,
+           s: CounterfactualSettings, rng: np.random.Generator, grid: np.ndarray) -> dict:
+    """The strip's judge (`analysis.strip_judge`) on the direction's own images (a sample), scoring the decodes."""
+    from cohortlens.analysis.strip_judge import fit_strip_judge, judge_sample
+
+    rows = judge_sample(c.in_set & fit, c.in_rest & fit, s.judge_images, rng)
+    where = region[rows].select("slice_uid").with_row_index("_order").join(store.index, on="slice_uid").sort("_order")
+    try:
+        judge = fit_strip_judge(center_crop(store.read(where), crop), c.in_set[rows], covariates[rows],
+                                n_components=s.judge_components, seed=s.seed)
+    except ValueError as err:  # too few images on a side, or none the judge can tell apart
+        log.info("counterfactuals: no judge (%s)", err)
+        return dict.fromkeys(("judge_balanced_accuracy", "judge_n_set", "judge_n_rest", "judge_shift", "judge_agrees"))
+    delta = judge.shift(grid[:, 0], grid[:, -1])
+    return {"judge_balanced_accuracy": judge.balanced_accuracy, "judge_n_set": judge.n_set,
+            "judge_n_rest": judge.n_rest, "judge_shift": delta.astype(float).tolist(),
+            "judge_agrees": int((delta > 0).sum())}
 
 
 def _stable(text: str) -> int:

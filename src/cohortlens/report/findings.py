@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import re
+import statistics
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
@@ -95,12 +96,42 @@ def counterfactual_strips(indexes: Sequence[PathLike]) -> dict[str, dict[str, tu
     return out
 
 
+# Display bands of the strip judge's verdict (docs/findings.md, counterfactual strips): below JUDGE_MIN_ACCURACY the
+# judge cannot tell the groups apart and gives none; a median shift under JUDGE_FAINT of the set-vs-rest gap is
+# "barely moves"; otherwise the direction of three quarters of the images decides.
+JUDGE_MIN_ACCURACY, JUDGE_FAINT = 0.6, 0.1
+
+
+def judge_statement(row: Mapping) -> str:
+    """One sentence (HTML) on the strip's independent check (`analysis.strip_judge`); empty for an index without
+    one."""
+    accuracy, shifts = row.get("judge_balanced_accuracy"), list(row.get("judge_shift") or [])
+    if accuracy is None or not shifts:
+        return ""
+    the_set = html.escape(row["set"])
+    judge = (f"A pixel classifier of {the_set} vs {html.escape(row['rest'])}, fitted on {row['judge_n_set']} + "
+             f"{row['judge_n_rest']} images outside the test split (balanced accuracy {fmt(accuracy)} out of fold)")
+    if accuracy < JUDGE_MIN_ACCURACY:
+        return f"{judge}, cannot tell the groups apart in this slice: no independent check."
+    n, up = len(shifts), sum(v > 0 for v in shifts)
+    median = statistics.median(shifts)
+    moved = f"median shift {median:+.2f} of the gap between the groups' mean images"
+    if abs(median) < JUDGE_FAINT:
+        return f"{judge}, sees the decodes barely move ({moved}): the strip shows little of what separates them."
+    if 4 * up >= 3 * n:
+        return f"{judge}, sees the decodes move towards {the_set} in {up} of {n} images ({moved})."
+    if 4 * (n - up) >= 3 * n:
+        return (f"{judge}, sees the decodes move <b>away from</b> {the_set} in {n - up} of {n} images ({moved}): "
+                f"the strip does not show what separates the groups.")
+    return f"{judge}, sees the decodes move towards {the_set} in {up} of {n} images only ({moved}): no consistent change."
+
+
 def _strip_card(finding_id: str, png_path: Path, row: Mapping) -> str:
     caption = (f"<b>{html.escape(finding_id)}</b> counterfactual: {html.escape(row['set'])} vs "
                f"{html.escape(row['rest'])}; z_sem moved from {fmt(row['sigmas'][0])} to {fmt(row['sigmas'][-1])} sd "
                f"along the difference of their means (class means {fmt(row['gap_sigma'])} sd apart); last column: "
                f"the change between the ends (red: brighter). What the model decodes, not a measured effect "
-               f"(docs/findings.md).")
+               f"(docs/findings.md). {judge_statement(row)}")
     return f"<figure class='evidence'><figcaption>{caption}</figcaption>{png(png_path)}</figure>"
 # the reader's order: what the images reveal, where they cluster, changes over time, subgroups, data quality
 GROUPS = [("leak", "What the images reveal"), ("cluster", "Where images cluster by an attribute"),
