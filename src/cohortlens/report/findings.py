@@ -110,7 +110,7 @@ def judge_statement(row: Mapping) -> str:
         return ""
     the_set = html.escape(row["set"])
     judge = (f"A pixel classifier of {the_set} vs {html.escape(row['rest'])}, fitted on {row['judge_n_set']} + "
-             f"{row['judge_n_rest']} images outside the test split (balanced accuracy {fmt(accuracy)} out of fold)")
+             f"{row['judge_n_rest']} images outside the test split (balanced accuracy {accuracy:.2f} out of fold)")
     if accuracy < JUDGE_MIN_ACCURACY:
         return f"{judge}, cannot tell the groups apart in this slice: no independent check."
     n, up = len(shifts), sum(v > 0 for v in shifts)
