@@ -26,6 +26,8 @@ Decisions (docs/findings.md, "Counterfactual strips"):
   these gets a strip.
 - **Which findings.** Root findings of the kinds above, one per (kind, attribute) in turn (largest effect first),
   until `max_findings`; a set or rest smaller than `min_set_images` is skipped.
+- **A judge per strip.** Whether the decodes move towards the set is checked by a classifier that never saw the
+  model (`analysis.strip_judge`), fitted on a sample of the direction's own images; the index keeps its verdict.
 """
 
 from __future__ import annotations
