@@ -16,7 +16,7 @@ def pattern(cy: int, cx: int) -> np.ndarray:
     return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 8.0)
 
 
-SET_MARK, OTHER_MARK, BODY = pattern(6, 6), pattern(17, 17), pattern(12, 12) * 0 + 1.0
+SET_MARK, OTHER_MARK, BODY = pattern(6, 6), pattern(17, 17), np.ones((SIZE, SIZE))
 
 
 def world(n: int, seed: int, mark: float = 0.8, trait_effect: float = 0.0):

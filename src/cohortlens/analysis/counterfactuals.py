@@ -336,16 +336,13 @@ def _strip(f: dict, frame: pl.DataFrame, Z: np.ndarray, table: AnalysisTable, st
     if not chosen:
         return None
     picked = region[chosen]
-    where = picked.select("slice_uid").with_row_index("_order").join(store.index, on="slice_uid").sort("_order")
-    if where.height != picked.height:
-        raise ValueError(f"counterfactuals {f['finding_id']}: slices of the embedding missing from the index")
-    x = center_crop(store.read(where), crop)
+    x = _slices(picked, store, crop, f["finding_id"])
     device = next(model.parameters()).device
     with torch.no_grad():
         z = model.embed(torch.from_numpy(np.ascontiguousarray(x))[:, None].to(device)).float().cpu().numpy()
     grid = counterfactual_grid(model, x, z, direction.raw, direction.sigma, s.sigmas, s.ddim_steps)
     change = np.abs(grid[:, -1] - grid[:, 0])
-    judged = _judge(region, c, fit, covariates, store, crop, s, rng, grid)
+    judged = _judge(region, c, fit, covariates, store, crop, s, rng, grid, f["finding_id"])
     png = f"{f['finding_id']}.png"
     subtitle = (f"{c.set_label} (n={direction.n_set}) vs {c.rest_label} (n={direction.n_rest}): z_sem moved along "
                 f"the difference of their means, 1 sd = {direction.sigma:.2f} (class means {direction.gap_sigma:.1f} "
@@ -366,19 +363,27 @@ def _strip(f: dict, frame: pl.DataFrame, Z: np.ndarray, table: AnalysisTable, st
             "grid": f"{f['finding_id']}.npy", **judged}
 
 
+def _slices(images: pl.DataFrame, store: SliceStore, crop: int, finding_id: str) -> np.ndarray:
+    """The decoded slice of each row of `images` (frame rows with `slice_uid`), in row order, center-cropped."""
+    where = images.select("slice_uid").with_row_index("_order").join(store.index, on="slice_uid").sort("_order")
+    if where.height != images.height:
+        raise ValueError(f"counterfactuals {finding_id}: slices of the embedding missing from the index")
+    return center_crop(store.read(where), crop)
+
+
 def _judge(region: pl.DataFrame, c: Contrast, fit: np.ndarray, covariates: np.ndarray, store: SliceStore, crop: int,
-           s: CounterfactualSettings, rng: np.random.Generator, grid: np.ndarray) -> dict:
+           s: CounterfactualSettings, rng: np.random.Generator, grid: np.ndarray, finding_id: str) -> dict:
     """The strip's judge (`analysis.strip_judge`) on the direction's own images (a sample), scoring the decodes."""
     from cohortlens.analysis.strip_judge import fit_strip_judge, judge_sample
 
     rows = judge_sample(c.in_set & fit, c.in_rest & fit, s.judge_images, rng)
-    where = region[rows].select("slice_uid").with_row_index("_order").join(store.index, on="slice_uid").sort("_order")
+    images = _slices(region[rows], store, crop, finding_id)  # a missing slice is an error, not "no judge"
     try:
-        judge = fit_strip_judge(center_crop(store.read(where), crop), c.in_set[rows], covariates[rows],
-                                n_components=s.judge_components, seed=s.seed)
+        judge = fit_strip_judge(images, c.in_set[rows], covariates[rows], n_components=s.judge_components,
+                                seed=s.seed)
     except ValueError as err:  # too few images on a side, or none the judge can tell apart
-        log.info("counterfactuals: no judge (%s)", err)
-        return dict.fromkeys(("judge_balanced_accuracy", "judge_n_set", "judge_n_rest", "judge_shift", "judge_agrees"))
+        log.info("counterfactuals %s: no judge (%s)", finding_id, err)
+        return dict.fromkeys(k for k in INDEX_SCHEMA if k.startswith("judge_"))
     delta = judge.shift(grid[:, 0], grid[:, -1])
     return {"judge_balanced_accuracy": judge.balanced_accuracy, "judge_n_set": judge.n_set,
             "judge_n_rest": judge.n_rest, "judge_shift": delta.astype(float).tolist(),
