@@ -297,6 +297,9 @@ def test_stage_writes_and_indexes_one_strip_per_finding_with_a_set(small_run):
     judge = fit_strip_judge(images[fit], (np.array(sex) == "M")[fit], ((age - age.mean()) / age.std())[fit, None])
     np.testing.assert_allclose(leak["judge_shift"], judge.shift(grid[:, 0], grid[:, -1]), rtol=1e-3, atol=1e-3)
     assert leak["judge_agrees"] == sum(v > 0 for v in leak["judge_shift"])
+    np.testing.assert_allclose(leak["judge_fold_median"],
+                               np.median(judge.fold_shifts(grid[:, 0], grid[:, -1]), axis=1), rtol=1e-3, atol=1e-3)
+    assert leak["fitted_outside_test"]
     capped = _run(root, attrs, "cfj", max_findings=1, judge_images=10).row(0, named=True)
     assert (capped["judge_n_set"], capped["judge_n_rest"]) == (5, 5)
 
@@ -309,6 +312,12 @@ def test_stage_caps_the_strips_and_skips_small_sets(small_run):
         "attribute_leak-neck-sex-m"]
     assert sorted(p.name for p in (root / "cf15").iterdir()) == ["attribute_leak-neck-sex-m.npy",
                                                                  "attribute_leak-neck-sex-m.png"]
+    # 15 men and 15 women outside the test split, 20 each in all: at 16 the sex strip is fitted on every split,
+    # and says so (its judge too)
+    fallback = _run(root, attrs, "cf16", min_set_images=16, max_findings=8)
+    assert fallback["finding_id"].to_list() == ["attribute_leak-neck-sex-m"]
+    row = fallback.row(0, named=True)
+    assert not row["fitted_outside_test"] and (row["n_set"], row["judge_n_set"]) == (20, 20)
 
 
 def test_report_shows_the_strip_beside_the_finding_and_not_in_publication(small_run):
@@ -326,23 +335,29 @@ def test_report_shows_the_strip_beside_the_finding_and_not_in_publication(small_
     assert page.count("A pixel classifier of") == 2  # every strip carries its judge's verdict
 
 
-@pytest.mark.parametrize("accuracy, shifts, verdict", [
-    (0.55, [0.5, 0.5, 0.5, 0.5], "cannot tell the groups apart"),
-    (0.95, [0.05, -0.02, 0.08, 0.01], "barely move"),
-    (0.95, [0.3, 0.4, 0.2, -0.1], "towards sex=F in 3 of 4 images (median"),
-    (0.95, [-0.3, -0.2, -0.2, 0.1], "<b>away from</b> sex=F in 3 of 4 images"),
-    (0.95, [0.5, 0.4, -0.2, -0.1], "in 2 of 4 images only"),
-    (None, None, ""),
+AGREEING_FOLDS = [0.3, 0.2, 0.25, 0.4, 0.3]
+
+
+@pytest.mark.parametrize("accuracy, shifts, folds, verdict", [
+    (0.55, [0.5, 0.5, 0.5, 0.5], AGREEING_FOLDS, "cannot tell the groups apart"),
+    (0.95, [0.05, -0.02, 0.08, 0.01], AGREEING_FOLDS, "barely move"),
+    (0.95, [0.3, 0.4, 0.2, -0.1], AGREEING_FOLDS, "towards sex=F in 3 of 4 images (median"),
+    (0.95, [0.3, 0.4, 0.2, -0.1], None, "towards sex=F in 3 of 4 images (median"),  # an index before the folds
+    (0.95, [-0.3, -0.2, -0.2, 0.1], [-v for v in AGREEING_FOLDS], "<b>away from</b> sex=F in 3 of 4 images"),
+    (0.95, [0.5, 0.4, -0.2, -0.1], AGREEING_FOLDS, "in 2 of 4 images only"),
+    (0.64, [-0.9, -0.8, -0.7, -1.0], [-0.4, 0.3, -0.6, -0.2, -0.5], "folds' judges disagree on the direction"),
+    (None, None, None, ""),
 ])
-def test_the_judge_verdict_in_the_caption(accuracy, shifts, verdict):
+def test_the_judge_verdict_in_the_caption(accuracy, shifts, folds, verdict):
     from cohortlens.report.findings import judge_statement
 
     row = {"set": "sex=F", "rest": "sex=M", "judge_n_set": 120, "judge_n_rest": 130,
-           "judge_balanced_accuracy": accuracy, "judge_shift": shifts}
+           "judge_balanced_accuracy": accuracy, "judge_shift": shifts, "judge_fold_median": folds}
     text = judge_statement(row)
     assert verdict in text if verdict else text == ""
     if verdict:
-        assert "120 + 130 images" in text
+        assert "120 + 130 images outside the test split" in text
+        assert "test split included" in judge_statement({**row, "fitted_outside_test": False})
 
 
 # ---------------------------------------------------------------------------------------------- the demo

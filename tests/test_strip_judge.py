@@ -94,3 +94,25 @@ def test_the_sample_takes_half_from_each_side_and_fills_from_the_larger():
     in_rest = (np.arange(100) >= 80)
     rows = judge_sample(np.arange(100) < 10, in_rest, 1000, rng)
     assert sorted(rows.tolist()) == [*range(10), *range(80, 100)]
+
+
+def test_fold_judges_agree_on_the_set_and_not_on_noise_seen_by_a_judge_at_chance():
+    # A judge near chance has a small gap, so an unrelated change can come out as a large shift; its cross-validation
+    # folds' judges then disagree on the sign more often than not. A good judge's folds agree on the set's own mark.
+    images, in_set, trait = world(400, seed=1)
+    weak = fit_strip_judge(images, np.random.default_rng(2).permutation(in_set), trait[:, None])
+    strong = fit_strip_judge(images, in_set, trait[:, None])
+    assert len(weak.folds) == len(strong.folds) == 5
+    rest, rng = images[~in_set][:8], np.random.default_rng(5)
+    large, agreed = 0, 0
+    for _ in range(20):
+        changed = rest + rng.normal(scale=0.5, size=(SIZE, SIZE))
+        median = np.median(weak.shift(rest, changed))
+        folds = np.median(weak.fold_shifts(rest, changed), axis=1)
+        large += abs(median) >= 0.1
+        agreed += bool(np.all((folds > 0) == (median > 0)))
+    print("weak judge, 20 noise changes: |median| >= 0.1 in", large, "all folds agree in", agreed)
+    assert large >= 10  # the inflation the folds guard against is there
+    assert agreed <= 8  # 5 independent signs would agree 6 % of the time; the folds share 3/4 of their images
+    towards = np.median(strong.fold_shifts(rest, rest + 0.8 * SET_MARK), axis=1)
+    np.testing.assert_allclose(towards, np.median(strong.shift(rest, rest + 0.8 * SET_MARK)), atol=0.15)

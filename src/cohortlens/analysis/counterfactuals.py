@@ -244,7 +244,10 @@ def render_strip(path: PathLike, title: str, subtitle: str, grid: np.ndarray, in
 # png / grid: the strip and its decodes (float16 .npy, images × sigmas × height × width) in the folder beside it.
 # judge_*: the independent pixel-space check of the strip (`analysis.strip_judge`): its cross-validated balanced
 # accuracy and sample, its logit(last σ decode) - logit(first σ decode) per image in units of its set-vs-rest logit
-# gap (judge_shift), and how many of those are > 0; null when either side has too few images to fit it.
+# gap (judge_shift), and how many of those are > 0; judge_fold_median: the median shift as each cross-validation
+# fold's judge scores it (the verdict holds only where they agree); null when either side has too few images to fit
+# it. fitted_outside_test: false where a side had too few images outside the test split, so that the direction and the
+# judge were fitted on all images, test split included.
 INDEX_SCHEMA = {"finding_id": pl.Utf8, "kind": pl.Utf8, "region": pl.Utf8, "attribute": pl.Utf8, "value": pl.Utf8,
                 "set": pl.Utf8, "rest": pl.Utf8, "n_set": pl.Int64, "n_rest": pl.Int64, "direction_norm": pl.Float64,
                 "raw_norm": pl.Float64, "sigma": pl.Float64, "gap_sigma": pl.Float64, "sigmas": pl.List(pl.Float64),
@@ -252,7 +255,8 @@ INDEX_SCHEMA = {"finding_id": pl.Utf8, "kind": pl.Utf8, "region": pl.Utf8, "attr
                 "change_per_image": pl.List(pl.Float64), "change_mean": pl.Float64, "height": pl.Int64,
                 "width": pl.Int64, "change_map": pl.List(pl.Float32), "png": pl.Utf8, "grid": pl.Utf8,
                 "judge_balanced_accuracy": pl.Float64, "judge_n_set": pl.Int64, "judge_n_rest": pl.Int64,
-                "judge_shift": pl.List(pl.Float64), "judge_agrees": pl.Int64}
+                "judge_shift": pl.List(pl.Float64), "judge_agrees": pl.Int64,
+                "judge_fold_median": pl.List(pl.Float64), "fitted_outside_test": pl.Boolean}
 
 
 def _normalisation(slices_parquet: PathLike, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,7 +310,7 @@ def counterfactuals(model_path: PathLike, slices_parquet: PathLike, index_parque
             "judge": "PCA of the pixels + the same traits, class-balanced logistic regression, fitted on a sample of "
                      "the direction's images (outside the test split); balanced accuracy out of fold; judge_shift: logit "
                      "change from the first to the last sigma over the set-vs-rest mean logit gap; judge_agrees: "
-                     "strip images whose shift is > 0"}
+                     "strip images whose shift is > 0; judge_fold_median: the median shift by each cross-validation fold's judge"}
     write_parquet(index, out_index, metadata=meta)
     return index
 
@@ -360,7 +364,7 @@ def _strip(f: dict, frame: pl.DataFrame, Z: np.ndarray, table: AnalysisTable, st
             "sides": sides, "change_per_image": change.mean(axis=(1, 2)).astype(float).tolist(),
             "change_mean": float(change.mean()), "height": int(change.shape[1]), "width": int(change.shape[2]),
             "change_map": change.mean(0).astype(np.float32).ravel().tolist(), "png": png,
-            "grid": f"{f['finding_id']}.npy", **judged}
+            "grid": f"{f['finding_id']}.npy", "fitted_outside_test": not bool((fit & is_test).any()), **judged}
 
 
 def _slices(images: pl.DataFrame, store: SliceStore, crop: int, finding_id: str) -> np.ndarray:
@@ -387,7 +391,8 @@ def _judge(region: pl.DataFrame, c: Contrast, fit: np.ndarray, covariates: np.nd
     delta = judge.shift(grid[:, 0], grid[:, -1])
     return {"judge_balanced_accuracy": judge.balanced_accuracy, "judge_n_set": judge.n_set,
             "judge_n_rest": judge.n_rest, "judge_shift": delta.astype(float).tolist(),
-            "judge_agrees": int((delta > 0).sum())}
+            "judge_agrees": int((delta > 0).sum()),
+            "judge_fold_median": np.median(judge.fold_shifts(grid[:, 0], grid[:, -1]), axis=1).astype(float).tolist()}
 
 
 def _stable(text: str) -> int:

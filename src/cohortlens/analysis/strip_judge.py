@@ -12,7 +12,10 @@ a logit per image; a strip agrees with the judge where the decode at the last σ
 the first. The change is reported as a *shift*: in units of the judge's gap between the set's and the rest's mean
 logit on its own images, so 1 means the decode moved as far as a typical set image lies from a typical rest image.
 The judge's own cross-validated balanced accuracy says how much its verdict is worth: near 0.5 the set is not
-visible in the pixels of one slice to a linear classifier, and its verdict is noise.
+visible in the pixels of one slice to a linear classifier, and its verdict is noise. A judge just above chance has a
+small gap, and dividing by it can make any change look large; so the judges of the cross-validation folds (each
+fitted on 4/5 of the images) score the strip too, and a direction only counts where they all agree on it
+(`fold_shifts`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedKFold, cross_validate
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -32,7 +35,8 @@ from sklearn.preprocessing import StandardScaler
 class StripJudge:
     """The fitted judge: the pixel PCA, the logit weight of each component at equal traits, the mean pixel logit of
     the set minus that of the rest (`gap`, > 0), and its cross-validated balanced accuracy on the images it was
-    fitted on (`n_set` + `n_rest` of them)."""
+    fitted on (`n_set` + `n_rest` of them). `folds`: the cross-validation's own judges (fitted on 4/5 of the
+    images each), as judges of their own."""
 
     pca: PCA
     weights: np.ndarray
@@ -40,6 +44,7 @@ class StripJudge:
     balanced_accuracy: float
     n_set: int
     n_rest: int
+    folds: tuple["StripJudge", ...] = ()
 
     def logit(self, images: np.ndarray) -> np.ndarray:
         """(n,) the judge's set-vs-rest logit of images (n, H, W), up to a constant (the traits held fixed)."""
@@ -53,6 +58,10 @@ class StripJudge:
     def shift(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
         """(n,) the logit change in units of `gap`: 1 = as far as the set's mean image from the rest's."""
         return self.logit_change(first, last) / self.gap
+
+    def fold_shifts(self, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """(folds, n) the shift as each fold's judge scores it."""
+        return np.stack([fold.shift(first, last) for fold in self.folds]) if self.folds else np.zeros((0, len(first)))
 
 
 def _pipeline(n_pixels: int, n_components: int, seed: int) -> Pipeline:
@@ -77,9 +86,20 @@ def fit_strip_judge(images: np.ndarray, in_set: np.ndarray, covariates: np.ndarr
     k = max(1, min(n_components, len(y) - len(y) // folds - 1, flat.shape[1]))
     X = np.hstack([flat, C])
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    accuracy = float(cross_val_score(_pipeline(flat.shape[1], k, seed), X, y, cv=cv,
-                                     scoring="balanced_accuracy").mean())
-    model = _pipeline(flat.shape[1], k, seed).fit(X, y)
+    scores = cross_validate(_pipeline(flat.shape[1], k, seed), X, y, cv=cv, scoring="balanced_accuracy",
+                            return_estimator=True, return_indices=True)
+    fold_judges = []
+    for model, train in zip(scores["estimator"], scores["indices"]["train"]):
+        try:
+            fold_judges.append(_judge(model, flat[train], y[train], k, float("nan")))
+        except ValueError:  # a fold whose logit does not separate its own images: no judge of its own
+            continue
+    return _judge(_pipeline(flat.shape[1], k, seed).fit(X, y), flat, y, k,
+                  float(np.mean(scores["test_score"])), tuple(fold_judges))
+
+
+def _judge(model: Pipeline, flat: np.ndarray, y: np.ndarray, k: int, accuracy: float,
+           folds: tuple[StripJudge, ...] = ()) -> StripJudge:
     # the logistic's weights per standardised column; the first k columns are the components
     weights = model["classify"].coef_[0][:k] / model["scale"].scale_[:k]
     pca = model["columns"].named_transformers_["pixels"]
@@ -87,7 +107,8 @@ def fit_strip_judge(images: np.ndarray, in_set: np.ndarray, covariates: np.ndarr
     gap = float(logit[y].mean() - logit[~y].mean())
     if not gap > 0:
         raise ValueError("a strip judge whose logit does not separate the set from the rest on its own images")
-    return StripJudge(pca=pca, weights=weights, gap=gap, balanced_accuracy=accuracy, n_set=n_set, n_rest=n_rest)
+    return StripJudge(pca=pca, weights=weights, gap=gap, balanced_accuracy=accuracy, n_set=int(y.sum()),
+                      n_rest=int((~y).sum()), folds=folds)
 
 
 def judge_sample(in_set: np.ndarray, in_rest: np.ndarray, max_images: int,

@@ -98,7 +98,9 @@ def counterfactual_strips(indexes: Sequence[PathLike]) -> dict[str, dict[str, tu
 
 # Display bands of the strip judge's verdict (docs/findings.md, counterfactual strips): below JUDGE_MIN_ACCURACY the
 # judge cannot tell the groups apart and gives none; a median shift under JUDGE_FAINT of the set-vs-rest gap is
-# "barely moves"; otherwise the direction of three quarters of the images decides.
+# "barely moves"; otherwise the direction of three quarters of the images decides, and only where every cross-
+# validation fold's judge (4/5 of the images) puts the median shift on the same side: a judge just above chance has a
+# small gap, and dividing by it can turn noise into a large shift.
 JUDGE_MIN_ACCURACY, JUDGE_FAINT = 0.6, 0.1
 
 
@@ -109,8 +111,10 @@ def judge_statement(row: Mapping) -> str:
     if accuracy is None or not shifts:
         return ""
     the_set = html.escape(row["set"])
+    where = ("outside the test split" if row.get("fitted_outside_test") is not False
+             else "from every split, the test split included (too few outside it)")
     judge = (f"A pixel classifier of {the_set} vs {html.escape(row['rest'])}, fitted on {row['judge_n_set']} + "
-             f"{row['judge_n_rest']} images outside the test split (balanced accuracy {accuracy:.2f} out of fold)")
+             f"{row['judge_n_rest']} images {where} (balanced accuracy {accuracy:.2f} out of fold)")
     if accuracy < JUDGE_MIN_ACCURACY:
         return f"{judge}, cannot tell the groups apart in this slice: no independent check."
     n, up = len(shifts), sum(v > 0 for v in shifts)
@@ -118,6 +122,11 @@ def judge_statement(row: Mapping) -> str:
     moved = f"median shift {median:+.2f} of the gap between the groups' mean images"
     if abs(median) < JUDGE_FAINT:
         return f"{judge}, sees the decodes barely move ({moved}): the strip shows little of what separates them."
+    folds = list(row.get("judge_fold_median") or [])
+    if (4 * up >= 3 * n or 4 * (n - up) >= 3 * n) and any((v > 0) != (median > 0) for v in folds):
+        return (f"{judge}, sees the decodes move {'towards' if median > 0 else 'away from'} {the_set} ({moved}), but "
+                f"its cross-validation folds' judges disagree on the direction (fold medians "
+                f"{', '.join(f'{v:+.2f}' for v in folds)}): no verdict.")
     if 4 * up >= 3 * n:
         return f"{judge}, sees the decodes move towards {the_set} in {up} of {n} images ({moved})."
     if 4 * (n - up) >= 3 * n:
