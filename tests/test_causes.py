@@ -25,18 +25,23 @@ START = 16222  # 2014-06-01
 STEP = START + 365
 
 
-def confounded_region(n=500, seed=0, vendor_effect=False, protocol_change=False, permute=False) -> RegionData:
+def confounded_region(n=500, seed=0, vendor_effect=False, protocol_change=False, permute=False,
+                      early_site: str | None = None) -> RegionData:
     """Site B's images are shifted (a real site effect). Vendor X is bought mostly by site B (85 % of B,
     25 % elsewhere) and site B's subjects are heavier: vendor and weight leak marginally only through site B.
     `vendor_effect` adds a real effect of vendor X; `protocol_change` a step in site B from 2015-06-01;
-    `permute` permutes every acquisition label across subjects (a null cohort)."""
+    `early_site` (C, say) a site with a look of its own that recruited in the first year only and bought vendor X
+    as often as site B; `permute` permutes every acquisition label across subjects (a null cohort)."""
     rng = np.random.default_rng(seed)
     site = np.array(list("ABCD"))[rng.integers(0, 4, n)]
-    vendor = np.where(rng.random(n) < np.where(site == "B", 0.85, 0.25), "X", "Y")
+    vendor = np.where(rng.random(n) < np.where(np.isin(site, ["B", early_site]), 0.85, 0.25), "X", "Y")
     weight = rng.normal(75, 10, n) + np.where(site == "B", 12.0, 0.0)
     days = rng.integers(START, START + 3 * 365, n)
     Z = rng.normal(size=(n, 12))
     Z[site == "B", 0] += 2.5
+    if early_site is not None:
+        days = np.where(site == early_site, rng.integers(START, START + 365, n), days)
+        Z[site == early_site, 3] += 2.5
     if vendor_effect:
         Z[vendor == "X", 1] += 1.5
     if protocol_change:
@@ -99,6 +104,24 @@ def test_a_date_step_at_one_site_is_not_a_date_effect_within_the_vendor():
     assert all(f.explained_by == "site=B" for f in echoes), [(f.value, f.details.get("p_without_rival"))
                                                              for f in echoes]
     assert not any(f.attribute == "date" for f in found)  # no date effect of its own
+
+
+def test_a_date_effect_that_two_causes_make_together_is_folded_under_the_step():
+    """Inside vendor X the date is predictable through site B's protocol change *and* through site C's own look
+    with its first-year-only recruitment. Without B's images, C's part is left; with dates permuted within the
+    sites, B's step is left: each conditioning alone leaves the effect standing (the 1000-subject confounded
+    scenario, session 15). Without B's images and with dates permuted within the sites nothing is left."""
+    found = findings_of(confounded_region(n=1000, protocol_change=True, early_site="C", seed=9))
+    within = [f for f in found if f.attribute in ("site×date", "vendor×date")]
+    described = [(f.attribute, f.value, f.explained_by, f.details.get("p_without_rival"), f.details.get("p_given"))
+                 for f in within]
+    echoes = [f for f in within if f.attribute == "vendor×date"]
+    assert {str(f.value)[0] for f in echoes} == {"X", "Y"}, described
+    for f in echoes:
+        assert f.explained_by == "site=B" and f.details["jointly_with"] == "site", described
+        assert f.details["p_without_rival"]["site=B"] <= 0.05  # without B's images alone it still stands
+    roots = [f for f in within if f.explained_by is None]
+    assert roots and all(f.attribute == "site×date" and str(f.value).startswith("B") for f in roots), described
 
 
 @pytest.mark.parametrize("seed", [3, 4])

@@ -20,7 +20,8 @@ recorded attribute B (protected and acquisition; continuous ones in quintile bin
   images — and (b) with dates permuted within another acquisition attribute's values inside the stratum
   (null: the date is no more predictable than the other attribute's values make it), provided the other
   attribute's values go with the date inside the stratum (Kruskal–Wallis p ≤ alpha; a scanner spread evenly
-  over a site's years cannot explain its date effect, a loss of power can). Attributes that are
+  over a site's years cannot explain its date effect, a loss of power can); and (c) without the rival's images
+  *and* with dates permuted within a third attribute (two causes together). Attributes that are
   largely a function of the date (a half-yearly batch: η² of the date by its values ≥ 0.3) are never used to
   condition a date effect, nor as a rival stratum of one that is not.
 
@@ -218,7 +219,9 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
     * without the images of each other significant date stratum B = b: when it vanishes, B = b's effect does
       not vanish without S = s's images, and B = b's effect survives dates permuted within S's values, B = b
       is the cause. A stratum that lies mostly inside another is the more specific one and is not explained
-      by it.
+      by it. When the effect survives without B = b's images, it is re-run without them *and* with dates
+      permuted within a third attribute C's values: two causes together (site Hamburg's protocol change and
+      site Essen's own look with its early recruitment, inside scanner Y) explain what neither explains alone.
     """
     rd = reg.rd
     cache: dict[tuple, float | None] = {}
@@ -235,6 +238,28 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
         if key not in cache:
             cache[key] = leak_p(date_attr, (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2))
         return cache[key]
+
+    def without_given(s1, v1, s2, v2, b, date_attr) -> float | None:
+        key = ("without_given", s1, v1, s2, v2, b, date_attr)
+        if key not in cache:
+            keep = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
+            cache[key] = leak_p(date_attr, keep, stratum_labels(rd, b))
+        return cache[key]
+
+    def jointly(s1, v1, s2, v2, date_attr, proxies) -> tuple[str | None, float | None]:
+        """The other attribute C (and its p) that explains what is left of the effect without B = b's images,
+        if one does: C has an effect of its own and its values go with the date in what is left."""
+        rest = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
+        best, best_p = None, None
+        for c in stratum_attributes(rd):
+            if c == s1 or c in proxies or not reg.has_effect(c):
+                continue
+            if date_association(rd, rest, c, date_attr) > reg.alpha:
+                continue
+            p = without_given(s1, v1, s2, v2, c, date_attr)
+            if p is not None and (best_p is None or p > best_p):
+                best, best_p = c, p
+        return best, best_p
 
     def given(s1, v1, b, date_attr) -> float | None:
         key = ("given", s1, v1, b, date_attr)
@@ -257,16 +282,26 @@ def explain_interactions(reg: _Region, interactions: list[Finding]) -> None:
                 continue  # mostly inside the rival: the more specific one, and too little left to test without it
             p1 = without(s1, v1, s2, v2, date_attr)
             tested[f"{s2}={v2}"] = p1
-            if p1 is None or p1 <= reg.alpha:
-                continue  # survives without the rival's images
+            test = "within-stratum date leak without the rival stratum"
+            if p1 is not None and p1 <= reg.alpha:
+                c, p_joint = jointly(s1, v1, s2, v2, date_attr, proxies)
+                if c is None:
+                    continue  # survives without the rival's images
+                tested[f"{s2}={v2}, dates within {c}"] = p_joint
+                if p_joint <= reg.alpha:
+                    continue
+                p1, test = p_joint, f"{test}, dates permuted within {c}"
+                f.details["jointly_with"] = c
+            if p1 is None:
+                continue
             p2 = without(s2, v2, s1, v1, date_attr)
             n2 = int((stratum_labels(rd, s2) == v2).sum())
-            rival_given = given(s2, v2, s1, date_attr)
+            # a date proxy (a half-yearly batch) would remove any date effect of the rival: no evidence either way
+            rival_given = None if s1 in proxies else given(s2, v2, s1, date_attr)
             if rival_given is not None and rival_given > reg.alpha:
                 continue  # the rival is itself explained by this stratum's attribute: it cannot be the cause
             if p2 is None or p2 <= reg.alpha or n2 < n1:
-                _mark(f, s2, v2, "within-stratum date leak without the rival stratum", p1, p2,
-                      inseparable=p2 is not None and p2 > reg.alpha)
+                _mark(f, s2, v2, test, p1, p2, inseparable=p2 is not None and p2 > reg.alpha)
                 break
         f.details["p_without_rival"] = tested
         if f.explained_by is not None:
