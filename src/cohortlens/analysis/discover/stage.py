@@ -53,6 +53,7 @@ from cohortlens.analysis.discover.core import (
 )
 from cohortlens.analysis.discover.explain import explain_findings
 from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.discover.subgroup_epochs import acquisition_epochs, with_epochs
 from cohortlens.analysis.table import load_analysis_table
 from cohortlens.io.tables import write_parquet
 from cohortlens.runtime import limit_threads
@@ -104,6 +105,16 @@ def run_tests(regions: list[RegionData], cfg: Mapping | None = None) -> list[Fin
         # a fresh stream: the detectors' p-values do not change when the conditional re-tests are added
         explain_echoes(regions, tests, cfg, np.random.default_rng([cfg["seed"], 1]))
         log.info("discover root causes: %.1fs", time.perf_counter() - t0)
+        # the subgroup after the root causes: their dated protocol changes are its covariates (subgroup_epochs);
+        # its tests are a family of their own, so correcting them apart changes no p-value
+        t0 = time.perf_counter()
+        epochs = acquisition_epochs(tests, cfg["alpha"])
+        subgroup_tests = subgroups.discordant_subgroups(with_epochs(regions, epochs), cfg,
+                                                        _stream(cfg, len(regions), len(DETECTORS)))
+        adjust(subgroup_tests)
+        tests += subgroup_tests
+        log.info("discover discordant subgroups (%d dated acquisition changes as covariates): %.1fs", len(epochs),
+                 time.perf_counter() - t0)
     assign_ids(tests)
     return tests
 
@@ -125,9 +136,6 @@ def _run_detectors(regions: list[RegionData], cfg: dict) -> list[Finding]:
             t0 = time.perf_counter()
             tests += detector(rd, cfg, _stream(cfg, r, d))
             log.info("discover %s %s: %.1fs", rd.region, name, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    tests += subgroups.discordant_subgroups(regions, cfg, _stream(cfg, len(regions), len(DETECTORS)))
-    log.info("discover discordant subgroups: %.1fs", time.perf_counter() - t0)
     return tests
 
 
