@@ -29,11 +29,13 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 pytestmark = pytest.mark.workflow
 
 
-def _run_scenario(name: str, root: Path, models: tuple[str, ...] = ("pca",)) -> Path:
+def _run_scenario(name: str, root: Path, models: tuple[str, ...] = ("pca",), n_subjects: int | None = None) -> Path:
     """The scenario's workflow up to the findings of `models` (default pca: the suite's tier; the trained
-    autoencoders are the `trained_models` tier, `make test-models`)."""
+    autoencoders are the `trained_models` tier, `make test-models`), at the config's size or `n_subjects`."""
     cfg = yaml.safe_load((REPO / "config" / "scenarios" / f"{name}.yaml").read_text())
     cfg["models"] = {m: cfg["models"][m] for m in models}
+    if n_subjects is not None:
+        cfg["demo"]["n_subjects"] = n_subjects
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     targets = [f"results/findings/{m}.parquet" for m in models]
@@ -123,9 +125,19 @@ def _summaries(root: Path, scenario: str) -> dict:
     return out
 
 
+# The trained models see the confounded scenario at 1000 subjects (42 in the subgroup), the pca tier at 400 (18).
+# At 400 the subgroup sits at the detection limit of the demo presets' embeddings: over training seeds 0-2, one
+# seed in three found it in every region, for vae and dae alike (docs/findings.md, discordant subgroups, Limits),
+# so a test there checks a coin. At 1000 the seed-0 models find all 7 root causes; the larger world also showed
+# two flaws of the root-cause logic that 400 subjects did not (docs/findings.md, root causes, (c)). ~7 min for
+# the workflow on 2 cores (preprocessing, both trainings, embedding and discover).
+CONFOUNDED_TRAINED_SUBJECTS = 1000
+
+
 @pytest.fixture(scope="module")
 def confounded_autoencoders(tmp_path_factory):
-    root = _run_scenario("confounded", tmp_path_factory.mktemp("confounded-ae"), AUTOENCODERS)
+    root = _run_scenario("confounded", tmp_path_factory.mktemp("confounded-ae"), AUTOENCODERS,
+                         n_subjects=CONFOUNDED_TRAINED_SUBJECTS)
     return _summaries(root, "confounded")
 
 
