@@ -184,6 +184,10 @@ def explain_cluster(reg: _Region, f: Finding) -> None:
     members = np.isin(rd.image_uids, np.asarray(f.sample_ids, dtype=object))
     view = categorical_view(rd, f.attribute)
     ok = present(view)
+    # a pocket searched after other values' pockets were set aside was found among the rest: its conditional
+    # tests compare within the same images (with the set-aside site's images as non-members, a site that shares
+    # their scanner looked enriched at every scanner)
+    ok &= ~np.isin(np.array([str(x) for x in view], dtype=object), [str(v) for v in f.details.get("set_aside") or []])
     is_v = ok & np.array([str(x) == str(f.value) for x in view])
     own = stratum_labels(rd, f.attribute)
     p_given = {b: cmh_greater(members, is_v, ok, stratum_labels(rd, b)) for b in _others(rd, f.attribute)}
@@ -192,7 +196,7 @@ def explain_cluster(reg: _Region, f: Finding) -> None:
         if not rd.specs[b].is_categorical and rd.specs[b].type != "date":
             return reg.leak_p_given(b, f.attribute)
         bview = categorical_view(rd, b)
-        bok = present(bview)
+        bok = present(bview) & ok
         counts = {}
         for v in np.unique(bview[bok].astype(str)):
             hit = bok & (bview.astype(str) == v)
