@@ -220,7 +220,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: str, *, compile_: bool = False) -> dict:
+def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: str, *, compile_: bool = False,
+                  deterministic: bool = False) -> dict:
     """One fixed-length run of the real trainer at the NAKO preset; img/s over the steps after the warm-up."""
     import polars as pl
     import torch
@@ -237,7 +238,7 @@ def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: 
     cfg = resolve_config(model_name, {"preset": "nako", **sz["overrides"][model_name], **extra})
     # log windows of `warmup` steps: the first row closes the warm-up, each row syncs the device once
     cfg.update(steps=warmup + timed, log_every=warmup, checkpoint_every=10**9, compile=compile_,
-               progress_seconds=1e9, qa_images=2, device=device_name)
+               deterministic=deterministic, progress_seconds=1e9, qa_images=2, device=device_name)
     settings = TrainSettings.from_config(cfg)
     device = select_device(device_name)
     store = SliceStore(cohort["index"])
@@ -257,14 +258,14 @@ def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: 
     row = {"model": model_name, "preset": "nako", "device": str(device), "crop": settings.crop, "batch": settings.batch_size,
            "hessian_weight": cfg.get("hessian_weight"), "params": sum(p.numel() for p in model.parameters()),
            "amp_bf16": settings.amp and device.type == "cuda", "channels_last": settings.channels_last,
-           "compile": compile_, "compile_applied": compile_ and device.type == "cuda",
+           "compile": compile_, "compile_applied": compile_ and device.type == "cuda", "deterministic": deterministic,
            "warmup_steps": warmup, "timed_steps": timed, "img_per_s": round(rate, 2),
            "median_window_img_per_s": round(statistics.median(r["img_per_s"] for r in log[1:]), 2),
            "first_steps_s": round(first["elapsed_s"], 3), "final_loss": last["loss"],
            "model_path": str(result.model_path)}
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if not compile_:
+    if not compile_ and not deterministic:
         # bench/train_throughput.py's measure: the data stream alone (read + random crop, one process)
         sys.path.insert(0, str(BENCH))
         from train_throughput import data_rate
@@ -378,14 +379,14 @@ def _embeddings(folder: Path):
     return s, v, es, ev
 
 
-def demo_job(model_name: str, cohort: dict, out: Path, sz: dict, device_name: str) -> dict:
+def demo_job(model_name: str, cohort: dict, out: Path, sz: dict, device_name: str, deterministic: bool = False) -> dict:
     """The workflow's train and embed jobs of one model at the demo preset (config/config.yaml's models entry)."""
     from cohortlens.embed.autoencoder import embed_autoencoder
     from cohortlens.io.tables import read_parquet_metadata
     from cohortlens.models.registry import resolve_config
     from cohortlens.models.training.stage import train_from_files
 
-    cfg = {"preset": "demo", "seed": 0, "device": device_name, **sz["demo_overrides"]}
+    cfg = {"preset": "demo", "seed": 0, "device": device_name, "deterministic": deterministic, **sz["demo_overrides"]}
     t0 = time.perf_counter()
     result = train_from_files(model_name, cfg, cohort["index"], cohort["splits"], model_path=out / "model.pt",
                               threads=sz["threads"])
@@ -400,12 +401,13 @@ def demo_job(model_name: str, cohort: dict, out: Path, sz: dict, device_name: st
             "meta": read_parquet_metadata(out / "emb" / "slices.parquet")}
 
 
-def check_demo_pair(model_name: str, cohort: dict, out: Path, sz: dict, device_name: str) -> dict:
+def check_demo_pair(model_name: str, cohort: dict, out: Path, sz: dict, device_name: str,
+                    deterministic: bool = False) -> dict:
     """Two seeded runs of the demo train + embed jobs: shapes, NaN, and whether they agree bit for bit."""
     import numpy as np
     import polars as pl
 
-    runs = [demo_job(model_name, cohort, out / tag, sz, device_name) for tag in ("a", "b")]
+    runs = [demo_job(model_name, cohort, out / tag, sz, device_name, deterministic) for tag in ("a", "b")]
     index = pl.read_parquet(cohort["index"])
     s, v, es, ev = _embeddings(out / "a" / "emb")
     _, _, es2, ev2 = _embeddings(out / "b" / "emb")
@@ -443,8 +445,9 @@ def part_determinism(args, work: Path, out_json: Path) -> None:
         warnings.simplefilter("always")
         for model_name in ("vae", "dae"):
             try:
+                # the trainer's own `deterministic: true` (its configure_cuda would otherwise undo the global switch)
                 res["models"][model_name] = check_demo_pair(model_name, cohort, work / "strict" / model_name, sz,
-                                                            args.device)
+                                                            args.device, deterministic=True)
             except Exception as exc:
                 res["models"][model_name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             out_json.write_text(json.dumps(res, indent=1, default=str))
@@ -493,7 +496,23 @@ def part_compile(args, work: Path, out_json: Path) -> None:
         out_json.write_text(json.dumps(res, indent=1, default=str))
 
 
-PARTS = {"determinism": part_determinism, "compile": part_compile}
+def part_deterministic_train(args, work: Path, out_json: Path) -> None:
+    """The vae and dae NAKO presets with `deterministic: true` (a fresh process, as a job: CUBLAS_WORKSPACE_CONFIG
+    is read when cuBLAS starts): what identical reruns cost at full size."""
+    sz = sizes(args.tiny, args)
+    cohort = json.loads((work / "cohort.json").read_text())
+    res: dict = {}
+    for variant in ("vae", "dae"):
+        try:
+            res[variant] = train_variant(variant, cohort, work / "deterministic" / variant, sz, args.device,
+                                         deterministic=True)
+        except Exception as exc:
+            res[variant] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        out_json.write_text(json.dumps(res, indent=1, default=str))
+
+
+PARTS = {"determinism": part_determinism, "compile": part_compile, "deterministic_train": part_deterministic_train}
+SECTIONS = ("train", "supervised", "embed", "demo", "deterministic_train", "compile")
 
 
 def run_part(name: str, args, work: Path, timeout: float, env: dict | None = None) -> dict:
@@ -572,11 +591,11 @@ def markdown(rep: dict) -> str:
     lines += ["## Training (NAKO presets)", "",
               "| run | crop, batch | bf16, channels_last | compile | img/s | median window img/s | first steps s | "
               "peak GiB | data stream alone img/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for table in ("train", "compile"):
+    for table in ("train", "deterministic_train", "compile"):
         for k, r in (rep.get(table) or {}).items():
             if k.startswith("_"):
                 continue
-            label = k if table == "train" else f"{k} (compile)"
+            label = {"train": k, "compile": f"{k} (compile)", "deterministic_train": f"{k} (deterministic)"}[table]
             if "error" in r:
                 lines.append(f"| {label} | error: {r['error'][:200]} | | | | | | | |")
                 continue
@@ -586,6 +605,11 @@ def markdown(rep: dict) -> str:
                          f"{_fmt(r['first_steps_s'])} | {_fmt(r.get('peak_mem_gib'))} | "
                          f"{_fmt(r.get('data_stream_img_per_s'), 4)} |")
     lines.append("")
+    det = rep.get("deterministic_train") or {}
+    if det:
+        lines += [f"Deterministic runs (`deterministic: true`, subprocess): {det.get('_process', {}).get('status')}; "
+                  + "; ".join(f"{k}: {_fmt(r.get('slowdown'))}× the eager default's time per image"
+                              for k, r in det.items() if not k.startswith("_") and "error" not in r), ""]
     comp = rep.get("compile") or {}
     if comp:
         lines += [f"torch.compile runs: {comp.get('_process', {}).get('status')}; "
@@ -654,6 +678,8 @@ def parse_args(argv=None):
     ap.add_argument("--demo-steps", type=int, default=None, help="override the demo presets' steps")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--pack-wheel", nargs="*", default=None, help="(bench/gpu_wheels.sh) store these wheels as .whl.xz")
+    ap.add_argument("--only", default=None, help=f"comma-separated sections to run after setup and the cohort "
+                    f"(default: all but deterministic_train): {', '.join(SECTIONS)}")
     ap.add_argument("--part", choices=sorted(PARTS), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part-json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
@@ -736,6 +762,10 @@ def main(argv=None) -> int:
             return 2
         args.device = "cpu" if args.cpu else "auto"  # auto: the pipeline's own device choice (must pick CUDA here)
         sz = sizes(args.tiny, args)
+        wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
+        if wanted - set(SECTIONS):
+            raise SystemExit(f"--only: unknown sections {sorted(wanted - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
+        rep["sections"] = sorted(wanted)
         rep["sizes"] = {k: v for k, v in sz.items() if k != "overrides"}
 
         cohort = section("cohort", make_cohort, work / "cohort", size=sz["canvas"], subjects=sz["subjects"],
@@ -744,17 +774,17 @@ def main(argv=None) -> int:
             rep["cohort"] = {k: v for k, v in cohort.items() if not k.startswith("_")}
             (work / "cohort.json").write_text(json.dumps(rep["cohort"]))
             rep["train"], rep["embed"] = {}, {}
-            for variant in VARIANTS:
+            for variant in VARIANTS if wanted & {"train", "embed", "compile", "deterministic_train"} else ():
                 row = section(f"train {variant}", train_variant, variant, cohort, work / "train" / variant, sz, args.device)
                 rep["train"][variant] = row or {"error": rep["errors"][-1]["error"]}
                 write()
             rep["supervised"] = {}
-            for arch in SUPERVISED:
+            for arch in SUPERVISED if "supervised" in wanted else ():
                 row = section(f"train {arch}", train_supervised_check, arch, cohort, work / "supervised" / arch, sz,
                               args.device)
                 rep["supervised"][arch] = row or {"error": rep["errors"][-1]["error"]}
                 write()
-            for model_name in ("vae", "dae"):
+            for model_name in ("vae", "dae") if "embed" in wanted else ():
                 trained = rep["train"].get(model_name, {})
                 if "model_path" not in trained:
                     continue
@@ -763,7 +793,7 @@ def main(argv=None) -> int:
                 rep["embed"][model_name] = row or {"error": rep["errors"][-1]["error"]}
                 write()
 
-        demo = section("demo cohort", make_cohort, work / "demo", size=sz["demo_size"], subjects=sz["demo_subjects"],
+        demo = "demo" in wanted and section("demo cohort", make_cohort, work / "demo", size=sz["demo_size"], subjects=sz["demo_subjects"],
                        slices=16, threads=sz["cohort_threads"])
         if demo:
             (work / "demo_cohort.json").write_text(json.dumps({k: v for k, v in demo.items() if not k.startswith("_")}))
@@ -777,8 +807,9 @@ def main(argv=None) -> int:
             if not args.cpu:
                 rep["determinism_note"] = (
                     "Default settings on CUDA: cudnn.benchmark picks convolution algorithms per run, and some CUDA "
-                    "backward kernels accumulate with atomics, so two seeded runs may differ in the last bits; the "
-                    "deterministic-algorithms run below shows what CUDA can make identical.")
+                    "backward kernels accumulate with atomics, so two seeded runs can differ, and training "
+                    "amplifies the difference; the run below with the trainer's `deterministic: true` shows what "
+                    "CUDA can make identical.")
             if left() > 30:
                 rep["determinism_strict"] = section("determinism (strict)", run_part, "determinism", args, work,
                                                     max(10.0, left() - 15), {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
@@ -786,7 +817,24 @@ def main(argv=None) -> int:
                 rep["determinism_strict"] = {"_process": {"status": "skipped: time budget spent"}}
             write()
 
-        if cohort and args.cpu:
+        if cohort and "deterministic_train" in wanted and not args.cpu and left() > 60:
+            det = section("deterministic train", run_part, "deterministic_train", args, work, max(10.0, left() - 30),
+                          {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}) or {}
+            for k, r in det.items():
+                eager = rep["train"].get(k, {})
+                if not k.startswith("_") and "img_per_s" in r and eager.get("img_per_s"):
+                    r["slowdown"] = round(eager["img_per_s"] / r["img_per_s"], 3)
+            rep["deterministic_train"] = det
+            write()
+        elif cohort and "deterministic_train" in wanted and args.cpu:
+            section("deterministic train", part_deterministic_train, args, work, work / "part-deterministic_train.json")
+            p = work / "part-deterministic_train.json"
+            rep["deterministic_train"] = {**(json.loads(p.read_text()) if p.exists() else {}),
+                                          "_process": {"status": "in-process on the CPU: a no-op there"}}
+            write()
+        if "compile" not in wanted:
+            comp = None
+        elif cohort and args.cpu:
             # the trainer compiles on CUDA only: on the CPU the part runs in this process, compile asked, not applied
             section("compile", part_compile, args, work, work / "part-compile.json")
             comp = json.loads((work / "part-compile.json").read_text()) if (work / "part-compile.json").exists() else {}
@@ -806,7 +854,7 @@ def main(argv=None) -> int:
                 r["helps"] = bool(r["compile_applied"] and r["speedup"] > 1.05 and not r.get("fallback_to_eager"))
             rep["compile"] = comp
             write()
-        elif cohort:
+        elif cohort and "compile" in wanted:
             rep["compile"] = {"_process": {"status": "skipped: time budget spent"}}
 
         targets = {}

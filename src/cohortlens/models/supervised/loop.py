@@ -30,7 +30,7 @@ from cohortlens.models.training.checkpoint import (
 from cohortlens.models.training.data import batch_loader
 from cohortlens.models.training.loop import lr_lambda, to_device
 from cohortlens.models.training.progress import Progress, fmt_time
-from cohortlens.runtime import bf16_autocast, limit_threads, select_device
+from cohortlens.runtime import bf16_autocast, configure_cuda, limit_threads, select_device
 from cohortlens.types import PathLike
 
 LOG = logging.getLogger("cohortlens.models.supervised")
@@ -77,8 +77,7 @@ def train_supervised(network: nn.Module, heads: Sequence[Head], data: LabelledBa
     (then `TrainingPreempted` is raised). A finished run found on disk is loaded, not trained again."""
     heads = tuple(heads)
     device = select_device(settings.device)
-    if device.type != "cpu":
-        torch.backends.cudnn.benchmark = True
+    configure_cuda(device, settings.deterministic)
     with limit_threads(threads, device=device):
         return _train(network, heads, data, settings, Path(out_dir), device, name, fingerprint_, on_epoch, threads)
 

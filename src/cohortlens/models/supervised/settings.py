@@ -31,11 +31,12 @@ class SupervisedSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True
+    deterministic: bool = False  # CUDA: deterministic kernels, two seeded runs identical (runtime.configure_cuda)
     predict_batch_size: int = 256
 
     # keys that change how a run goes but not where it ends up: a checkpoint stays resumable when they change
     OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "progress_seconds", "num_workers", "device",
-                   "amp", "channels_last", "predict_batch_size")
+                   "amp", "channels_last", "deterministic", "predict_batch_size")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | "SupervisedSettings" | None) -> "SupervisedSettings":

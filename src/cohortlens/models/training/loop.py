@@ -29,7 +29,7 @@ from cohortlens.models.training.data import SliceBatches, batch_loader
 from cohortlens.models.training.ema import ema_update
 from cohortlens.models.training.progress import Progress, fmt_time, open_tensorboard, save_qa_grid, write_log_csv
 from cohortlens.models.training.settings import TrainSettings
-from cohortlens.runtime import bf16_autocast, limit_threads, select_device
+from cohortlens.runtime import bf16_autocast, configure_cuda, limit_threads, select_device
 from cohortlens.types import PathLike
 
 LOG = logging.getLogger("cohortlens.models.training")
@@ -106,8 +106,7 @@ def train(
     log_csv = Path(log_csv or out_dir / "train_log.csv")
     reconstructions = Path(reconstructions or out_dir / "reconstructions.png")
     device = select_device(settings.device)
-    if device.type != "cpu":
-        torch.backends.cudnn.benchmark = True
+    configure_cuda(device, settings.deterministic)
     with limit_threads(threads, device=device):  # caps torch and BLAS threads on the CPU only
         return _train(model, data, settings, out_dir, device, config=config, fingerprint_=fingerprint_,
                       qa_batch=qa_batch, model_path=model_path, log_csv=log_csv, reconstructions=reconstructions,

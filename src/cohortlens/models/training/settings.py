@@ -37,12 +37,13 @@ class TrainSettings:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # NHWC tensors (faster on CUDA and on the CPU)
     compile: bool = False  # torch.compile the training step on CUDA
+    deterministic: bool = False  # CUDA: deterministic kernels, two seeded runs identical (runtime.configure_cuda)
     tensorboard: bool = False
     qa_images: int = 8
 
     # keys that change how a run goes but not where it ends up: a checkpoint stays resumable when they change
     OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "progress_seconds", "num_workers", "device",
-                   "amp", "channels_last", "compile", "tensorboard", "qa_images", "embed_batch_size", "normalise")
+                   "amp", "channels_last", "compile", "deterministic", "tensorboard", "qa_images", "embed_batch_size", "normalise")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
