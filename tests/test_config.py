@@ -239,6 +239,14 @@ def test_every_mistake_is_reported_together(cfg):
         assert f"config key {key}" in text
 
 
+def test_deterministic_is_a_trainer_key_of_models_and_baselines(cfg):
+    cfg["models"]["vae"]["deterministic"] = True
+    cfg.setdefault("baselines", {}).setdefault("resnet10", {"preset": "demo"})["deterministic"] = True
+    assert problems_of(cfg) == []
+    cfg["models"]["vae"]["determinstic"] = True
+    assert "config key models.vae.determinstic" in one_problem(cfg) and "deterministic" in one_problem(cfg)
+
+
 def test_the_check_does_not_change_the_config(cfg):
     del cfg["report"]
     before = copy.deepcopy(cfg)

@@ -272,6 +272,8 @@ def test_fingerprint_ignores_operational_keys_but_not_the_recipe_or_data():
     cfg = resolve_config("vae", tiny_config())
     base = fingerprint("vae", cfg, ["a/0", "a/1"])
     assert base == fingerprint("vae", {**cfg, "num_workers": 4, "checkpoint_every": 7, "device": "cuda"}, ["a/0", "a/1"])
+    # deterministic kernels change the last bits, not the recipe: a study can switch them on and resume
+    assert base == fingerprint("vae", {**cfg, "deterministic": True}, ["a/0", "a/1"])
     assert base == fingerprint("vae", {**cfg, "steps": 10_000}, ["a/0", "a/1"])  # extend a constant-lr run
     assert base != fingerprint("vae", {**cfg, "lr_schedule": "cosine"}, ["a/0", "a/1"])
     assert base != fingerprint("vae", {**cfg, "lr": 1e-4}, ["a/0", "a/1"])
