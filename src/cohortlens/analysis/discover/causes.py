@@ -11,8 +11,14 @@ recorded attribute B (protected and acquisition; continuous ones in quintile bin
   permuted labels as on the real ones. A number given a number (weight given height) keeps B's linear part of
   A and permutes only the residuals (Freedman–Lane): bins of a strong covariate leave residual confounding.
   cleanlab's non-IID drift along the date is re-tested as a date leak given B.
-* **cluster / pocket enrichment**: a one-sided Cochran–Mantel–Haenszel test of (member, A = a) stratified by
-  B. Its null is "within every stratum of B, A = a is no more common in the group than outside it".
+* **density-cluster enrichment**: a one-sided Cochran–Mantel–Haenszel test of (member, A = a) stratified by
+  B. Its null is "within every stratum of B, A = a is no more common in the group than outside it". A density
+  cluster is found without A's labels, so the test does not inherit a selection.
+* **neighbourhood pockets of A = a**: the pocket search itself re-run with A's labels permuted within strata of
+  B (among the images the search saw), the null of the largest pocket of a against this pocket's size. A
+  pocket is *selected* by A's labels, so a CMH test of the same labels given B inherits the selection: an echo
+  of B still looked enriched given B (an A that shares a scanner with a look of its own: p_given 0.006). The
+  permutation repeats the selection under the null "A's labels are exchangeable within B's strata".
 * **date effects within a stratum** (date within site S, date within scanner X; leaks, cluster comparisons and
   cleanlab's non-IID alike): the within-stratum date leak re-run (a) without the images of another
   significant date stratum — when the protocol change of site S is the cause, "date within scanner X"
@@ -34,7 +40,8 @@ p_conditional, p_reverse, test); the report folds them under their root cause. A
 conditioning says so (`details.survives_conditioning`).
 
 These conditional p-values only ever demote a finding selected by its marginal test; they are never reported
-as evidence for a finding, so the selection on the same data makes them conservative, not liberal.
+as evidence for a finding. A conditional test that inherits the selection is too small, and then an echo
+survives as a finding of its own; the pocket test above repeats the selection for that reason.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
+from cohortlens.analysis.discover.clusters import knn, largest_pocket_null, p_of
 from cohortlens.analysis.discover.core import (
     INTERACTION_SEP,
     Finding,
@@ -50,7 +58,7 @@ from cohortlens.analysis.discover.core import (
     date_proxies,
     stratum_attributes,
 )
-from cohortlens.analysis.discover.leaks import _run
+from cohortlens.analysis.discover.leaks import _run, permutation_index
 from cohortlens.analysis.table import present
 
 MISSING = "(missing)"
@@ -105,6 +113,12 @@ class _Region:
         self.seed = int(rng.integers(2**31))
         self.findings = findings
         self._leak_cache: dict[tuple[str, str], float] = {}
+        self._knn: dict[int, np.ndarray] = {}
+
+    def neighbours(self, k: int) -> np.ndarray:
+        if k not in self._knn:
+            self._knn[k] = knn(self.rd.Zc, k)
+        return self._knn[k]
 
     def has_effect(self, attribute: str) -> bool:
         return any(f.attribute == attribute for f in self.findings)
@@ -140,6 +154,25 @@ class _Region:
             res = _run(self.rd, attribute, self.cfg, np.random.default_rng(self.seed), strata=strata)
             self._leak_cache[key] = 1.0 if res is None else float(res["p"])
         return self._leak_cache[key]
+
+
+def pocket_p_given(reg: _Region, f: Finding, ok: np.ndarray, given: str) -> float:
+    """The pocket search of A = a repeated with A's labels permuted within strata of `given` among the images it
+    searched (`ok`; a date also within its acquisition strata, as in its own search): p of this pocket's size
+    against the largest pocket of a in each permuted cohort."""
+    rd, cfg = reg.rd, reg.cfg
+    nbrs = reg.neighbours(int(f.details["k"]))
+    codes = np.array([str(x) for x in categorical_view(rd, f.attribute)], dtype=object)
+    strata = stratum_labels(rd, given)
+    if rd.specs[f.attribute].type == "date" and rd.strata() is not None:
+        strata = np.array([f"{a}|{b}" for a, b in zip(rd.strata(), strata)], dtype=object)
+    searched = np.flatnonzero(ok)
+    local = permutation_index(len(searched), cfg["pocket_permutations"], np.random.default_rng(reg.seed),
+                              strata[searched])
+    perm = np.tile(np.arange(rd.n), (len(local), 1))
+    perm[:, searched] = searched[local]
+    null = largest_pocket_null(codes, ok, [str(f.value)], perm, nbrs, cfg)
+    return p_of(int(f.details["neighbourhoods"]), null)
 
 
 def _mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p_reverse: float | None,
@@ -190,7 +223,14 @@ def explain_cluster(reg: _Region, f: Finding) -> None:
     ok &= ~np.isin(np.array([str(x) for x in view], dtype=object), [str(v) for v in f.details.get("set_aside") or []])
     is_v = ok & np.array([str(x) == str(f.value) for x in view])
     own = stratum_labels(rd, f.attribute)
-    p_given = {b: cmh_greater(members, is_v, ok, stratum_labels(rd, b)) for b in _others(rd, f.attribute)}
+    pocket = f.details.get("method") == "knn_pocket"
+    if pocket:
+        # only where B could explain it (an attribute without an effect of its own is skipped by _decide anyway):
+        # each of these re-runs the pocket search pocket_permutations times
+        p_given = {b: (pocket_p_given(reg, f, ok, b) if reg.has_effect(b) else
+                       cmh_greater(members, is_v, ok, stratum_labels(rd, b))) for b in _others(rd, f.attribute)}
+    else:
+        p_given = {b: cmh_greater(members, is_v, ok, stratum_labels(rd, b)) for b in _others(rd, f.attribute)}
 
     def reverse(b: str) -> float:
         if not rd.specs[b].is_categorical and rd.specs[b].type != "date":
@@ -204,7 +244,7 @@ def explain_cluster(reg: _Region, f: Finding) -> None:
         best = max(counts, key=counts.get)
         return cmh_greater(members, bok & (bview.astype(str) == best), bok, own)
 
-    _decide(reg, f, p_given, reverse, "Cochran-Mantel-Haenszel")
+    _decide(reg, f, p_given, reverse, "pocket search permuted within strata" if pocket else "Cochran-Mantel-Haenszel")
 
 
 def _stratum_of(f: Finding) -> tuple[str, str, str]:

@@ -303,7 +303,7 @@ def pockets_of(sig: np.ndarray, nbrs: np.ndarray, min_pocket: int) -> list[np.nd
     return [g for g in groups if len(g) >= min_pocket]
 
 
-def _largest_pocket_null(codes, ok, values, perm, nbrs, cfg) -> np.ndarray:
+def largest_pocket_null(codes, ok, values, perm, nbrs, cfg) -> np.ndarray:
     """Size of the largest pocket over all values, for every permuted label vector."""
     null = np.zeros(len(perm))
     batch = max(1, int(2e7 // (nbrs.size + 1)))  # bounds the (batch, n, k) neighbour-count arrays
@@ -358,7 +358,7 @@ def neighbourhood_pockets(rd: RegionData, cfg: dict, rng: np.random.Generator) -
                                       strata[rem] if (is_date and strata is not None) else None)
             perm = np.tile(np.arange(rd.n), (len(local), 1))
             perm[:, rem] = rem[local]
-            null = _largest_pocket_null(codes, remaining, values, perm, nbrs, cfg)
+            null = largest_pocket_null(codes, remaining, values, perm, nbrs, cfg)
             stat = {v: max(len(g) for g in groups) for v, groups in found.items()}
             best = max(stat, key=stat.get)
             final = p_of(stat[best], null) > cfg["alpha"]
