@@ -23,7 +23,8 @@ from cohortlens.analysis.discover.leaks import _run, permutation_index
 from cohortlens.analysis.table import present
 
 MISSING = "(missing)"
-BINS = 5  # quantile bins of a continuous or date attribute used as strata
+BINS = 5  # quantile bins of a continuous or date attribute used as strata (CMH; two numbers jointly)
+BLOCK = 10  # images per block of one number or date inside its categorical cell (permutation strata)
 
 
 def stratum_labels(rd: RegionData, attribute: str) -> np.ndarray:
@@ -41,14 +42,28 @@ def stratum_labels(rd: RegionData, attribute: str) -> np.ndarray:
 
 
 def joint_labels(rd: RegionData, attributes: tuple[str, ...], within_acquisition: bool = False) -> np.ndarray:
-    """The cross of the attributes' strata (vendor × age quintile); with `within_acquisition` also crossed with
-    the region's acquisition strata, which a date is always tested within."""
-    parts = [stratum_labels(rd, b) for b in attributes]
+    """Strata for conditioning on the attributes jointly (with `within_acquisition` also within the region's
+    acquisition strata, which a date is always tested within). Categories are crossed. One number or date among
+    them becomes blocks of BLOCK images adjacent in it inside each categorical cell: quintiles left the age
+    difference inside the top bin, so an older site still looked older given age (the confounded scenario's
+    Mannheim pocket). Two numbers are crossed as quintiles."""
+    categorical = [b for b in attributes if rd.specs[b].is_categorical]
+    numbers = [b for b in attributes if not rd.specs[b].is_categorical]
+    parts = [stratum_labels(rd, b) for b in categorical + (numbers if len(numbers) > 1 else [])]
     if within_acquisition and rd.strata() is not None:
         parts.insert(0, np.asarray(rd.strata(), dtype=object))
-    if len(parts) == 1:
-        return parts[0]
-    return np.array(["|".join(map(str, t)) for t in zip(*parts)], dtype=object)
+    cells = (np.array(["|".join(map(str, t)) for t in zip(*parts)], dtype=object) if parts
+             else np.full(rd.n, "", dtype=object))
+    if len(numbers) != 1:
+        return cells
+    values = rd.values(numbers[0])
+    ok = present(values)
+    out = np.array([f"{c}|{MISSING}" for c in cells], dtype=object)
+    for cell in np.unique(cells[ok]):
+        idx = np.flatnonzero(ok & (cells == cell))
+        order = idx[np.argsort(values[idx].astype(float), kind="stable")]
+        out[order] = [f"{cell}|b{i // BLOCK}" for i in range(len(order))]
+    return out
 
 
 def cmh_greater(members: np.ndarray, is_v: np.ndarray, ok: np.ndarray, strata: np.ndarray) -> float:
