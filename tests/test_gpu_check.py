@@ -55,6 +55,10 @@ def test_gpu_check_runs_whole_on_the_cpu_at_tiny_sizes(tmp_path):
     assert all(r["img_per_s"] > 0 and r["compile"] and not r["compile_applied"] and not r["helps"]
                for k, r in rep["compile"].items() if not k.startswith("_"))
 
+    # the trainer's deterministic key at the NAKO presets (on the CPU a no-op: the rows exist and ran)
+    det = {k: r for k, r in rep["deterministic_train"].items() if not k.startswith("_")}
+    assert set(det) == {"vae", "dae"} and all(r["deterministic"] and r["img_per_s"] > 0 for r in det.values()), det
+
     # the supervised engine (baselines, finding networks) for each architecture, through train_supervised
     assert set(rep["supervised"]) == {"resnet10", "resnet34", "densenet121"}
     for name, row in rep["supervised"].items():
@@ -85,6 +89,19 @@ def test_gpu_check_runs_whole_on_the_cpu_at_tiny_sizes(tmp_path):
     assert t["embed_vae_slices_per_s"]["target"] == t["embed_dae_slices_per_s"]["target"] == 3000
     assert not any(x["applies"] for x in t.values())  # the targets are for the GPU at full size
     assert "## Training (NAKO presets)" in md and "## Embedding" in md and "2nd run identical" in md
+
+
+def test_gpu_check_only_runs_the_named_sections_and_rejects_an_unknown_one(tmp_path):
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--only", "compile,traning", "--out",
+                          str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert bad.returncode != 0 and "traning" in bad.stderr and "deterministic_train" in bad.stderr
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--only", "train", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    rep = json.loads((out / "gpu_check.json").read_text())
+    assert rep["sections"] == ["train"] and set(rep["train"]) == {"vae", "vae_no_hessian", "dae"}
+    assert not rep.get("supervised") and not rep.get("embed") and "demo" not in rep and "compile" not in rep
 
 
 def fake_wheel(folder: Path, name: str = "gpucheck_fake", version: str = "1.0") -> Path:
