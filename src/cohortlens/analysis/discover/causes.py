@@ -34,7 +34,9 @@ recorded attribute B (protected and acquisition; continuous ones in quintile bin
 A finding is an **echo of B** when its conditional test given B is no longer significant (p > alpha), B has a
 significant finding of its own in that region, and B's effect survives conditioning on A (the asymmetry that
 names the cause). When neither survives the other (two attributes too collinear to separate), the one with
-the weaker marginal evidence is marked explained with `inseparable: true`. Echoes keep their row in
+the weaker marginal evidence is marked explained with `inseparable: true`. A leak, cluster or pocket that no
+single B explains is tried given two attributes jointly (`_decide_jointly`; the named one gets the other as
+`details.jointly_with`). The tests themselves live in `conditional`. Echoes keep their row in
 findings.parquet with `explained_by = "B=value"` and `details.explained_by` (attribute, value, p_marginal,
 p_conditional, p_reverse, test); the report folds them under their root cause. A finding that survives every
 conditioning says so (`details.survives_conditioning`).
