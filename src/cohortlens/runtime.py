@@ -35,7 +35,7 @@ def configure_cuda(device: torch.device, deterministic: bool = False) -> None:
     """cuDNN autotuning, or deterministic kernels. Default CUDA settings let two seeded runs drift apart: the
     GPU check measured the demo VAE's embeddings of two such runs 1.79 apart (max abs), since cudnn.benchmark picks
     algorithms per run and some backward kernels accumulate with atomics. `deterministic` makes them identical
-    (1.4x the demo VAE's training time there: docs/benchmarks.md). A no-op on the CPU, which is deterministic."""
+    (1.2-1.4x the demo models' training time there: docs/benchmarks.md). A no-op on the CPU, which is deterministic."""
     import os
 
     import torch

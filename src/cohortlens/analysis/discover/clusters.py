@@ -303,6 +303,17 @@ def pockets_of(sig: np.ndarray, nbrs: np.ndarray, min_pocket: int) -> list[np.nd
     return [g for g in groups if len(g) >= min_pocket]
 
 
+def permuted_among(searched: np.ndarray, n_perm: int, rng: np.random.Generator,
+                   strata: np.ndarray | None = None) -> np.ndarray:
+    """(n_perm, n) index rows that permute the labels among the `searched` images only (within `strata`, if
+    given); every other image keeps its own label."""
+    idx = np.flatnonzero(searched)
+    local = permutation_index(len(idx), n_perm, rng, None if strata is None else strata[idx])
+    perm = np.tile(np.arange(len(searched)), (len(local), 1))
+    perm[:, idx] = idx[local]
+    return perm
+
+
 def largest_pocket_null(codes, ok, values, perm, nbrs, cfg) -> np.ndarray:
     """Size of the largest pocket over all values, for every permuted label vector."""
     null = np.zeros(len(perm))
@@ -353,11 +364,8 @@ def neighbourhood_pockets(rd: RegionData, cfg: dict, rng: np.random.Generator) -
                 break
             # Null of the largest pocket over the values in play: labels permuted among the remaining images
             # (dates within site), the graph fixed.
-            rem = np.flatnonzero(remaining)
-            local = permutation_index(len(rem), cfg["pocket_permutations"], rng,
-                                      strata[rem] if (is_date and strata is not None) else None)
-            perm = np.tile(np.arange(rd.n), (len(local), 1))
-            perm[:, rem] = rem[local]
+            perm = permuted_among(remaining, cfg["pocket_permutations"], rng,
+                                  strata if (is_date and strata is not None) else None)
             null = largest_pocket_null(codes, remaining, values, perm, nbrs, cfg)
             stat = {v: max(len(g) for g in groups) for v, groups in found.items()}
             best = max(stat, key=stat.get)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from cohortlens.analysis.discover.clusters import knn, largest_pocket_null, p_of
+from cohortlens.analysis.discover.clusters import knn, largest_pocket_null, p_of, permuted_among
 from cohortlens.analysis.discover.core import Finding, RegionData, categorical_view
-from cohortlens.analysis.discover.leaks import _run, permutation_index
+from cohortlens.analysis.discover.leaks import _run
 from cohortlens.analysis.table import present
 
 MISSING = "(missing)"
@@ -141,10 +141,6 @@ class RegionTests:
         nbrs = self.neighbours(int(f.details["k"]))
         codes = np.array([str(x) for x in categorical_view(rd, f.attribute)], dtype=object)
         strata = joint_labels(rd, given, within_acquisition=rd.specs[f.attribute].type == "date")
-        searched = np.flatnonzero(ok)
-        local = permutation_index(len(searched), cfg["pocket_permutations"], np.random.default_rng(self.seed),
-                                  strata[searched])
-        perm = np.tile(np.arange(rd.n), (len(local), 1))
-        perm[:, searched] = searched[local]
+        perm = permuted_among(ok, cfg["pocket_permutations"], np.random.default_rng(self.seed), strata)
         null = largest_pocket_null(codes, ok, [str(f.value)], perm, nbrs, cfg)
         return p_of(int(f.details["neighbourhoods"]), null)
