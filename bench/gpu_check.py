@@ -154,7 +154,7 @@ def sizes(tiny: bool, args) -> dict:
                                "qa_images": 2, "ddim_steps": 4},
             "embed_batch": 64, "embed_repeats": 1, "threads": 1, "cohort_threads": 1,
             "supervised_overrides": {"crop": 32, "width": 0.125, "batch_size": 4}, "supervised_warmup": 1,
-            "supervised_timed": 2,
+            "supervised_timed": 2, "profile_batches": [8], "profile_steps": 3,
         }
     return {
         "canvas": 256, "subjects": args.subjects, "slices": 16, "demo_size": 64, "demo_subjects": 100,
@@ -165,6 +165,7 @@ def sizes(tiny: bool, args) -> dict:
         "embed_batch": args.embed_batch, "embed_repeats": 2, "threads": max(1, min(8, os.cpu_count() or 1)),
         "cohort_threads": max(1, min(16, os.cpu_count() or 1)),
         "supervised_overrides": {}, "supervised_warmup": 5, "supervised_timed": 10 * args.train_windows,
+        "profile_batches": [16, 32, 64], "profile_steps": 10,
     }
 
 
@@ -275,6 +276,112 @@ def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: 
     return row
 
 
+# profile variants: name -> (model, overrides of the NAKO preset)
+PROFILES = {"dae": ("dae", {}), "dae_nchw": ("dae", {"channels_last": False}), "vae": ("vae", {}),
+            "vae_nchw": ("vae", {"channels_last": False})}
+
+
+def profile_step(variant: str, cohort: dict, sz: dict, device_name: str) -> dict:
+    """Where a training step's time goes, at the NAKO preset: the trainer's step (bf16 autocast, channels_last,
+    fused AdamW; no EMA, no logging) timed at the preset's batch and at larger ones (is the rate bound by the batch
+    size, i.e. by kernel launches?), then torch.profiler over a few steps at the preset's batch: host time per step
+    against device kernel time per step, and the ops with the most device time."""
+    import polars as pl
+    import torch
+
+    from cohortlens.models.registry import build_model, resolve_config
+    from cohortlens.models.training.data import SliceBatches, training_rows
+    from cohortlens.models.training.loop import to_device
+    from cohortlens.models.training.settings import TrainSettings
+    from cohortlens.preprocess.store import SliceStore
+    from cohortlens.runtime import bf16_autocast, configure_cuda, seed_everything, select_device
+
+    model_name, extra = PROFILES[variant]
+    device = select_device(device_name)
+    configure_cuda(device, False)
+    base = resolve_config(model_name, {"preset": "nako", **sz["overrides"][model_name], **extra})
+    store = SliceStore(cohort["index"])
+    rows = training_rows(store.index, pl.read_parquet(cohort["splits"]), base["train_slices"])
+    seed_everything(0)
+    model = build_model(model_name, base).to(device)
+    settings = TrainSettings.from_config({**base, "device": device_name})
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    model.train()
+
+    def stream(batch: int):
+        data = SliceBatches(store.shard_dir, rows["shard"].to_numpy(), rows["row"].to_numpy(), store.canvas,
+                            batch_size=batch, crop=settings.crop, seed=0)
+        return iter(data)
+
+    def step(x) -> None:
+        with bf16_autocast(device, settings.amp):
+            loss, _ = model.training_loss(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    res: dict = {"model": model_name, "channels_last": settings.channels_last, "preset_batch": settings.batch_size,
+                 "by_batch": {}}
+    for batch in sorted({settings.batch_size, *sz["profile_batches"]}):
+        it = stream(batch)
+        xs = [to_device(next(it), device, settings.channels_last) for _ in range(sz["profile_steps"])]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)  # per batch: the peak of this batch's steps only
+        try:
+            for x in xs[:2]:
+                step(x)
+            _sync(device)
+            t0 = time.perf_counter()
+            for x in xs:
+                step(x)
+            _sync(device)
+            dt = (time.perf_counter() - t0) / len(xs)
+            res["by_batch"][batch] = {"ms_per_step": round(1e3 * dt, 2), "img_per_s": round(batch / dt, 1)}
+            if device.type == "cuda":
+                res["by_batch"][batch]["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        except torch.OutOfMemoryError as exc:
+            res["by_batch"][batch] = {"error": f"out of memory: {exc}"[:200]}
+        del xs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    from torch.profiler import ProfilerActivity, profile
+
+    it = stream(settings.batch_size)
+    xs = [to_device(next(it), device, settings.channels_last) for _ in range(5)]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for x in xs:
+            step(x)
+        _sync(device)
+    wall = (time.perf_counter() - t0) / len(xs)
+    events = prof.key_averages()
+
+    def dev_self(e) -> float:  # microseconds; the attribute was renamed from cuda to device in torch 2.4+
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+    from torch.autograd import DeviceType
+
+    # kernel events carry the device time once; an op's own row repeats its kernels' time
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    ops = [e for e in events if e.device_type != DeviceType.CUDA]
+    kernel_us = sum(dev_self(e) for e in kernels)
+    res["profiled"] = {"steps": len(xs), "wall_ms_per_step": round(1e3 * wall, 2),
+                       "device_ms_per_step": round(kernel_us / 1e3 / len(xs), 2),
+                       "device_busy_share": round(kernel_us / 1e6 / (wall * len(xs)), 3),
+                       "cuda_launches_per_step": int(sum(e.count for e in events if e.key in (
+                           "cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")) / len(xs))}
+    top = sorted(ops, key=dev_self if device.type == "cuda" else (lambda e: e.self_cpu_time_total), reverse=True)[:20]
+    res["top_ops"] = [{"op": e.key[:90], "calls_per_step": round(e.count / len(xs), 1),
+                       "device_ms_per_step": round(dev_self(e) / 1e3 / len(xs), 3),
+                       "host_self_ms_per_step": round(e.self_cpu_time_total / 1e3 / len(xs), 3)} for e in top]
+    return res
+
+
 def train_supervised_check(arch: str, cohort: dict, out: Path, sz: dict, device_name: str) -> dict:
     """The supervised engine (baselines, finding networks) at the NAKO baseline preset: one network with a sex head
     and an age head (labels drawn at random: only the speed is measured) for warm-up + timed steps through
@@ -352,7 +459,7 @@ def embed_throughput(model_path: str, cohort: dict, out: Path, sz: dict, device_
         _sync(device)
         bare = n / (time.perf_counter() - t0)
     del slices
-    stage_times = []
+    stage_times, parts = [], []
     for k in range(sz["embed_repeats"]):
         t0 = time.perf_counter()
         summary = embed_autoencoder(model_path, cohort["index"], slices_path=out / f"run{k}" / "slices.parquet",
@@ -360,11 +467,31 @@ def embed_throughput(model_path: str, cohort: dict, out: Path, sz: dict, device_
                                     normalise=cfg.get("normalise"), batch_size=batch, device=device_name,
                                     threads=sz["threads"])
         stage_times.append(time.perf_counter() - t0)
+        parts.append(summary.get("seconds"))
     import numpy as np
+    import polars as pl
+
+    from cohortlens.io.tables import read_parquet_metadata
+
+    # the stage's vectors against the bare encoder's, row by row (a staging-buffer race would show here); bf16 and
+    # per-run cuDNN algorithm choices allow small differences, in units of each dimension's spread
+    best = out / f"run{int(np.argmin(stage_times))}" / "slices.parquet"
+    staged = pl.read_parquet(best)
+    order = {uid: i for i, uid in enumerate(store.index["slice_uid"].to_list())}
+    rows = np.array([order[u] for u in staged["slice_uid"].to_list()])
+    stage_vectors = np.stack(staged["embedding"].to_numpy())
+    bare_vectors = vectors[rows].astype(np.float64)
+    norm = read_parquet_metadata(best).get("normalisation")
+    if norm:
+        bare_vectors = (bare_vectors - np.asarray(norm["mean"])) / np.asarray(norm["std"])
+    spread = bare_vectors.std(0) + 1e-12
+    diff = float(np.max(np.abs(stage_vectors - bare_vectors) / spread))
 
     return {"model": info["model"], "crop": int(cfg["crop"]), "dim": int(model.embedding_dim), "slices": n,
+            "stage_vs_bare_max_diff_sd": round(diff, 4),
             "batch": batch, "stage_slices_per_s": round(n / min(stage_times), 1), "bare_slices_per_s": round(bare, 1),
-            "stage_s": [round(t, 3) for t in stage_times], "normalise": cfg.get("normalise"),
+            "stage_s": [round(t, 3) for t in stage_times], "stage_parts_s": parts[int(np.argmin(stage_times))],
+            "normalise": cfg.get("normalise"),
             "finite": bool(np.isfinite(vectors).all()), "n_volumes": summary["n_volumes"]}
 
 
@@ -512,7 +639,7 @@ def part_deterministic_train(args, work: Path, out_json: Path) -> None:
 
 
 PARTS = {"determinism": part_determinism, "compile": part_compile, "deterministic_train": part_deterministic_train}
-SECTIONS = ("train", "supervised", "embed", "demo", "deterministic_train", "compile")
+SECTIONS = ("train", "supervised", "embed", "profile", "demo", "deterministic_train", "compile")
 
 
 def run_part(name: str, args, work: Path, timeout: float, env: dict | None = None) -> dict:
@@ -627,10 +754,29 @@ def markdown(rep: dict) -> str:
                        str(r["finite"])))
     if rep.get("embed"):
         lines += _results_table(
-            "Embedding", ("encoder", "crop, dim", "slices, batch", "stage slices/s", "bare encoder slices/s"),
+            "Embedding", ("encoder", "crop, dim", "slices, batch", "stage slices/s", "bare encoder slices/s",
+                          "stage seconds by part", "stage vs bare, max diff (sd)"),
             rep["embed"],
             lambda r: (f"{r['crop']}, {r['dim']}", f"{r['slices']}, {r['batch']}", _fmt(r["stage_slices_per_s"], 4),
-                       _fmt(r["bare_slices_per_s"], 4)))
+                       _fmt(r["bare_slices_per_s"], 4), str(r.get("stage_parts_s")),
+                       _fmt(r.get("stage_vs_bare_max_diff_sd"))))
+    for k, r in (rep.get("profile") or {}).items():
+        if "error" in r:
+            lines += [f"## Step profile: {k}", "", f"error: {r['error'][:300]}", ""]
+            continue
+        pr = r["profiled"]
+        lines += [f"## Step profile: {k} (NAKO preset, batch {r['preset_batch']}, channels_last "
+                  f"{r['channels_last']}; no EMA, no logging)", "",
+                  "| batch | ms per step | img/s | peak GiB |", "|---|---|---|---|"]
+        lines += [f"| {b} | {_fmt(v.get('ms_per_step'))} | {_fmt(v.get('img_per_s'), 4)} | {_fmt(v.get('peak_mem_gib'))} |"
+                  if "error" not in v else f"| {b} | {v['error'][:120]} | | |" for b, v in r["by_batch"].items()]
+        lines += ["", f"Profiled {pr['steps']} steps at batch {r['preset_batch']}: wall {_fmt(pr['wall_ms_per_step'])} ms"
+                  f" per step, device kernels {_fmt(pr['device_ms_per_step'])} ms (busy {_fmt(pr['device_busy_share'])}),"
+                  f" {pr['cuda_launches_per_step']} kernel launches per step.", "",
+                  "| op | calls per step | device ms per step | host self ms per step |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['calls_per_step']} | {o['device_ms_per_step']} | {o['host_self_ms_per_step']} |"
+                  for o in r["top_ops"]]
+        lines.append("")
     for key, title in (("demo", "Tiny demo train + embed on the device (default settings)"),
                        ("determinism_strict", "The same with deterministic algorithms (subprocess)")):
         d = rep.get(key) or {}
@@ -676,6 +822,8 @@ def parse_args(argv=None):
     ap.add_argument("--train-windows", type=int, default=10, help="timed log windows per training run")
     ap.add_argument("--embed-batch", type=int, default=256, help="encoder minibatch (slices)")
     ap.add_argument("--demo-steps", type=int, default=None, help="override the demo presets' steps")
+    ap.add_argument("--profile", default="dae,vae", help=f"profile section's variants: {', '.join(PROFILES)}")
+    ap.add_argument("--profile-batches", default=None, help="batches timed beside the preset's (default 16,32,64)")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--pack-wheel", nargs="*", default=None, help="(bench/gpu_wheels.sh) store these wheels as .whl.xz")
     ap.add_argument("--only", default=None, help=f"comma-separated sections to run after setup and the cohort "
@@ -765,6 +913,11 @@ def main(argv=None) -> int:
         wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
         if wanted - set(SECTIONS):
             raise SystemExit(f"--only: unknown sections {sorted(wanted - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
+        unknown = set(args.profile.split(",")) - set(PROFILES)
+        if unknown:
+            raise SystemExit(f"--profile: unknown variants {sorted(unknown)}; known: {', '.join(PROFILES)}")
+        if args.profile_batches:
+            sz["profile_batches"] = [int(b) for b in args.profile_batches.split(",")]
         rep["sections"] = sorted(wanted)
         rep["sizes"] = {k: v for k, v in sz.items() if k != "overrides"}
 
@@ -792,6 +945,12 @@ def main(argv=None) -> int:
                               work / "embed" / model_name, sz, args.device)
                 rep["embed"][model_name] = row or {"error": rep["errors"][-1]["error"]}
                 write()
+
+        rep["profile"] = {}
+        for variant in args.profile.split(",") if cohort and "profile" in wanted else ():
+            row = section(f"profile {variant}", profile_step, variant, cohort, sz, args.device)
+            rep["profile"][variant] = row or {"error": rep["errors"][-1]["error"]}
+            write()
 
         demo = "demo" in wanted and section("demo cohort", make_cohort, work / "demo", size=sz["demo_size"], subjects=sz["demo_subjects"],
                        slices=16, threads=sz["cohort_threads"])

@@ -71,7 +71,16 @@ def test_gpu_check_runs_whole_on_the_cpu_at_tiny_sizes(tmp_path):
         e = rep["embed"][name]
         assert e["stage_slices_per_s"] > 0 and e["bare_slices_per_s"] > 0 and e["finite"], name
         assert e["slices"] == rep["cohort"]["slices"]
+        assert e["stage_vs_bare_max_diff_sd"] < 1e-3, e  # the same vectors on the CPU (float32, same kernels)
     assert rep["embed"]["dae"]["normalise"] == "train_zscore"
+    assert set(rep["embed"]["dae"]["stage_parts_s"]) == {"load_model", "read_encode_write", "standardise"}
+
+    # where a training step's time goes: the step at the preset's batch and a larger one, and the profiler's ops
+    for name in ("dae", "vae"):
+        prof = rep["profile"][name]
+        assert set(prof["by_batch"]) == {"4", "8"} and all(v["img_per_s"] > 0 for v in prof["by_batch"].values())
+        assert prof["profiled"]["wall_ms_per_step"] > 0 and len(prof["top_ops"]) > 0, prof
+    assert "## Step profile: dae" in md
 
     # the tiny demo's train + embed jobs: shape, NaN, a second seeded run identical (on the CPU: always)
     for name, dim in (("vae", 128), ("dae", 32)):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,21 +62,40 @@ class RunningMoments:
 
 def make_encoder(model, crop: int, device: torch.device, batch_size: int, amp: bool = True
                  ) -> Callable[[np.ndarray], np.ndarray]:
-    """(n, H, W) float32 slices -> (n, dim) float32 embeddings of their center crops, in minibatches."""
+    """(n, H, W) float32 slices -> (n, dim) float32 embeddings of their center crops, in minibatches.
+
+    On CUDA each minibatch goes through one of two pinned staging buffers and is copied without blocking, so the
+    host fills the next buffer while the device encodes; the vectors stay on the device until the whole batch is
+    encoded (one synchronisation per call, not per minibatch)."""
     use_amp = amp and device.type == "cuda"
-    channels_last = device.type == "cuda"
+    cuda = device.type == "cuda"
+    staging: list[torch.Tensor | None] = [None, None]
+    copied: list[torch.cuda.Event | None] = [None, None]
+
+    def to_device(chunk: np.ndarray, slot: int) -> torch.Tensor:
+        src = torch.from_numpy(chunk)
+        if not cuda:
+            return src.contiguous().unsqueeze(1)
+        buf = staging[slot]
+        if buf is None or buf.shape[1:] != src.shape[1:] or buf.shape[0] < len(src):
+            buf = staging[slot] = torch.empty((batch_size, *src.shape[1:]), dtype=torch.float32, pin_memory=True)
+        if copied[slot] is not None:
+            copied[slot].synchronize()  # the device has finished reading this buffer's previous minibatch
+        buf[: len(src)].copy_(src)
+        x = buf[: len(src)].to(device, non_blocking=True)
+        copied[slot] = torch.cuda.Event()
+        copied[slot].record()
+        return x.unsqueeze(1).contiguous(memory_format=torch.channels_last)
 
     def encode(batch: np.ndarray) -> np.ndarray:
         crops = center_crop(batch, crop)
-        out = np.empty((len(crops), model.embedding_dim), np.float32)
-        for lo in range(0, len(crops), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[lo : lo + batch_size])).unsqueeze(1)
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out[lo : lo + len(x)] = model.embed(x).float().cpu().numpy()
-        return out
+        if len(crops) == 0:
+            return np.empty((0, model.embedding_dim), np.float32)
+        vectors = []
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            for k, lo in enumerate(range(0, len(crops), batch_size)):
+                vectors.append(model.embed(to_device(crops[lo : lo + batch_size], k % 2)).float())
+        return torch.cat(vectors).cpu().numpy()
 
     return encode
 
@@ -124,7 +144,9 @@ def embed_autoencoder(
 
 
 def _embed(model_path, index_path, slices_path, volumes_path, splits_path, normalise, batch_size, dev, amp) -> dict:
+    t0 = time.perf_counter()
     model, info = load_model(model_path, dev)
+    seconds = {"load_model": time.perf_counter() - t0}
     cfg = info["config"]
     crop = int(cfg["crop"])
     store = SliceStore(index_path)
@@ -133,32 +155,28 @@ def _embed(model_path, index_path, slices_path, volumes_path, splits_path, norma
                 "weights": info["weights"], "steps": info["steps"], "fingerprint": info["fingerprint"]}
     per_batch = _images_per_batch(store.index, store.canvas)
     if normalise is None:
+        t0 = time.perf_counter()
         summary = write_embeddings(store.index, store.read, encode, model.embedding_dim, slices_path, volumes_path,
                                    metadata, batch_images=per_batch)
-        return {**summary, "weights": info["weights"], "normalisation": None}
+        seconds["read_encode_write"] = time.perf_counter() - t0
+        return {**summary, "weights": info["weights"], "normalisation": None, "seconds": _rounded(seconds)}
 
     if splits_path is None:
         raise ValueError("normalise='train_zscore' needs splits_path (the train split's subjects)")
-    train_subjects = set(pl.read_parquet(splits_path).filter(pl.col("split") == "train")["subject_id"].to_list())
+    train_subjects = pl.read_parquet(splits_path).filter(pl.col("split") == "train")["subject_id"].unique()
     moments = RunningMoments(model.embedding_dim)
-    current: dict[str, np.ndarray] = {}
 
-    def read(part: pl.DataFrame) -> np.ndarray:
-        # write_embeddings encodes each batch right after reading it: remember which of its rows are train
-        current["train"] = part["subject_id"].is_in(list(train_subjects)).to_numpy()
-        return store.read(part)
-
-    def encode_and_count(batch: np.ndarray) -> np.ndarray:
-        vectors = encode(batch)
-        moments.update(vectors[current["train"]])
-        return vectors
+    def count_train(part: pl.DataFrame, vectors: np.ndarray) -> None:
+        moments.update(vectors[part["subject_id"].is_in(train_subjects.implode()).to_numpy()])
 
     slices_path, volumes_path = Path(slices_path), Path(volumes_path)
     slices_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=slices_path.parent, prefix=".raw-embeddings-") as tmp:
         raw_s, raw_v = Path(tmp) / "slices.parquet", Path(tmp) / "volumes.parquet"
-        summary = write_embeddings(store.index, read, encode_and_count, model.embedding_dim, raw_s, raw_v, metadata,
-                                   batch_images=per_batch)
+        t0 = time.perf_counter()
+        summary = write_embeddings(store.index, store.read, encode, model.embedding_dim, raw_s, raw_v, metadata,
+                                   batch_images=per_batch, observe=count_train)
+        seconds["read_encode_write"] = time.perf_counter() - t0
         if moments.n < 2:
             raise ValueError(f"train_zscore: {moments.n} train slices in the index; need at least 2")
         std = moments.std
@@ -166,6 +184,13 @@ def _embed(model_path, index_path, slices_path, volumes_path, splits_path, norma
         std = np.where(constant, 1.0, std)  # a dimension constant on train (collapsed latent) is only centred
         normalisation = {"method": "zscore", "fit_on": "train split, all embedded slices", "n": int(moments.n),
                          "mean": moments.mean.tolist(), "std": std.tolist(), "constant_dims": int(constant.sum())}
+        t0 = time.perf_counter()
         _standardise_file(raw_s, slices_path, SLICE_KEYS, moments.mean, std, normalisation)
         _standardise_file(raw_v, volumes_path, VOLUME_KEYS, moments.mean, std, normalisation)
-    return {**summary, "weights": info["weights"], "normalisation": "train_zscore", "n_train_slices": moments.n}
+        seconds["standardise"] = time.perf_counter() - t0
+    return {**summary, "weights": info["weights"], "normalisation": "train_zscore", "n_train_slices": moments.n,
+            "seconds": _rounded(seconds)}
+
+
+def _rounded(seconds: dict) -> dict:
+    return {k: round(v, 3) for k, v in seconds.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -73,10 +74,13 @@ def write_embeddings(
     volumes_path: str | os.PathLike,
     metadata: dict,
     batch_images: int = 64,
+    observe: Callable[[pl.DataFrame, np.ndarray], None] | None = None,
 ) -> dict:
     """Embed every slice and build one vector per image from its center slices in slice order.
 
-    Batches are whole images so each volume vector is assembled from slices already in memory.
+    Batches are whole images so each volume vector is assembled from slices already in memory. One thread reads
+    the next batch while this one is encoded and written (two batches in memory at most). `observe(rows, vectors)`
+    sees every encoded batch (the train z-score's statistics).
     """
     index = index.sort("image_uid", "slice_position")
     # index is sorted by image: each image is a contiguous run of rows, so batches are plain slices
@@ -92,15 +96,29 @@ def write_embeddings(
     with EmbeddingWriter(slices_path, SLICE_KEYS, dim, meta_s) as ws, EmbeddingWriter(
         volumes_path, VOLUME_KEYS, dim * n_center, meta_v
     ) as wv:
-        for start in range(0, len(run_ends), batch_images):
-            lo, hi = run_starts[start], run_ends[min(start + batch_images, len(run_ends)) - 1]
-            part = index.slice(lo, hi - lo)
-            vectors = encode(read_batch(part))
-            ws.write(part, vectors)
-            centre = part.with_row_index("_i").filter(pl.col("is_center"))
-            vols = centre.group_by("image_uid", maintain_order=True).agg(
-                pl.col("subject_id").first(), pl.col("region").first(), pl.col("_i")
-            )
-            stacked = np.stack([vectors[np.asarray(ix)].reshape(-1) for ix in vols["_i"].to_list()]) if vols.height else np.empty((0, dim * n_center), np.float32)
-            wv.write(vols, stacked)
+        parts = [index.slice(run_starts[s], run_ends[min(s + batch_images, len(run_ends)) - 1] - run_starts[s])
+                 for s in range(0, len(run_ends), batch_images)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as reader:
+            ahead = reader.submit(read_batch, parts[0]) if parts else None
+            for k, part in enumerate(parts):
+                slices = ahead.result()
+                ahead = reader.submit(read_batch, parts[k + 1]) if k + 1 < len(parts) else None
+                vectors = encode(slices)
+                del slices
+                _write_batch(ws, wv, part, vectors, dim, n_center)
+                if observe is not None:
+                    observe(part, vectors)
     return {"n_slices": ws.n, "n_volumes": wv.n, "dim": dim, "volume_dim": dim * n_center}
+
+
+def _write_batch(ws: EmbeddingWriter, wv: EmbeddingWriter, part: pl.DataFrame, vectors: np.ndarray, dim: int,
+                 n_center: int) -> None:
+    """The batch's slice vectors, and one volume vector per image: its center slices' vectors in slice order."""
+    ws.write(part, vectors)
+    centre = part.with_row_index("_i").filter(pl.col("is_center"))
+    vols = centre.group_by("image_uid", maintain_order=True).agg(
+        pl.col("subject_id").first(), pl.col("region").first(), pl.col("_i")
+    )
+    stacked = (np.stack([vectors[np.asarray(ix)].reshape(-1) for ix in vols["_i"].to_list()]) if vols.height
+               else np.empty((0, dim * n_center), np.float32))
+    wv.write(vols, stacked)

@@ -41,8 +41,16 @@ class SliceStore:
         offsets = rows["row"].to_numpy()
         for k in np.unique(shards):
             sel = np.flatnonzero(shards == k)
-            # fancy indexing on a memmap reads only the selected slices
-            out[sel] = self.shard(int(k))[np.sort(offsets[sel])][np.argsort(np.argsort(offsets[sel]))]
+            rows_k = offsets[sel]
+            shard = self.shard(int(k))
+            target = slice(int(sel[0]), int(sel[-1]) + 1) if sel[-1] - sel[0] + 1 == len(sel) else sel
+            if np.all(np.diff(rows_k) == 1):
+                # consecutive shard rows (whole images, as the embed stage reads them): one sequential copy
+                out[target] = shard[int(rows_k[0]) : int(rows_k[-1]) + 1]
+            else:
+                # fancy indexing on a memmap reads only the selected slices, in file order
+                order = np.argsort(rows_k, kind="stable")
+                out[sel[order]] = shard[rows_k[order]]
         return out
 
     def batches(self, rows: pl.DataFrame, batch_size: int) -> Iterator[tuple[pl.DataFrame, np.ndarray]]:
