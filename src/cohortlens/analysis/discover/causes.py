@@ -86,7 +86,8 @@ def _mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p
     shown = f"{cause} {value}" if value is not None else cause
     if jointly_with:
         f.details["jointly_with"] = jointly_with
-        f.summary += f" — explained by {shown} together with {jointly_with}: given both p = {p_cond:.2g}"
+        together = "both" if ", " not in jointly_with else "all of them"
+        f.summary += f" — explained by {shown} together with {jointly_with}: given {together} p = {p_cond:.2g}"
         return
     f.summary += (f" — explained by {shown}: given {cause} p = {p_cond:.2g}"
                   + (" (the two cannot be separated in this cohort)" if inseparable else ""))
