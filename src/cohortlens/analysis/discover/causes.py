@@ -4,7 +4,7 @@ conditional on each other attribute.
 When acquisition attributes are correlated (a scanner model bought by some sites, a site that recruits older
 people), a real effect of one attribute makes the others look leaky or clustered too: their marginal tests
 are significant only through the first. Each finding of attribute A is therefore re-tested given every other
-recorded attribute B (protected and acquisition; continuous ones in quintile bins):
+recorded attribute B (protected and acquisition; a number or date in blocks of adjacent images, `conditional`):
 
 * **leaks**: the same permutation test with A's labels permuted only *within strata of B*. Its null is "the
   embedding knows nothing of A beyond what it knows of B"; a probe that reads B alone scores as well on the
@@ -163,12 +163,14 @@ def explain_cluster(reg: RegionTests, f: Finding) -> None:
         # only where B could explain it (an attribute without an effect of its own is skipped by _decide anyway):
         # each of these re-runs the pocket search pocket_permutations times
         p_given = {b: (reg.pocket_p_given(f, ok, (b,)) if reg.has_effect(b) else
-                       cmh_greater(members, is_v, ok, stratum_labels(rd, b))) for b in _others(rd, f.attribute)}
+                       cmh_greater(members, is_v, ok, joint_labels(rd, (b,)))) for b in _others(rd, f.attribute)}
 
         def jointly(pair):
             return reg.pocket_p_given(f, ok, pair)
     else:
-        p_given = {b: cmh_greater(members, is_v, ok, stratum_labels(rd, b)) for b in _others(rd, f.attribute)}
+        # one number as blocks of adjacent images, as in every other conditional test (quintiles left an older
+        # site older inside the top bin)
+        p_given = {b: cmh_greater(members, is_v, ok, joint_labels(rd, (b,))) for b in _others(rd, f.attribute)}
 
         def jointly(pair):
             return cmh_greater(members, is_v, ok, joint_labels(rd, pair))
