@@ -222,7 +222,7 @@ def _sync(device) -> None:
 
 
 def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: str, *, compile_: bool = False,
-                  deterministic: bool = False) -> dict:
+                  deterministic: bool = False, compile_mode: str = "default") -> dict:
     """One fixed-length run of the real trainer at the NAKO preset; img/s over the steps after the warm-up."""
     import polars as pl
     import torch
@@ -239,7 +239,7 @@ def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: 
     cfg = resolve_config(model_name, {"preset": "nako", **sz["overrides"][model_name], **extra})
     # log windows of `warmup` steps: the first row closes the warm-up, each row syncs the device once
     cfg.update(steps=warmup + timed, log_every=warmup, checkpoint_every=10**9, compile=compile_,
-               deterministic=deterministic, progress_seconds=1e9, qa_images=2, device=device_name)
+               compile_mode=compile_mode, deterministic=deterministic, progress_seconds=1e9, qa_images=2, device=device_name)
     settings = TrainSettings.from_config(cfg)
     device = select_device(device_name)
     store = SliceStore(cohort["index"])
@@ -259,7 +259,8 @@ def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: 
     row = {"model": model_name, "preset": "nako", "device": str(device), "crop": settings.crop, "batch": settings.batch_size,
            "hessian_weight": cfg.get("hessian_weight"), "params": sum(p.numel() for p in model.parameters()),
            "amp_bf16": settings.amp and device.type == "cuda", "channels_last": settings.channels_last,
-           "compile": compile_, "compile_applied": compile_ and device.type == "cuda", "deterministic": deterministic,
+           "compile": compile_, "compile_applied": compile_ and device.type == "cuda", "compile_mode": compile_mode,
+           "deterministic": deterministic,
            "warmup_steps": warmup, "timed_steps": timed, "img_per_s": round(rate, 2),
            "median_window_img_per_s": round(statistics.median(r["img_per_s"] for r in log[1:]), 2),
            "first_steps_s": round(first["elapsed_s"], 3), "final_loss": last["loss"],
@@ -587,7 +588,9 @@ def part_determinism(args, work: Path, out_json: Path) -> None:
 
 
 def part_compile(args, work: Path, out_json: Path) -> None:
-    """Each model with `compile: true`; compile cost = its first steps against eager's."""
+    """Each model with `compile: true` in each of `--compile-modes` (the DAE first: its step is host-bound at the
+    preset's batch, what CUDA graphs remove); compile cost = its first steps against eager's. Row names: the
+    variant, with `@mode` for a mode other than default."""
     import torch
 
     sz = sizes(args.tiny, args)
@@ -602,7 +605,9 @@ def part_compile(args, work: Path, out_json: Path) -> None:
 
     logging.getLogger("cohortlens.models.training").addHandler(Catch())
     cuda = args.device != "cpu" and torch.cuda.is_available()  # the trainer compiles on CUDA only
-    for variant in ("dae", "vae", "vae_no_hessian"):
+    runs = [(v, m) for v in ("dae", "vae", "vae_no_hessian") for m in args.compile_modes.split(",")]
+    for variant, mode in runs:
+        key = variant if mode == "default" else f"{variant}@{mode}"
         fallbacks.clear()
         if cuda:
             import torch._dynamo
@@ -610,16 +615,17 @@ def part_compile(args, work: Path, out_json: Path) -> None:
             torch._dynamo.reset()
             torch._dynamo.utils.counters.clear()
         try:
-            row = train_variant(variant, cohort, work / "compiled" / variant, sz, args.device, compile_=True)
+            row = train_variant(variant, cohort, work / "compiled" / key, sz, args.device, compile_=True,
+                                compile_mode=mode)
             if cuda:
                 from torch._dynamo.utils import counters
 
                 row["graph_breaks"] = dict(counters["graph_break"].most_common(10))
                 row["unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
             row["fallback_to_eager"] = [m for m in fallbacks if "torch.compile failed" in m]
-            res[variant] = row
+            res[key] = row
         except Exception as exc:
-            res[variant] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            res[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         out_json.write_text(json.dumps(res, indent=1, default=str))
 
 
@@ -648,7 +654,7 @@ def run_part(name: str, args, work: Path, timeout: float, env: dict | None = Non
     log_path = work / f"part-{name}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--work", str(work), "--part-json",
            str(out_json), "--device", args.device, "--subjects", str(args.subjects), "--train-windows",
-           str(args.train_windows), "--embed-batch", str(args.embed_batch)]
+           str(args.train_windows), "--embed-batch", str(args.embed_batch), "--compile-modes", args.compile_modes]
     if args.tiny:
         cmd.append("--tiny")
     if args.demo_steps:
@@ -823,6 +829,8 @@ def parse_args(argv=None):
     ap.add_argument("--embed-batch", type=int, default=256, help="encoder minibatch (slices)")
     ap.add_argument("--demo-steps", type=int, default=None, help="override the demo presets' steps")
     ap.add_argument("--profile", default="dae,vae", help=f"profile section's variants: {', '.join(PROFILES)}")
+    ap.add_argument("--compile-modes", default="reduce-overhead,default",
+                    help="torch.compile modes the compile section tries, in order (training.settings.COMPILE_MODES)")
     ap.add_argument("--profile-batches", default=None, help="batches timed beside the preset's (default 16,32,64)")
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     ap.add_argument("--pack-wheel", nargs="*", default=None, help="(bench/gpu_wheels.sh) store these wheels as .whl.xz")
@@ -913,6 +921,11 @@ def main(argv=None) -> int:
         wanted = set(args.only.split(",")) if args.only else set(SECTIONS)
         if wanted - set(SECTIONS):
             raise SystemExit(f"--only: unknown sections {sorted(wanted - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
+        from cohortlens.models.training.settings import COMPILE_MODES
+
+        if set(args.compile_modes.split(",")) - set(COMPILE_MODES):
+            raise SystemExit(f"--compile-modes: unknown {sorted(set(args.compile_modes.split(',')) - set(COMPILE_MODES))}; "
+                             f"known: {', '.join(COMPILE_MODES)}")
         unknown = set(args.profile.split(",")) - set(PROFILES)
         if unknown:
             raise SystemExit(f"--profile: unknown variants {sorted(unknown)}; known: {', '.join(PROFILES)}")
@@ -1005,7 +1018,7 @@ def main(argv=None) -> int:
             comp = None
         if comp is not None:
             for k, r in comp.items():
-                eager = rep["train"].get(k, {})
+                eager = rep["train"].get(k.split("@")[0], {})
                 if k.startswith("_") or "error" in r or "img_per_s" not in eager:
                     continue
                 r["speedup"] = round(r["img_per_s"] / eager["img_per_s"], 3)
@@ -1019,7 +1032,8 @@ def main(argv=None) -> int:
         targets = {}
         dae = (rep.get("train") or {}).get("dae", {})
         targets["dae_train_img_per_s"] = {"target": TARGETS["dae_train_img_per_s"], "value": dae.get("img_per_s")}
-        best = (rep.get("compile") or {}).get("dae", {})
+        compiled_dae = [r for k, r in (rep.get("compile") or {}).items() if k.split("@")[0] == "dae" and r.get("helps")]
+        best = max(compiled_dae, key=lambda r: r["img_per_s"], default={})
         if best.get("helps"):
             targets["dae_train_img_per_s_compiled"] = {"target": TARGETS["dae_train_img_per_s"], "value": best["img_per_s"]}
         for k, r in (rep.get("embed") or {}).items():

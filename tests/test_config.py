@@ -247,6 +247,14 @@ def test_deterministic_is_a_trainer_key_of_models_and_baselines(cfg):
     assert "config key models.vae.determinstic" in one_problem(cfg) and "deterministic" in one_problem(cfg)
 
 
+
+def test_compile_mode_is_checked_before_any_job(cfg):
+    cfg["models"]["dae"]["compile_mode"] = "reduce-overhead"
+    assert problems_of(cfg) == []
+    cfg["models"]["dae"]["compile_mode"] = "fast"
+    problem = one_problem(cfg)
+    assert "models.dae.compile_mode" in problem and "reduce-overhead" in problem, problem
+
 def test_the_check_does_not_change_the_config(cfg):
     del cfg["report"]
     before = copy.deepcopy(cfg)

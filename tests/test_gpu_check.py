@@ -51,7 +51,9 @@ def test_gpu_check_runs_whole_on_the_cpu_at_tiny_sizes(tmp_path):
         assert row["device"] == "cpu" and row["channels_last"] and not row["amp_bf16"]
     assert rep["train"]["vae"]["hessian_weight"] > 0 and rep["train"]["vae_no_hessian"]["hessian_weight"] == 0
     # compile asked in its own runs; the trainer applies it on CUDA only
-    assert {k for k in rep["compile"] if not k.startswith("_")} == {"vae", "vae_no_hessian", "dae"}
+    assert {k for k in rep["compile"] if not k.startswith("_")} == {
+        f"{v}{m}" for v in ("vae", "vae_no_hessian", "dae") for m in ("", "@reduce-overhead")}
+    assert rep["compile"]["dae@reduce-overhead"]["compile_mode"] == "reduce-overhead"
     assert all(r["img_per_s"] > 0 and r["compile"] and not r["compile_applied"] and not r["helps"]
                for k, r in rep["compile"].items() if not k.startswith("_"))
 

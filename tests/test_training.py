@@ -337,3 +337,11 @@ def test_the_dae_encoder_learns_at_its_own_rate_through_the_trainer(tiny_cohort,
     groups = DiffusionAutoencoder.from_config({**model.config, "encoder_lr_mult": 4.0}).parameter_groups(1e-3)
     assert [g["lr"] for g in groups] == [1e-3, 4e-3]
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_compile_mode_must_be_one_of_torch_compiles_modes():
+    from cohortlens.models.training.settings import TrainSettings
+
+    assert TrainSettings.from_config({"compile": True, "compile_mode": "reduce-overhead"}).compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainSettings.from_config({"compile_mode": "fast"})

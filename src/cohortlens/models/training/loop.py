@@ -66,11 +66,11 @@ def _scalar(v) -> Tensor | float:
     return v.detach().float() if isinstance(v, Tensor) else float(v)
 
 
-def _compiled(fn: Callable, enabled: bool) -> Callable:
+def _compiled(fn: Callable, enabled: bool, mode: str = "default") -> Callable:
     """torch.compile when asked for (CUDA only); a failing compile falls back to eager with a warning."""
     if not enabled:
         return fn
-    compiled = torch.compile(fn)
+    compiled = torch.compile(fn, mode=None if mode == "default" else mode)
     state = {"fn": compiled}
 
     def call(x):
@@ -149,7 +149,7 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
     batches = batch_loader(data, step, settings.steps, num_workers, device)
     if state is not None:
         set_rng_state(state["rng"])  # after the loader: its workers' seeds never touch this stream
-    loss_fn = _compiled(model.training_loss, settings.compile and device.type == "cuda")
+    loss_fn = _compiled(model.training_loss, settings.compile and device.type == "cuda", settings.compile_mode)
     board = open_tensorboard(out_dir, settings.tensorboard)
     progress = Progress(name, step, settings.steps, settings.progress_seconds)
 

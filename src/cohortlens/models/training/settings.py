@@ -8,6 +8,10 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+# torch.compile's modes; "reduce-overhead" replays CUDA graphs, the remedy for a step bound by kernel launches (the
+# NAKO DAE at batch 5: docs/benchmarks.md)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
@@ -37,13 +41,14 @@ class TrainSettings:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # NHWC tensors (faster on CUDA and on the CPU)
     compile: bool = False  # torch.compile the training step on CUDA
+    compile_mode: str = "default"  # one of COMPILE_MODES, used when compile is true
     deterministic: bool = False  # CUDA: deterministic kernels, two seeded runs identical (runtime.configure_cuda)
     tensorboard: bool = False
     qa_images: int = 8
 
     # keys that change how a run goes but not where it ends up: a checkpoint stays resumable when they change
     OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "progress_seconds", "num_workers", "device",
-                   "amp", "channels_last", "compile", "deterministic", "tensorboard", "qa_images", "embed_batch_size", "normalise")
+                   "amp", "channels_last", "compile", "compile_mode", "deterministic", "tensorboard", "qa_images", "embed_batch_size", "normalise")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
@@ -54,6 +59,8 @@ class TrainSettings:
         s = cls(**kw)
         if s.train_slices not in ("all", "center"):
             raise ValueError(f"train_slices must be 'all' or 'center', got {s.train_slices!r}")
+        if s.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {s.compile_mode!r}")
         if s.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {s.lr_schedule!r}")
         if s.steps < 1 or s.batch_size < 1 or s.checkpoint_every < 1 or s.log_every < 1:
