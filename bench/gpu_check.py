@@ -221,17 +221,27 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _slice_batches(cohort: dict, train_slices: str, batch_size: int, crop: int):
+    """The trainer's data stream over the check's cohort (seeded random crops of the training slices)."""
+    import polars as pl
+
+    from cohortlens.models.training.data import SliceBatches, training_rows
+    from cohortlens.preprocess.store import SliceStore
+
+    store = SliceStore(cohort["index"])
+    rows = training_rows(store.index, pl.read_parquet(cohort["splits"]), train_slices)
+    return SliceBatches(store.shard_dir, rows["shard"].to_numpy(), rows["row"].to_numpy(), store.canvas,
+                        batch_size=batch_size, crop=crop, seed=0)
+
+
 def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: str, *, compile_: bool = False,
                   deterministic: bool = False, compile_mode: str = "default") -> dict:
     """One fixed-length run of the real trainer at the NAKO preset; img/s over the steps after the warm-up."""
-    import polars as pl
     import torch
 
     from cohortlens.models.registry import build_model, resolve_config
-    from cohortlens.models.training.data import SliceBatches, training_rows
     from cohortlens.models.training.loop import train
     from cohortlens.models.training.settings import TrainSettings, fingerprint
-    from cohortlens.preprocess.store import SliceStore
     from cohortlens.runtime import seed_everything, select_device
 
     model_name, extra = VARIANTS[variant]
@@ -242,10 +252,7 @@ def train_variant(variant: str, cohort: dict, out: Path, sz: dict, device_name: 
                compile_mode=compile_mode, deterministic=deterministic, progress_seconds=1e9, qa_images=2, device=device_name)
     settings = TrainSettings.from_config(cfg)
     device = select_device(device_name)
-    store = SliceStore(cohort["index"])
-    rows = training_rows(store.index, pl.read_parquet(cohort["splits"]), settings.train_slices)
-    data = SliceBatches(store.shard_dir, rows["shard"].to_numpy(), rows["row"].to_numpy(), store.canvas,
-                        batch_size=settings.batch_size, crop=settings.crop, seed=0)
+    data = _slice_batches(cohort, settings.train_slices, settings.batch_size, settings.crop)
     seed_everything(0)
     model = build_model(model_name, cfg)
     if device.type == "cuda":
@@ -287,22 +294,17 @@ def profile_step(variant: str, cohort: dict, sz: dict, device_name: str) -> dict
     fused AdamW; no EMA, no logging) timed at the preset's batch and at larger ones (is the rate bound by the batch
     size, i.e. by kernel launches?), then torch.profiler over a few steps at the preset's batch: host time per step
     against device kernel time per step, and the ops with the most device time."""
-    import polars as pl
     import torch
 
     from cohortlens.models.registry import build_model, resolve_config
-    from cohortlens.models.training.data import SliceBatches, training_rows
     from cohortlens.models.training.loop import to_device
     from cohortlens.models.training.settings import TrainSettings
-    from cohortlens.preprocess.store import SliceStore
     from cohortlens.runtime import bf16_autocast, configure_cuda, seed_everything, select_device
 
     model_name, extra = PROFILES[variant]
     device = select_device(device_name)
     configure_cuda(device, False)
     base = resolve_config(model_name, {"preset": "nako", **sz["overrides"][model_name], **extra})
-    store = SliceStore(cohort["index"])
-    rows = training_rows(store.index, pl.read_parquet(cohort["splits"]), base["train_slices"])
     seed_everything(0)
     model = build_model(model_name, base).to(device)
     settings = TrainSettings.from_config({**base, "device": device_name})
@@ -312,9 +314,7 @@ def profile_step(variant: str, cohort: dict, sz: dict, device_name: str) -> dict
     model.train()
 
     def stream(batch: int):
-        data = SliceBatches(store.shard_dir, rows["shard"].to_numpy(), rows["row"].to_numpy(), store.canvas,
-                            batch_size=batch, crop=settings.crop, seed=0)
-        return iter(data)
+        return iter(_slice_batches(cohort, settings.train_slices, batch, settings.crop))
 
     def step(x) -> None:
         with bf16_autocast(device, settings.amp):

@@ -150,13 +150,7 @@ def explain_leak(reg: RegionTests, f: Finding) -> None:
 
 def explain_cluster(reg: RegionTests, f: Finding) -> None:
     rd = reg.rd
-    members = np.isin(rd.image_uids, np.asarray(f.sample_ids, dtype=object))
-    view = categorical_view(rd, f.attribute)
-    # a pocket searched after other values' pockets were set aside was found among the rest: its conditional
-    # tests compare within the same images (with the set-aside site's images as non-members, a site that shares
-    # their scanner looked enriched at every scanner)
-    ok = _searched(rd, f)
-    is_v = ok & np.array([str(x) == str(f.value) for x in view])
+    members, is_v, ok = _cluster_sets(rd, f)
     own = stratum_labels(rd, f.attribute)
     pocket = f.details.get("method") == "knn_pocket"
     if pocket:
@@ -346,8 +340,7 @@ def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, r
     """Sets `explained_by` on every significant leak, cluster and interaction finding that another attribute
     explains (in place). Run after the correction: only findings are re-tested."""
     for rd in regions:
-        sig = [f for f in tests if f.region == rd.region and f.is_finding(cfg["alpha"])
-               and f.kind in ("attribute_leak", "cluster", "non_iid")]
+        sig = _significant(tests, rd, cfg["alpha"])
         if not sig:
             continue
         reg = RegionTests(rd, sig, cfg, rng)
@@ -378,9 +371,7 @@ def explain_by_roots(regions: list[RegionData], tests: list[Finding], cfg: dict,
     alpha = cfg["alpha"]
     epochs = acquisition_epochs(tests, alpha)
     for rd in with_epochs(regions, epochs):
-        sig = [f for f in tests if f.region == rd.region and f.is_finding(alpha)
-               and f.kind in ("attribute_leak", "cluster", "non_iid")]
-        roots = [f for f in sig if f.explained_by is None]
+        roots = [f for f in _significant(tests, rd, alpha) if f.explained_by is None]
         lone = [f for f in roots if not _is_interaction(f) and f.attribute in rd.specs and f.value is not None
                 and rd.specs[f.attribute].type != "date"
                 and not any(g is not f and (g.attribute, str(g.value)) == (f.attribute, str(f.value)) for g in roots)]
@@ -414,15 +405,30 @@ def _p_given(reg: RegionTests, f: Finding, given: tuple[str, ...]) -> float:
     if f.kind == "cluster" and f.details.get("method") == "knn_pocket":
         return reg.pocket_p_given(f, _searched(rd, f), given)
     if f.kind == "cluster":
-        members = np.isin(rd.image_uids, np.asarray(f.sample_ids, dtype=object))
-        ok = _searched(rd, f)
-        is_v = ok & np.array([str(x) == str(f.value) for x in categorical_view(rd, f.attribute)])
+        members, is_v, ok = _cluster_sets(rd, f)
         return cmh_greater(members, is_v, ok, joint_labels(rd, given))
     return reg.leak_p_given(f.attribute, given)
 
 
+def _significant(tests: list[Finding], rd: RegionData, alpha: float) -> list[Finding]:
+    """The region's significant findings whose attribute can be conditioned on: leaks, clusters, drifts."""
+    return [f for f in tests if f.region == rd.region and f.is_finding(alpha)
+            and f.kind in ("attribute_leak", "cluster", "non_iid")]
+
+
 def _searched(rd: RegionData, f: Finding) -> np.ndarray:
-    """The images a cluster's search saw: A recorded, and not among the values set aside before it."""
+    """The images a cluster's search saw: A recorded, and not among the values set aside before it. A pocket
+    searched after other values' pockets were set aside was found among the rest, so its conditional tests compare
+    within the same images (with the set-aside site's images as non-members, a site that shares their scanner
+    looked enriched at every scanner)."""
     view = categorical_view(rd, f.attribute)
     ok = present(view)
     return ok & ~np.isin(np.array([str(x) for x in view], dtype=object), [str(v) for v in f.details.get("set_aside") or []])
+
+
+def _cluster_sets(rd: RegionData, f: Finding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(members, A = a among the searched images, the searched images) of a cluster or pocket finding."""
+    members = np.isin(rd.image_uids, np.asarray(f.sample_ids, dtype=object))
+    ok = _searched(rd, f)
+    is_v = ok & np.array([str(x) == str(f.value) for x in categorical_view(rd, f.attribute)])
+    return members, is_v, ok
