@@ -297,9 +297,9 @@ def profile_step(variant: str, cohort: dict, sz: dict, device_name: str) -> dict
     import torch
 
     from cohortlens.models.registry import build_model, resolve_config
-    from cohortlens.models.training.loop import to_device
+    from cohortlens.models.training.loop import to_device, train_step
     from cohortlens.models.training.settings import TrainSettings
-    from cohortlens.runtime import bf16_autocast, configure_cuda, seed_everything, select_device
+    from cohortlens.runtime import configure_cuda, seed_everything, select_device
 
     model_name, extra = PROFILES[variant]
     device = select_device(device_name)
@@ -317,11 +317,7 @@ def profile_step(variant: str, cohort: dict, sz: dict, device_name: str) -> dict
         return iter(_slice_batches(cohort, settings.train_slices, batch, settings.crop))
 
     def step(x) -> None:
-        with bf16_autocast(device, settings.amp):
-            loss, _ = model.training_loss(x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model.training_loss, x, optimizer, device, settings.amp, settings.grad_clip)
 
     res: dict = {"model": model_name, "channels_last": settings.channels_last, "preset_batch": settings.batch_size,
                  "by_batch": {}}

@@ -339,6 +339,29 @@ def test_the_dae_encoder_learns_at_its_own_rate_through_the_trainer(tiny_cohort,
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_grad_clip_bounds_the_step_of_a_model_with_parameter_groups():
+    """`grad_clip` clips over every parameter the optimiser holds, also when the model gives it parameter groups
+    (the DAE's encoder at its own rate; clipping the groups themselves failed at the first step)."""
+    from cohortlens.models.dae import DiffusionAutoencoder
+    from cohortlens.models.training.loop import train_step
+
+    torch.manual_seed(0)
+    model = DiffusionAutoencoder.from_config(resolve_config("dae", {"preset": "demo", "crop": CROP, "base_channels": 8,
+                                                                    "norm_groups": 4}))
+    optimizer = torch.optim.AdamW(model.parameter_groups(1e-3))
+    x = torch.rand(4, 1, CROP, CROP) * 2 - 1
+
+    def grad_norm() -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                           if p.grad is not None])))
+
+    loss, parts = train_step(model.training_loss, x, optimizer, torch.device("cpu"), amp=False, grad_clip=None)
+    unclipped = grad_norm()
+    train_step(model.training_loss, x, optimizer, torch.device("cpu"), amp=False, grad_clip=1e-3)
+    assert torch.isfinite(loss) and unclipped > 1e-2
+    assert grad_norm() == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_compile_mode_must_be_one_of_torch_compiles_modes():
     from cohortlens.models.training.settings import TrainSettings
 

@@ -66,6 +66,21 @@ def _scalar(v) -> Tensor | float:
     return v.detach().float() if isinstance(v, Tensor) else float(v)
 
 
+def train_step(loss_fn: Callable, x: Tensor, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool,
+               grad_clip: float | None = None) -> tuple[Tensor, dict]:
+    """One optimisation step, the one the trainer runs and gpu_check times: the loss under bf16 autocast (CUDA),
+    gradients, clipping to `grad_clip` over every parameter the optimizer holds (a model with parameter groups
+    hands it dicts, not tensors), the optimizer's step. Returns the loss and its parts."""
+    with bf16_autocast(device, amp):
+        loss, parts = loss_fn(x)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
+    return loss, parts
+
+
 def _compiled(fn: Callable, enabled: bool, mode: str = "default") -> Callable:
     """torch.compile when asked for (CUDA only); a failing compile falls back to eager with a warning."""
     if not enabled:
@@ -167,13 +182,7 @@ def _train(model, data, settings, out_dir, device, *, config, fingerprint_, qa_b
         try:
             while step < settings.steps:
                 x = to_device(next(batches), device, channels_last)
-                with bf16_autocast(device, settings.amp):
-                    loss, parts = loss_fn(x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if settings.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                optimizer.step()
+                loss, parts = train_step(loss_fn, x, optimizer, device, settings.amp, settings.grad_clip)
                 scheduler.step()
                 if ema is not None:
                     ema.update_parameters(model)
