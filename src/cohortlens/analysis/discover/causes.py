@@ -336,9 +336,10 @@ def date_association(rd: RegionData, inside: np.ndarray, attribute: str, date_at
     return float(kruskal(*groups).pvalue)
 
 
-def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> None:
+def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> list[dict]:
     """Sets `explained_by` on every significant leak, cluster and interaction finding that another attribute
-    explains (in place). Run after the correction: only findings are re-tested."""
+    explains (in place). Run after the correction: only findings are re-tested. Returns the root dated changes
+    (`acquisition_epochs`), which the subgroup takes as covariates."""
     for rd in regions:
         sig = _significant(tests, rd, cfg["alpha"])
         if not sig:
@@ -352,10 +353,10 @@ def explain_echoes(regions: list[RegionData], tests: list[Finding], cfg: dict, r
             elif f.value is not None:
                 explain_cluster(reg, f)
         explain_interactions(reg, [f for f in sig if _is_interaction(f)])
-    explain_by_roots(regions, tests, cfg, rng)
+    return explain_by_roots(regions, tests, cfg, rng)
 
 
-def explain_by_roots(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> None:
+def explain_by_roots(regions: list[RegionData], tests: list[Finding], cfg: dict, rng: np.random.Generator) -> list[dict]:
     """Last pass: a leak, cluster or pocket that survived every single and paired conditioning, and is the only
     standing finding of its attribute's value in the region, is tried given the region's root causes together:
     the JOINT_CANDIDATES attributes with a root finding of their own that explain most of it alone, and every
@@ -367,7 +368,8 @@ def explain_by_roots(regions: list[RegionData], tests: list[Finding], cfg: dict,
     many strata at once costs power, and a value established by one test needs no second. The causes named are
     those without which the finding survives (each left out in turn), else the one that explains most alone;
     the rest go to `details.jointly_with`. Roots are findings this stage did not explain, so the test conditions
-    on effects already established, not on echoes."""
+    on effects already established, not on echoes. Returns the root dated changes (this pass marks no date
+    effect, so they are final)."""
     alpha = cfg["alpha"]
     epochs = acquisition_epochs(tests, alpha)
     for rd in with_epochs(regions, epochs):
@@ -398,6 +400,7 @@ def explain_by_roots(regions: list[RegionData], tests: list[Finding], cfg: dict,
             f.details.pop("survives_conditioning", None)
             _mark(f, named[0], reg.root_value(named[0]), "the region's root causes jointly", p, None,
                   jointly_with=", ".join(x for x in given if x != named[0]))
+    return epochs
 
 
 def _p_given(reg: RegionTests, f: Finding, given: tuple[str, ...]) -> float:

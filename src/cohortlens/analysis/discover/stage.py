@@ -53,7 +53,7 @@ from cohortlens.analysis.discover.core import (
 )
 from cohortlens.analysis.discover.explain import explain_findings
 from cohortlens.analysis.discover.settings import settings
-from cohortlens.analysis.discover.subgroup_epochs import acquisition_epochs, with_epochs
+from cohortlens.analysis.discover.subgroup_epochs import with_epochs
 from cohortlens.analysis.table import load_analysis_table
 from cohortlens.io.tables import write_parquet
 from cohortlens.runtime import limit_threads
@@ -103,12 +103,11 @@ def run_tests(regions: list[RegionData], cfg: Mapping | None = None) -> list[Fin
         adjust(tests)
         t0 = time.perf_counter()
         # a fresh stream: the detectors' p-values do not change when the conditional re-tests are added
-        explain_echoes(regions, tests, cfg, np.random.default_rng([cfg["seed"], 1]))
+        epochs = explain_echoes(regions, tests, cfg, np.random.default_rng([cfg["seed"], 1]))
         log.info("discover root causes: %.1fs", time.perf_counter() - t0)
         # the subgroup after the root causes: their dated protocol changes are its covariates (subgroup_epochs);
         # its tests are a family of their own, so correcting them apart changes no p-value
         t0 = time.perf_counter()
-        epochs = acquisition_epochs(tests, cfg["alpha"])
         subgroup_tests = subgroups.discordant_subgroups(with_epochs(regions, epochs), cfg,
                                                         _stream(cfg, len(regions), len(DETECTORS)))
         adjust(subgroup_tests)
