@@ -66,6 +66,27 @@ def joint_labels(rd: RegionData, attributes: tuple[str, ...], within_acquisition
     return out
 
 
+def covariate_design(rd: RegionData, given: tuple[str, ...]) -> np.ndarray:
+    """Columns of a least-squares fit on `given`: each number (a date as days) standardised and squared, each
+    category one-hot (missing its own level, the first level dropped). NaN where a number is missing."""
+    cols = []
+    for b in given:
+        if rd.specs[b].is_categorical:
+            labels = stratum_labels(rd, b)
+            cols += [(labels == v).astype(float) for v in np.unique(labels)[1:]]
+            continue
+        v = np.asarray(rd.values(b), float)
+        ok = np.isfinite(v)
+        z = (v - v[ok].mean()) / (v[ok].std() or 1.0) if ok.any() else v
+        cols += [z, z ** 2]
+    return np.column_stack(cols) if cols else np.zeros((rd.n, 0))
+
+
+def _excess(res: dict) -> float:
+    null = np.asarray(res["null"], float)
+    return float((res["stat"] - null.mean()) / (null.std() or 1.0))
+
+
 def cmh_greater(members: np.ndarray, is_v: np.ndarray, ok: np.ndarray, strata: np.ndarray) -> float:
     """One-sided Cochran–Mantel–Haenszel p-value (continuity-corrected normal approximation) that membership
     and `is_v` are positively associated within strata. 1.0 when no stratum varies in both (no evidence left)."""
@@ -91,7 +112,7 @@ class RegionTests:
         self.rd, self.cfg, self.alpha = rd, cfg, cfg["alpha"]
         self.seed = int(rng.integers(2**31))
         self.findings = findings
-        self._leak_cache: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._leak_cache: dict[tuple[str, tuple[str, ...]], tuple[float, float]] = {}  # (p, excess)
         self._knn: dict[int, np.ndarray] = {}
 
     def neighbours(self, k: int) -> np.ndarray:
@@ -120,18 +141,28 @@ class RegionTests:
         key = (attribute, given)
         if key not in self._leak_cache:
             spec = self.rd.specs[attribute]
-            numeric = (len(given) == 1 and not spec.is_categorical and spec.type != "date"
-                       and not self.rd.specs[given[0]].is_categorical)
+            numbers = [b for b in given if not self.rd.specs[b].is_categorical]
             rng = np.random.default_rng(self.seed)
-            if numeric:
-                # a number given a number: Freedman–Lane on the linear fit (quintile strata would leave the
-                # covariate's variation within each bin, and with it residual confounding)
-                res = _run(self.rd, attribute, self.cfg, rng, covariate=np.asarray(self.rd.values(given[0]), float))
+            if numbers and not spec.is_categorical and spec.type != "date":
+                # a number given numbers (and categories): Freedman–Lane on a quadratic fit in the numbers plus
+                # the categories' offsets, residuals permuted within the categories' cells. Quintile strata left
+                # the covariate's variation inside each bin, and with it residual confounding; a linear fit left
+                # weight = BMI x height² curved in height, and two numbers crossed as quintiles made weight
+                # *more* significant given height and age than given height alone (confounded scenario)
+                categories = tuple(b for b in given if b not in numbers)
+                res = _run(self.rd, attribute, self.cfg, rng, covariate=covariate_design(self.rd, given),
+                           strata=joint_labels(self.rd, categories) if categories else None)
             else:
                 res = _run(self.rd, attribute, self.cfg, rng,
                            strata=joint_labels(self.rd, given, within_acquisition=spec.type == "date"))
-            self._leak_cache[key] = 1.0 if res is None else float(res["p"])
-        return self._leak_cache[key]
+            self._leak_cache[key] = (1.0, 0.0) if res is None else (float(res["p"]), _excess(res))
+        return self._leak_cache[key][0]
+
+    def leak_excess_given(self, attribute: str, given: str | tuple[str, ...]) -> float:
+        """How far the leak of `attribute` given `given` stands above its permutation null, in null SDs: what is
+        left of the finding. Orders candidate causes whose p-values all sit at the permutation floor."""
+        self.leak_p_given(attribute, given)
+        return self._leak_cache[(attribute, (given,) if isinstance(given, str) else tuple(given))][1]
 
     def pocket_p_given(self, f: Finding, ok: np.ndarray, given: tuple[str, ...]) -> float:
         """The pocket search of A = a repeated with A's labels permuted within strata of `given` among the images

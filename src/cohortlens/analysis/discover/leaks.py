@@ -154,8 +154,9 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
          covariate: np.ndarray | None = None) -> dict | None:
     """One leak test. Labels are permuted within `strata` when given (a conditional test: what the embedding
     knows of the attribute beyond those strata), else dates within the acquisition strata, others freely. A
-    numeric attribute with a numeric `covariate` is tested beyond it by Freedman–Lane (rows where it is missing
-    are left out)."""
+    numeric attribute with `covariate` (a column or a design matrix) is tested beyond it by Freedman–Lane: the
+    least-squares fit on the covariates is kept, its residuals permuted (within `strata` when given too); rows
+    with a missing covariate are left out."""
     spec = rd.specs[attribute]
     y = rd.values(attribute)
     mask = present(y) if keep is None else (present(y) & keep)
@@ -168,7 +169,8 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
     if mask.sum() < 3 * cfg["folds"]:
         return None
     if covariate is not None:
-        mask &= np.isfinite(covariate)
+        covariate = np.asarray(covariate, float).reshape(len(y), -1)
+        mask &= np.isfinite(covariate).all(axis=1)
         if mask.sum() < 3 * cfg["folds"]:
             return None
     Z, yy, units = rd.Z[mask], y[mask], rd.subjects[mask]
@@ -186,8 +188,8 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
     else:
         fitted = None
         if covariate is not None:
-            c = covariate[mask]
-            fitted = np.polyval(np.polyfit(c, yy.astype(float), 1), c) if np.std(c) > 0 else None
+            X = np.column_stack([np.ones(int(mask.sum())), covariate[mask]])
+            fitted = X @ np.linalg.lstsq(X, yy.astype(float), rcond=None)[0] if np.ptp(X[:, 1:], axis=0).any() else None
         res = regression_leak(Z, yy, folds, perm, fitted)
     res["p"] = p_from_null(res["stat"], res["null"])
     res["mask"], res["y"], res["n_folds"] = mask, yy, len(folds)
