@@ -156,7 +156,7 @@ def test_continuous_strata_are_quintiles_with_missing_apart():
 def test_only_an_attribute_that_goes_with_the_date_can_explain_a_date_effect():
     """Inside site B: vendor drawn independently of the date cannot explain B's date effect (conditioning on it
     only costs power); a vendor that B replaced at a date can."""
-    from cohortlens.analysis.discover.causes import date_association
+    from cohortlens.analysis.discover.dated_causes import date_association
 
     rd = confounded_region(n=600, seed=5)
     inside = rd.values("site") == "B"
@@ -317,3 +317,38 @@ def test_weight_is_folded_under_height_together_with_the_heavier_site(seed):
     assert weight.explained_by is not None, (weight.details.get("p_given"), weight.details.get("p_given_jointly"))
     assert {weight.details["explained_by"]["attribute"], weight.details.get("jointly_with")} == {"height", "site"}
     assert _leak(found, "height").explained_by is None and _leak(found, "site").explained_by is None
+
+
+def early_site_with_batches(n=600, seed=0) -> RegionData:
+    """Site C looks different and recruited in the first year only; the processing batch is the half-year of the
+    date for 70 % of the images (the others re-processed into any batch). C's clusters are enriched for 2014 and
+    for the first batches: echoes of C, the batches through C's dates."""
+    rng = np.random.default_rng(seed)
+    site = np.array(list("ABCD"))[rng.integers(0, 4, n)]
+    days = np.where(site == "C", rng.integers(START, START + 365, n), rng.integers(START, START + 3 * 365, n))
+    batch = np.where(rng.random(n) < 0.7, (days - START) // 182, rng.integers(0, 6, n))
+    Z = rng.normal(size=(n, 12))
+    Z[site == "C", 3:5] += 6.0
+    frame = pl.DataFrame({
+        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
+        "region": ["neck"] * n, "site": site.tolist(), "batch": [f"B{b + 1}" for b in batch],
+        "date": pl.Series(days.astype("datetime64[D]")),
+    })
+    specs = {"site": SPECS["site"], "date": SPECS["date"],
+             "batch": AttributeSpec("batch", "categorical", "acquisition", categories=tuple(f"B{k}" for k in range(1, 7)))}
+    return RegionData("neck", frame, Z, specs, 12)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_an_echo_of_an_echo_is_named_after_the_root(seed):
+    """A batch cluster of C's images is explained best by its dates (2014), and 2014 is itself C's echo: it is
+    named after site C, with the date kept as `via` (confounded worlds 3-6: batch B1-B3 clusters folded under
+    "date 2014/2015", an echo)."""
+    found = findings_of(early_site_with_batches(seed=seed), seed=seed)
+    echoes = [f for f in found if f.explained_by is not None]
+    assert not [f.finding_id for f in echoes if f.explained_by.startswith("date=")]
+    through = [f for f in echoes if (f.details["explained_by"].get("via") or "").startswith("date=")]
+    assert through and all(f.explained_by == "site=C" and f.attribute == "batch" for f in through), \
+        [(f.finding_id, f.explained_by) for f in through]
+    assert all(f.details["explained_by"]["p_conditional"] > 0.05 >= f.details["explained_by"]["p_reverse"]
+               for f in through)

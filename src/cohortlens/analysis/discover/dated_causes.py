@@ -1,0 +1,171 @@
+"""Root causes of date effects within a stratum (date within site S, date within scanner X; leaks, cluster comparisons
+and cleanlab's non-IID alike), the date part of `causes`: the within-stratum date leak re-run (a) without the images
+of another significant date stratum — when the protocol change of site S is the cause, "date within scanner X"
+vanishes once site S's images are left out, while site S's effect does not vanish without scanner X's other images —
+and (b) with dates permuted within another acquisition attribute's values inside the stratum (null: the date is no
+more predictable than the other attribute's values make it), provided the other attribute's values go with the date
+inside the stratum (Kruskal–Wallis p ≤ alpha; a scanner spread evenly over a site's years cannot explain its date
+effect, a loss of power can); and (c) without the rival's images *and* with dates permuted within a third attribute
+(two causes together). Attributes that are largely a function of the date (a half-yearly batch: η² of the date by
+its values ≥ 0.3) are never used to condition a date effect, nor as a rival stratum of one that is not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cohortlens.analysis.discover.conditional import RegionTests, stratum_labels
+from cohortlens.analysis.discover.core import INTERACTION_SEP, Finding, RegionData, date_proxies, stratum_attributes
+from cohortlens.analysis.discover.echoes import mark
+from cohortlens.analysis.discover.leaks import _run
+
+
+def _stratum_of(f: Finding) -> tuple[str, str, str]:
+    """(stratum attribute, its value, the date attribute) of a date-within-stratum finding."""
+    stratum, date_attr = f.attribute.split(INTERACTION_SEP, 1)
+    value = f.details.get("site", f.value)
+    return stratum, str(value).split(",")[0], date_attr
+
+
+def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
+    """A date effect within stratum S = s is re-tested (as a within-stratum date leak)
+
+    * given each other acquisition attribute B (dates permuted within B's values, inside S = s): when B's
+      values explain it (e.g. date within scanner X, explained by site: a site's protocol change, or a site's
+      own look plus its recruitment period), and B has a finding of its own;
+    * without the images of each other significant date stratum B = b: when it vanishes, B = b's effect does
+      not vanish without S = s's images, and B = b's effect survives dates permuted within S's values, B = b
+      is the cause. A stratum that lies mostly inside another is the more specific one and is not explained
+      by it. When the effect survives without B = b's images, it is re-run without them *and* with dates
+      permuted within a third attribute C's values: two causes together (site Hamburg's protocol change and
+      site Essen's own look with its early recruitment, inside scanner Y) explain what neither explains alone.
+    """
+    rd = reg.rd
+    cache: dict[tuple, float | None] = {}
+
+    def leak_p(date_attr, keep, strata=None) -> float | None:
+        if keep.sum() < reg.cfg["interaction_min_site"]:
+            return None
+        res = _run(rd, date_attr, reg.cfg, np.random.default_rng(reg.seed), keep=keep, conditional=False,
+                   strata=strata)
+        return None if res is None else float(res["p"])
+
+    def without(s1, v1, s2, v2, date_attr) -> float | None:
+        key = ("without", s1, v1, s2, v2, date_attr)
+        if key not in cache:
+            cache[key] = leak_p(date_attr, (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2))
+        return cache[key]
+
+    def without_given(s1, v1, s2, v2, b, date_attr) -> float | None:
+        key = ("without_given", s1, v1, s2, v2, b, date_attr)
+        if key not in cache:
+            keep = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
+            cache[key] = leak_p(date_attr, keep, stratum_labels(rd, b))
+        return cache[key]
+
+    def jointly(s1, v1, s2, v2, date_attr, proxies) -> tuple[str | None, float | None]:
+        """The other attribute C (and its p) that explains what is left of the effect without B = b's images,
+        if one does: C has an effect of its own and its values go with the date in what is left."""
+        rest = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
+        best, best_p = None, None
+        for c in stratum_attributes(rd):
+            if c == s1 or c in proxies or not reg.has_effect(c):
+                continue
+            if date_association(rd, rest, c, date_attr) > reg.alpha:
+                continue
+            p = without_given(s1, v1, s2, v2, c, date_attr)
+            if p is not None and (best_p is None or p > best_p):
+                best, best_p = c, p
+        return best, best_p
+
+    def given(s1, v1, b, date_attr) -> float | None:
+        key = ("given", s1, v1, b, date_attr)
+        if key not in cache:
+            cache[key] = leak_p(date_attr, stratum_labels(rd, s1) == v1, stratum_labels(rd, b))
+        return cache[key]
+
+    significant = {_stratum_of(f) for f in interactions}
+    for f in interactions:
+        s1, v1, date_attr = _stratum_of(f)
+        n1 = int((stratum_labels(rd, s1) == v1).sum())
+        proxies = date_proxies(rd, date_attr)
+        # 1. without another significant date stratum's images
+        tested = {}
+        for s2, v2, d2 in sorted(significant):
+            if s2 == s1 or d2 != date_attr or s2 in proxies and s1 not in proxies:
+                continue
+            inside = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) == v2)
+            if inside.sum() >= 0.8 * n1:
+                continue  # mostly inside the rival: the more specific one, and too little left to test without it
+            p1 = without(s1, v1, s2, v2, date_attr)
+            tested[f"{s2}={v2}"] = p1
+            test = "within-stratum date leak without the rival stratum"
+            if p1 is not None and p1 <= reg.alpha:
+                c, p_joint = jointly(s1, v1, s2, v2, date_attr, proxies)
+                if c is None:
+                    continue  # survives without the rival's images
+                tested[f"{s2}={v2}, dates within {c}"] = p_joint
+                if p_joint <= reg.alpha:
+                    continue
+                p1, test = p_joint, f"{test}, dates permuted within {c}"
+                f.details["jointly_with"] = c
+            if p1 is None:
+                continue
+            p2 = without(s2, v2, s1, v1, date_attr)
+            n2 = int((stratum_labels(rd, s2) == v2).sum())
+            # a date proxy (a half-yearly batch) would remove any date effect of the rival: no evidence either way
+            rival_given = None if s1 in proxies else given(s2, v2, s1, date_attr)
+            if rival_given is not None and rival_given > reg.alpha:
+                continue  # the rival is itself explained by this stratum's attribute: it cannot be the cause
+            if p2 is None or p2 <= reg.alpha or n2 < n1:
+                mark(f, s2, v2, test, p1, p2, inseparable=p2 is not None and p2 > reg.alpha)
+                break
+        f.details["p_without_rival"] = tested
+        if f.explained_by is not None:
+            continue
+        # 2. given another acquisition attribute's values (not a date proxy: it would remove any date effect)
+        p_given = {}
+        for b in stratum_attributes(rd):
+            if b == s1 or b in proxies:
+                continue
+            p = given(s1, v1, b, date_attr)
+            if p is not None:
+                p_given[b] = p
+        f.details["p_given"] = {b: round(p, 4) for b, p in p_given.items()}
+        for b in sorted((b for b, p in p_given.items() if p > reg.alpha), key=p_given.get, reverse=True):
+            own = [v for s2, v, d2 in significant if s2 == b and d2 == date_attr]
+            if own:
+                # B has date strata of its own: the cause is one of them unless it vanishes given S as well
+                reverse = [given(b, v, s1, date_attr) for v in own]
+                if all(r is not None and r > reg.alpha for r in reverse) and min(
+                        int((stratum_labels(rd, b) == v).sum()) for v in own) > n1:
+                    continue  # both vanish given the other, this stratum is the smaller: it is the root
+                mark(f, b, own[0], "date leak within the stratum, permuted within the other attribute",
+                      p_given[b], min((r for r in reverse if r is not None), default=None))
+                break
+            if reg.has_effect(b):
+                p_assoc = date_association(rd, stratum_labels(rd, s1) == v1, b, date_attr)
+                f.details.setdefault("date_by", {})[b] = round(p_assoc, 4)
+                if p_assoc > reg.alpha:
+                    continue  # B's values do not follow the date inside S: conditioning on B only cost power
+                mark(f, b, reg.root_value(b), "date leak within the stratum, permuted within the other attribute",
+                      p_given[b], None)
+                break
+        if f.explained_by is None:
+            f.details["survives_conditioning"] = sorted(tested) + sorted(p_given)
+
+
+def date_association(rd: RegionData, inside: np.ndarray, attribute: str, date_attr: str) -> float:
+    """Kruskal–Wallis p-value that the dates differ between the attribute's values inside a stratum. An attribute
+    whose values are spread evenly over the stratum's dates cannot explain its date effect (a confounder has to
+    go with the date); only a loss of power makes the effect weaker given it."""
+    from scipy.stats import kruskal
+
+    days = np.asarray(rd.values(date_attr), float)
+    labels = stratum_labels(rd, attribute)
+    ok = inside & np.isfinite(days)
+    groups = [days[ok & (labels == v)] for v in np.unique(labels[ok])]
+    groups = [g for g in groups if len(g) >= 2]
+    if len(groups) < 2 or np.ptp(days[ok]) == 0:
+        return 1.0
+    return float(kruskal(*groups).pvalue)

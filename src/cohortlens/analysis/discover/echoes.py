@@ -1,0 +1,26 @@
+"""How an echo is recorded on its finding: `explained_by` (the column of findings.parquet), the evidence in
+`details.explained_by` and the sentence appended to the summary that the report shows folded under the cause."""
+
+from __future__ import annotations
+
+from cohortlens.analysis.discover.core import INTERACTION_SEP, Finding
+
+
+def is_interaction(f: Finding) -> bool:
+    return INTERACTION_SEP in f.attribute
+
+
+def mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p_reverse: float | None,
+          inseparable: bool = False, jointly_with: str | None = None) -> None:
+    f.explained_by = f"{cause}={value}" if value is not None else cause
+    f.details["explained_by"] = {"attribute": cause, "value": value, "p_marginal": f.p_value,
+                                 "p_conditional": p_cond, "p_reverse": p_reverse, "test": test,
+                                 "inseparable": inseparable}
+    shown = f"{cause} {value}" if value is not None else cause
+    if jointly_with:
+        f.details["jointly_with"] = jointly_with
+        together = "both" if ", " not in jointly_with else "all of them"
+        f.summary += f" — explained by {shown} together with {jointly_with}: given {together} p = {p_cond:.2g}"
+        return
+    f.summary += (f" — explained by {shown}: given {cause} p = {p_cond:.2g}"
+                  + (" (the two cannot be separated in this cohort)" if inseparable else ""))
