@@ -28,11 +28,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cohortlens.analysis.discover.conditional import stratum_labels  # noqa: E402
-from cohortlens.analysis.discover.leaks import _run  # noqa: E402
-from cohortlens.analysis.discover.settings import settings  # noqa: E402
-from cohortlens.analysis.discover.stage import load_regions  # noqa: E402
-from cohortlens.demo.truth import ground_truth_summary  # noqa: E402
+from cohortlens.analysis.discover.conditional import stratum_labels
+from cohortlens.analysis.discover.leaks import _run
+from cohortlens.analysis.discover.settings import settings
+from cohortlens.analysis.discover.stage import load_regions
+from cohortlens.demo.truth import ground_truth_summary
 
 PROTOCOL_SITE = "Hamburg"  # the scenario's one dated change (demo.scenarios.confounded_effects)
 
