@@ -26,6 +26,14 @@ START = 16222  # 2014-06-01
 STEP = START + 365
 
 
+def neck_region(Z: np.ndarray, specs: dict, **columns) -> RegionData:
+    """A synthetic neck region: one image per subject, the given attribute columns and embedding."""
+    n = len(Z)
+    frame = pl.DataFrame({"image_uid": [f"S{i:04d}/neck" for i in range(n)],
+                          "subject_id": [f"S{i:04d}" for i in range(n)], "region": ["neck"] * n, **columns})
+    return RegionData("neck", frame, Z, specs, 12)
+
+
 def confounded_region(n=500, seed=0, vendor_effect=False, protocol_change=False, permute=False,
                       early_site: str | None = None) -> RegionData:
     """Site B's images are shifted (a real site effect). Vendor X is bought mostly by site B (85 % of B,
@@ -49,13 +57,9 @@ def confounded_region(n=500, seed=0, vendor_effect=False, protocol_change=False,
         Z[(site == "B") & (days >= STEP), 2] += 3.0
     if permute:
         site, vendor, days = site[rng.permutation(n)], vendor[rng.permutation(n)], days[rng.permutation(n)]
-    frame = pl.DataFrame({
-        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
-        "region": ["neck"] * n, "site": site.tolist(), "vendor": vendor.tolist(),
-        "sex": np.where(rng.random(n) < 0.5, "F", "M").tolist(), "weight": weight,
-        "date": pl.Series(days.astype("datetime64[D]")),
-    })
-    return RegionData("neck", frame, Z, SPECS, 12)
+    return neck_region(Z, SPECS, site=site.tolist(), vendor=vendor.tolist(),
+                       sex=np.where(rng.random(n) < 0.5, "F", "M").tolist(), weight=weight,
+                       date=pl.Series(days.astype("datetime64[D]")))
 
 
 def findings_of(rd: RegionData, seed=0):
@@ -182,12 +186,9 @@ def test_a_pocket_found_after_another_site_was_set_aside_is_an_echo_of_the_scann
     Z = rng.normal(size=(n, 12))
     Z[site == "B", 0] += 4.0
     Z[vendor == "Y", 1] += 2.0
-    frame = pl.DataFrame({
-        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
-        "region": ["neck"] * n, "site": site.tolist(), "vendor": vendor.tolist(),
-        "sex": np.where(rng.random(n) < 0.5, "F", "M").tolist(), "weight": rng.normal(75, 10, n),
-        "date": pl.Series(rng.integers(START, START + 3 * 365, n).astype("datetime64[D]"))})
-    found = findings_of(RegionData("neck", frame, Z, SPECS, 12))
+    found = findings_of(neck_region(Z, SPECS, site=site.tolist(), vendor=vendor.tolist(),
+                                    sex=np.where(rng.random(n) < 0.5, "F", "M").tolist(), weight=rng.normal(75, 10, n),
+                                    date=pl.Series(rng.integers(START, START + 3 * 365, n).astype("datetime64[D]"))))
     pocket = next(f for f in found if f.kind == "cluster" and f.attribute == "site" and f.value == "A")
     assert pocket.details["set_aside"] == ["B"]
     print("A's pocket given the scanner:", pocket.details["p_given"], pocket.explained_by)
@@ -216,12 +217,9 @@ def test_a_pocket_that_two_causes_make_together_is_folded_under_them_jointly():
     specs = {**SPECS, "site": AttributeSpec("site", "categorical", "acquisition", categories=tuple("ABCM")),
              "age": AttributeSpec("age", "continuous", "protected")}
     specs["vendor"] = AttributeSpec("vendor", "categorical", "acquisition", categories=("X", "Y"))
-    frame = pl.DataFrame({
-        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
-        "region": ["neck"] * n, "site": site.tolist(), "vendor": vendor.tolist(), "age": age,
-        "sex": np.where(rng.random(n) < 0.5, "F", "M").tolist(), "weight": rng.normal(75, 10, n),
-        "date": pl.Series(rng.integers(START, START + 3 * 365, n).astype("datetime64[D]"))})
-    found = findings_of(RegionData("neck", frame, Z, specs, 12))
+    found = findings_of(neck_region(Z, specs, site=site.tolist(), vendor=vendor.tolist(), age=age,
+                                    sex=np.where(rng.random(n) < 0.5, "F", "M").tolist(), weight=rng.normal(75, 10, n),
+                                    date=pl.Series(rng.integers(START, START + 3 * 365, n).astype("datetime64[D]"))))
     pockets = [f for f in found if f.kind == "cluster" and f.attribute == "site" and f.value == "M"
                and f.details.get("method") == "knn_pocket"]
     assert pockets, [f.summary for f in found if f.attribute == "site"]
@@ -256,12 +254,9 @@ def test_a_pocket_that_three_causes_make_together_is_folded_under_the_roots_join
     Z[site == "B", 2] += 3.5
     specs = {**SPECS, "site": AttributeSpec("site", "categorical", "acquisition", categories=tuple("ABCM")),
              "age": AttributeSpec("age", "continuous", "protected")}
-    frame = pl.DataFrame({
-        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
-        "region": ["neck"] * n, "site": site.tolist(), "vendor": vendor.tolist(), "age": age, "sex": sex.tolist(),
-        "weight": rng.normal(75, 10, n),
-        "date": pl.Series(rng.integers(START, START + 3 * 365, n).astype("datetime64[D]"))})
-    found = findings_of(RegionData("neck", frame, Z, specs, 12))
+    found = findings_of(neck_region(Z, specs, site=site.tolist(), vendor=vendor.tolist(), age=age, sex=sex.tolist(),
+                                    weight=rng.normal(75, 10, n),
+                                    date=pl.Series(rng.integers(START, START + 3 * 365, n).astype("datetime64[D]"))))
     pockets = [f for f in found if f.kind == "cluster" and f.attribute == "site" and f.value == "M"]
     assert pockets, [f.summary for f in found if f.attribute == "site"]
     for f in pockets:
@@ -295,15 +290,11 @@ def weight_echo_region(n=600, seed=0) -> RegionData:
     Z[:, 1] += (age - 46) / 10
     Z[:, 2] += np.where(sex == "M", 1.0, 0.0)
     Z[site == "B", 3] += 2.5
-    frame = pl.DataFrame({
-        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
-        "region": ["neck"] * n, "site": site.tolist(), "sex": sex.tolist(), "age": age, "height": height,
-        "weight": bmi * height ** 2,
-    })
     specs = {"site": SPECS["site"], "sex": SPECS["sex"], "weight": SPECS["weight"],
              "age": AttributeSpec("age", "continuous", "protected"),
              "height": AttributeSpec("height", "continuous", "protected")}
-    return RegionData("neck", frame, Z, specs, 12)
+    return neck_region(Z, specs, site=site.tolist(), sex=sex.tolist(), age=age, height=height,
+                       weight=bmi * height ** 2)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -329,14 +320,11 @@ def early_site_with_batches(n=600, seed=0) -> RegionData:
     batch = np.where(rng.random(n) < 0.7, (days - START) // 182, rng.integers(0, 6, n))
     Z = rng.normal(size=(n, 12))
     Z[site == "C", 3:5] += 6.0
-    frame = pl.DataFrame({
-        "image_uid": [f"S{i:04d}/neck" for i in range(n)], "subject_id": [f"S{i:04d}" for i in range(n)],
-        "region": ["neck"] * n, "site": site.tolist(), "batch": [f"B{b + 1}" for b in batch],
-        "date": pl.Series(days.astype("datetime64[D]")),
-    })
     specs = {"site": SPECS["site"], "date": SPECS["date"],
-             "batch": AttributeSpec("batch", "categorical", "acquisition", categories=tuple(f"B{k}" for k in range(1, 7)))}
-    return RegionData("neck", frame, Z, specs, 12)
+             "batch": AttributeSpec("batch", "categorical", "acquisition",
+                                    categories=tuple(f"B{k}" for k in range(1, 7)))}
+    return neck_region(Z, specs, site=site.tolist(), batch=[f"B{b + 1}" for b in batch],
+                       date=pl.Series(days.astype("datetime64[D]")))
 
 
 @pytest.mark.parametrize("seed", [0, 2])

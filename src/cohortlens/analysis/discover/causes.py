@@ -52,7 +52,7 @@ from cohortlens.analysis.discover.core import (
     date_proxies,
 )
 from cohortlens.analysis.discover.dated_causes import explain_interactions
-from cohortlens.analysis.discover.echoes import is_interaction, mark
+from cohortlens.analysis.discover.echoes import is_interaction, mark, unmark
 from cohortlens.analysis.discover.subgroup_epochs import acquisition_epochs, epoch_name, with_epochs
 from cohortlens.analysis.table import present
 
@@ -114,7 +114,7 @@ def _decide_jointly(reg: RegionTests, f: Finding, p_given: dict[str, float], rev
             if p_rev <= reg.alpha:
                 f.details["p_given_jointly"] = tried
                 mark(f, b, reg.root_value(b), f"{test}, two attributes jointly", p, p_rev,
-                      jointly_with=next(x for x in pair if x != b))
+                     jointly_with=next(x for x in pair if x != b))
                 return True
     if tried:
         f.details["p_given_jointly"] = tried
@@ -211,7 +211,7 @@ def name_the_root(reg: RegionTests) -> None:
             if p_given.get(c, 0.0) <= reg.alpha or p_rev > reg.alpha:
                 continue
             via = f"{b}={named['value']}" if named["value"] is not None else b
-            f.summary = f.summary.rpartition(" — explained by ")[0]
+            unmark(f)
             mark(f, c, reg.root_value(c), named["test"], p_given[c], p_rev)
             f.details["explained_by"]["via"] = via
             f.summary += f" (through {via.replace('=', ' ')}, itself an echo of {c})"
@@ -261,7 +261,7 @@ def explain_by_roots(regions: list[RegionData], tests: list[Finding], cfg: dict,
             named = sorted((b for b, q in needed.items() if q <= alpha), key=needed.get) or causes[:1]
             f.details.pop("survives_conditioning", None)
             mark(f, named[0], reg.root_value(named[0]), "the region's root causes jointly", p, None,
-                  jointly_with=", ".join(x for x in given if x != named[0]))
+                 jointly_with=", ".join(x for x in given if x != named[0]))
     return epochs
 
 

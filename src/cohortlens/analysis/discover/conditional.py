@@ -137,6 +137,15 @@ class RegionTests:
     def leak_p_given(self, attribute: str, given: str | tuple[str, ...]) -> float:
         """Leak test of `attribute` with labels permuted within strata of `given` (one attribute or several
         jointly; a date also within the acquisition strata it is always tested in)."""
+        return self._leak_given(attribute, given)[0]
+
+    def leak_excess_given(self, attribute: str, given: str | tuple[str, ...]) -> float:
+        """How far the leak of `attribute` given `given` stands above its permutation null, in null SDs: what is
+        left of the finding. Orders candidate causes whose p-values all sit at the permutation floor."""
+        return self._leak_given(attribute, given)[1]
+
+    def _leak_given(self, attribute: str, given: str | tuple[str, ...]) -> tuple[float, float]:
+        """(p, excess) of the conditional leak test, computed once per (attribute, given)."""
         given = (given,) if isinstance(given, str) else tuple(given)
         key = (attribute, given)
         if key not in self._leak_cache:
@@ -156,13 +165,7 @@ class RegionTests:
                 res = _run(self.rd, attribute, self.cfg, rng,
                            strata=joint_labels(self.rd, given, within_acquisition=spec.type == "date"))
             self._leak_cache[key] = (1.0, 0.0) if res is None else (float(res["p"]), _excess(res))
-        return self._leak_cache[key][0]
-
-    def leak_excess_given(self, attribute: str, given: str | tuple[str, ...]) -> float:
-        """How far the leak of `attribute` given `given` stands above its permutation null, in null SDs: what is
-        left of the finding. Orders candidate causes whose p-values all sit at the permutation floor."""
-        self.leak_p_given(attribute, given)
-        return self._leak_cache[(attribute, (given,) if isinstance(given, str) else tuple(given))][1]
+        return self._leak_cache[key]
 
     def pocket_p_given(self, f: Finding, ok: np.ndarray, given: tuple[str, ...]) -> float:
         """The pocket search of A = a repeated with A's labels permuted within strata of `given` among the images

@@ -141,7 +141,7 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
                         int((stratum_labels(rd, b) == v).sum()) for v in own) > n1:
                     continue  # both vanish given the other, this stratum is the smaller: it is the root
                 mark(f, b, own[0], "date leak within the stratum, permuted within the other attribute",
-                      p_given[b], min((r for r in reverse if r is not None), default=None))
+                     p_given[b], min((r for r in reverse if r is not None), default=None))
                 break
             if reg.has_effect(b):
                 p_assoc = date_association(rd, stratum_labels(rd, s1) == v1, b, date_attr)
@@ -149,7 +149,7 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
                 if p_assoc > reg.alpha:
                     continue  # B's values do not follow the date inside S: conditioning on B only cost power
                 mark(f, b, reg.root_value(b), "date leak within the stratum, permuted within the other attribute",
-                      p_given[b], None)
+                     p_given[b], None)
                 break
         if f.explained_by is None:
             f.details["survives_conditioning"] = sorted(tested) + sorted(p_given)

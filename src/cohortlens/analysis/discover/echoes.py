@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from cohortlens.analysis.discover.core import INTERACTION_SEP, Finding
 
+EXPLAINED = " — explained by "  # starts the sentence `mark` appends to the summary
+
 
 def is_interaction(f: Finding) -> bool:
     return INTERACTION_SEP in f.attribute
 
 
 def mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p_reverse: float | None,
-          inseparable: bool = False, jointly_with: str | None = None) -> None:
+         inseparable: bool = False, jointly_with: str | None = None) -> None:
     f.explained_by = f"{cause}={value}" if value is not None else cause
     f.details["explained_by"] = {"attribute": cause, "value": value, "p_marginal": f.p_value,
                                  "p_conditional": p_cond, "p_reverse": p_reverse, "test": test,
@@ -20,7 +22,15 @@ def mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p_
     if jointly_with:
         f.details["jointly_with"] = jointly_with
         together = "both" if ", " not in jointly_with else "all of them"
-        f.summary += f" — explained by {shown} together with {jointly_with}: given {together} p = {p_cond:.2g}"
+        f.summary += f"{EXPLAINED}{shown} together with {jointly_with}: given {together} p = {p_cond:.2g}"
         return
-    f.summary += (f" — explained by {shown}: given {cause} p = {p_cond:.2g}"
+    f.summary += (f"{EXPLAINED}{shown}: given {cause} p = {p_cond:.2g}"
                   + (" (the two cannot be separated in this cohort)" if inseparable else ""))
+
+
+def unmark(f: Finding) -> None:
+    """Undo `mark` (before the finding is marked again under another cause)."""
+    f.summary = f.summary.rpartition(EXPLAINED)[0] or f.summary
+    f.explained_by = None
+    for key in ("explained_by", "jointly_with"):
+        f.details.pop(key, None)
