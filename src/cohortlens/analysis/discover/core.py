@@ -72,6 +72,10 @@ class CoreSettings:
     probe_dims: int = 64  # PCA dims of the standardised embedding for probes and the discordant subgroup
     cluster_dims: int = 20  # leading PCA dims for density clusters, neighbourhoods and cleanlab features
     folds: int = 5
+    # Fold sets per leak test; every image's out-of-fold prediction is the mean over them. With one set a
+    # re-test's p near alpha moved with the shuffle (confounded world 4, lumbar weight given height: 0.045 or
+    # 0.115), and whether a finding was folded under its cause with it (docs/findings.md, Root causes).
+    fold_repeats: int = 3
     permutations: int = 199  # permutation tests of leaks, onsets and co-occurrence
     min_value_count: int = 10  # values rarer than this in a region are not tested
 

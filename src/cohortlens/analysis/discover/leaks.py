@@ -62,15 +62,18 @@ WITHIN_FAMILY = "date_within_stratum"
 ALPHAS = np.logspace(-1, 4, 8)
 
 
-def cv_folds(n: int, groups: np.ndarray, n_splits: int, seed: int):
-    """Subject-grouped, shuffled folds: a subject's images never straddle train and test.
+def cv_folds(n: int, groups: np.ndarray, n_splits: int, seed: int, repeats: int = 1):
+    """Subject-grouped, shuffled folds: a subject's images never straddle train and test. With `repeats` > 1 the
+    fold sets of that many shuffles, one after the other: every image is then predicted once per repeat.
 
     Not stratified on purpose: folds stratified on the observed labels are balanced for them and not for the
     permuted ones, which makes the observed score look better than its permutations (a biased test).
     """
     _, g = np.unique(groups.astype(str), return_inverse=True)
     n_splits = int(max(2, min(n_splits, len(np.unique(g)))))
-    return list(GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(np.zeros(n), groups=g))
+    return [fold for r in range(max(1, int(repeats)))
+            for fold in GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + r).split(np.zeros(n),
+                                                                                                   groups=g)]
 
 
 def permutation_index(n: int, n_perm: int, rng: np.random.Generator, strata: np.ndarray | None = None,
@@ -96,13 +99,18 @@ def permutation_index(n: int, n_perm: int, rng: np.random.Generator, strata: np.
 
 def oof_ridge(Z: np.ndarray, Y: np.ndarray, folds, train_means: bool = False):
     """Out-of-fold predictions for every column of Y (one RidgeCV fit per fold for all columns); optionally
-    also the training folds' column means seen by each row (the class priors of a one-hot target)."""
+    also the training folds' column means seen by each row (the class priors of a one-hot target). A row that
+    is in the test part of several folds (repeated fold sets) gets the mean of its predictions."""
     out = np.zeros(Y.shape, dtype=np.float64)
     means = np.zeros(Y.shape, dtype=np.float64)
+    times = np.zeros(len(Y), dtype=np.float64)
     for train, test in folds:
         model = RidgeCV(alphas=ALPHAS, alpha_per_target=True).fit(Z[train], Y[train])
-        out[test] = model.predict(Z[test]).reshape(len(test), -1)
-        means[test] = Y[train].mean(0)
+        out[test] += model.predict(Z[test]).reshape(len(test), -1)
+        means[test] += Y[train].mean(0)
+        times[test] += 1
+    times = np.maximum(times, 1)[:, None]
+    out, means = out / times, means / times
     return (out, means) if train_means else out
 
 
@@ -180,7 +188,7 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
         strata = rd.strata()
         strata = strata[mask] if (conditional and spec.type == "date" and strata is not None) else None
     seed = int(rng.integers(2**31))
-    folds = cv_folds(len(yy), units, cfg["folds"], seed)
+    folds = cv_folds(len(yy), units, cfg["folds"], seed, cfg["fold_repeats"])
     perm = permutation_index(len(yy), cfg["permutations"], np.random.default_rng(seed), strata,
                              units if spec.level == "subject" else None)
     if spec.is_categorical:
@@ -192,7 +200,7 @@ def _run(rd: RegionData, attribute: str, cfg: dict, rng, keep: np.ndarray | None
             fitted = X @ np.linalg.lstsq(X, yy.astype(float), rcond=None)[0] if np.ptp(X[:, 1:], axis=0).any() else None
         res = regression_leak(Z, yy, folds, perm, fitted)
     res["p"] = p_from_null(res["stat"], res["null"])
-    res["mask"], res["y"], res["n_folds"] = mask, yy, len(folds)
+    res["mask"], res["y"], res["n_folds"] = mask, yy, len(folds) // cfg["fold_repeats"]
     return res
 
 
