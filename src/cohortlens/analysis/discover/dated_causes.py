@@ -3,10 +3,11 @@ and cleanlab's non-IID alike), the date part of `causes`: the within-stratum dat
 of another significant date stratum — when the protocol change of site S is the cause, "date within scanner X"
 vanishes once site S's images are left out, while site S's effect does not vanish without scanner X's other images —
 and (b) with dates permuted within another acquisition attribute's values inside the stratum (null: the date is no
-more predictable than the other attribute's values make it), provided the other attribute's values go with the date
-inside the stratum (Kruskal–Wallis p ≤ alpha; a scanner spread evenly over a site's years cannot explain its date
-effect, a loss of power can); and (c) without the rival's images *and* with dates permuted within a third attribute
-(two causes together). Attributes that are largely a function of the date (a half-yearly batch: η² of the date by
+more predictable than the other attribute's values make it), provided conditioning on the other attribute moves the
+test's permutation null towards the observed statistic by at least half of its excess (`explained_share`; a scanner
+spread evenly over a site's years leaves the null where it was and cannot explain the date effect, however the
+re-test's p moves); and (c) without the rival's images *and* with dates permuted within a third attribute (two
+causes together). Attributes that are largely a function of the date (a half-yearly batch: η² of the date by
 its values ≥ 0.3) are never used to condition a date effect, nor as a rival stratum of one that is not.
 """
 
@@ -15,9 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from cohortlens.analysis.discover.conditional import RegionTests, stratum_labels
-from cohortlens.analysis.discover.core import INTERACTION_SEP, Finding, RegionData, date_proxies, stratum_attributes
+from cohortlens.analysis.discover.core import INTERACTION_SEP, Finding, date_proxies, stratum_attributes
 from cohortlens.analysis.discover.echoes import mark
 from cohortlens.analysis.discover.leaks import _run
+
+# B explains a date effect within S only when permuting the dates within B's values lifts the permutation null by at
+# least this share of the observed statistic's excess over the free null (docs/findings.md, Root causes).
+MIN_EXPLAINED_SHARE = 0.5
 
 
 def _stratum_of(f: Finding) -> tuple[str, str, str]:
@@ -41,48 +46,45 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
       site Essen's own look with its early recruitment, inside scanner Y) explain what neither explains alone.
     """
     rd = reg.rd
-    cache: dict[tuple, float | None] = {}
+    cache: dict[tuple, dict | None] = {}
 
-    def leak_p(date_attr, keep, strata=None) -> float | None:
-        if keep.sum() < reg.cfg["interaction_min_site"]:
-            return None
-        res = _run(rd, date_attr, reg.cfg, np.random.default_rng(reg.seed), keep=keep, conditional=False,
-                   strata=strata)
+    def leak(date_attr, keep, given_attr=None) -> dict | None:
+        """The within-stratum date leak on `keep`, dates permuted within `given_attr`'s values (else freely). The
+        same seed every time: the same folds, so a conditional null and the free one differ by the strata only."""
+        key = (date_attr, keep.tobytes(), given_attr)
+        if key not in cache:
+            cache[key] = None if keep.sum() < reg.cfg["interaction_min_site"] else _run(
+                rd, date_attr, reg.cfg, np.random.default_rng(reg.seed), keep=keep, conditional=False,
+                strata=None if given_attr is None else stratum_labels(rd, given_attr))
+        return cache[key]
+
+    def p_of(res: dict | None) -> float | None:
         return None if res is None else float(res["p"])
 
-    def without(s1, v1, s2, v2, date_attr) -> float | None:
-        key = ("without", s1, v1, s2, v2, date_attr)
-        if key not in cache:
-            cache[key] = leak_p(date_attr, (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2))
-        return cache[key]
+    def images_of(s1, v1, s2=None, v2=None) -> np.ndarray:
+        keep = stratum_labels(rd, s1) == v1
+        return keep if s2 is None else keep & (stratum_labels(rd, s2) != v2)
 
-    def without_given(s1, v1, s2, v2, b, date_attr) -> float | None:
-        key = ("without_given", s1, v1, s2, v2, b, date_attr)
-        if key not in cache:
-            keep = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
-            cache[key] = leak_p(date_attr, keep, stratum_labels(rd, b))
-        return cache[key]
+    def without(s1, v1, s2, v2, date_attr) -> float | None:
+        return p_of(leak(date_attr, images_of(s1, v1, s2, v2)))
 
     def jointly(s1, v1, s2, v2, date_attr, proxies) -> tuple[str | None, float | None]:
         """The other attribute C (and its p) that explains what is left of the effect without B = b's images,
-        if one does: C has an effect of its own and its values go with the date in what is left."""
-        rest = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) != v2)
+        if one does: C has an effect of its own and conditioning on C lifts the null of what is left."""
+        rest = images_of(s1, v1, s2, v2)
         best, best_p = None, None
         for c in stratum_attributes(rd):
             if c == s1 or c in proxies or not reg.has_effect(c):
                 continue
-            if date_association(rd, rest, c, date_attr) > reg.alpha:
+            res = leak(date_attr, rest, c)
+            if res is None or explained_share(leak(date_attr, rest), res) < MIN_EXPLAINED_SHARE:
                 continue
-            p = without_given(s1, v1, s2, v2, c, date_attr)
-            if p is not None and (best_p is None or p > best_p):
-                best, best_p = c, p
+            if best_p is None or res["p"] > best_p:
+                best, best_p = c, float(res["p"])
         return best, best_p
 
     def given(s1, v1, b, date_attr) -> float | None:
-        key = ("given", s1, v1, b, date_attr)
-        if key not in cache:
-            cache[key] = leak_p(date_attr, stratum_labels(rd, s1) == v1, stratum_labels(rd, b))
-        return cache[key]
+        return p_of(leak(date_attr, images_of(s1, v1), b))
 
     significant = {_stratum_of(f) for f in interactions}
     for f in interactions:
@@ -144,10 +146,10 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
                      p_given[b], min((r for r in reverse if r is not None), default=None))
                 break
             if reg.has_effect(b):
-                p_assoc = date_association(rd, stratum_labels(rd, s1) == v1, b, date_attr)
-                f.details.setdefault("date_by", {})[b] = round(p_assoc, 4)
-                if p_assoc > reg.alpha:
-                    continue  # B's values do not follow the date inside S: conditioning on B only cost power
+                share = explained_share(leak(date_attr, images_of(s1, v1)), leak(date_attr, images_of(s1, v1), b))
+                f.details.setdefault("explained_share", {})[b] = round(share, 3)
+                if share < MIN_EXPLAINED_SHARE:
+                    continue  # the null did not move: B's values do not carry the date, the re-test only lost it
                 mark(f, b, reg.root_value(b), "date leak within the stratum, permuted within the other attribute",
                      p_given[b], None)
                 break
@@ -155,17 +157,16 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
             f.details["survives_conditioning"] = sorted(tested) + sorted(p_given)
 
 
-def date_association(rd: RegionData, inside: np.ndarray, attribute: str, date_attr: str) -> float:
-    """Kruskal–Wallis p-value that the dates differ between the attribute's values inside a stratum. An attribute
-    whose values are spread evenly over the stratum's dates cannot explain its date effect (a confounder has to
-    go with the date); only a loss of power makes the effect weaker given it."""
-    from scipy.stats import kruskal
-
-    days = np.asarray(rd.values(date_attr), float)
-    labels = stratum_labels(rd, attribute)
-    ok = inside & np.isfinite(days)
-    groups = [days[ok & (labels == v)] for v in np.unique(labels[ok])]
-    groups = [g for g in groups if len(g) >= 2]
-    if len(groups) < 2 or np.ptp(days[ok]) == 0:
-        return 1.0
-    return float(kruskal(*groups).pvalue)
+def explained_share(free: dict | None, given: dict | None) -> float:
+    """How much of the observed statistic's excess over its free permutation null the conditional null takes up:
+    (mean null given B - mean free null) / (observed - mean free null), from two runs of the same test on the
+    same folds. Permuting the dates within B's values keeps whatever date information B's values carry; when
+    that information is what the embedding predicts the date from, the conditional null rises to the observed
+    statistic (share near 1). A B drawn independently of the date leaves the null where it was (share near 0),
+    whatever the re-test's p does. This replaced a Kruskal–Wallis test of the dates by B's values, which
+    lacked power where the embedding sees B well (docs/findings.md, Root causes). 0 without an excess."""
+    if free is None or given is None:
+        return 0.0
+    base = float(np.mean(free["null"]))
+    excess = float(free["stat"]) - base
+    return 0.0 if excess <= 0 else float((np.mean(given["null"]) - base) / excess)
