@@ -249,13 +249,16 @@ def explain_by_roots(regions: list[RegionData], tests: list[Finding], cfg: dict,
         if not lone:
             continue
         reg = RegionTests(rd, roots, cfg, rng)
-        dated = [epoch_name(e) for e in epochs if epoch_name(e) in rd.specs
+        dated = [(e["attribute"], epoch_name(e)) for e in epochs if epoch_name(e) in rd.specs
                  and e["attribute"] not in date_proxies(rd, e["date_attribute"])]
         for f in lone:
             p_alone = f.details.get("p_given") or {}
             causes = [b for b in sorted(p_alone, key=p_alone.get, reverse=True)
                       if b != f.attribute and reg.has_effect(b)][:JOINT_CANDIDATES]
-            given = tuple(causes + dated)
+            # a dated change of A = a ("before" / "after" inside a, missing elsewhere) encodes a itself: given it,
+            # A's own finding vanishes by construction (a trained vae's vendor X leak, given "vendor X from
+            # 2015-08-24", p 1.0, was folded under sex)
+            given = tuple(causes + [name for attribute, name in dated if attribute != f.attribute])
             if not causes or len(given) < 3:
                 continue  # one or two attributes: tried already
             p = _p_given(reg, f, given)
