@@ -124,8 +124,11 @@ def test_a_date_effect_that_two_causes_make_together_is_folded_under_the_step():
     echoes = [f for f in within if f.attribute == "vendor×date"]
     assert {str(f.value)[0] for f in echoes} == {"X", "Y"}, described
     for f in echoes:
-        assert f.explained_by == "site=B" and f.details["jointly_with"] == "site", described
-        assert f.details["p_without_rival"]["site=B"] <= 0.05  # without B's images alone it still stands
+        assert f.explained_by == "site=B", described
+        assert f.details["p_without_rival"]["site=B"] <= 0.05  # without B's images alone it is still significant
+        # ... and then gone with dates permuted within the sites, or too small to be a finding (R² below the floor)
+        assert f.details.get("jointly_with") == "site" or f.details["explained_by"]["effect_left"] < 0.05, described
+    assert any(f.details.get("jointly_with") == "site" for f in echoes), described
     roots = [f for f in within if f.explained_by is None]
     assert roots and all(f.attribute == "site×date" and str(f.value).startswith("B") for f in roots), described
 

@@ -13,11 +13,15 @@ def is_interaction(f: Finding) -> bool:
 
 
 def mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p_reverse: float | None,
-         inseparable: bool = False, jointly_with: str | None = None) -> None:
+         inseparable: bool = False, jointly_with: str | None = None, below_floor: float | None = None) -> None:
+    """`below_floor`: the effect left given the cause, when it is significant but below the detector's relevance
+    floor (the floor that decides whether a test is a finding at all)."""
     f.explained_by = f"{cause}={value}" if value is not None else cause
     f.details["explained_by"] = {"attribute": cause, "value": value, "p_marginal": f.p_value,
                                  "p_conditional": p_cond, "p_reverse": p_reverse, "test": test,
                                  "inseparable": inseparable}
+    if below_floor is not None:
+        f.details["explained_by"]["effect_left"] = below_floor
     shown = f"{cause} {value}" if value is not None else cause
     if jointly_with:
         f.details["jointly_with"] = jointly_with
@@ -25,6 +29,8 @@ def mark(f: Finding, cause: str, value: str | None, test: str, p_cond: float, p_
         f.summary += f"{EXPLAINED}{shown} together with {jointly_with}: given {together} p = {p_cond:.2g}"
         return
     f.summary += (f"{EXPLAINED}{shown}: given {cause} p = {p_cond:.2g}"
+                  + (f", what is left (R² {below_floor:.3f}) is below the relevance floor"
+                     if below_floor is not None else "")
                   + (" (the two cannot be separated in this cohort)" if inseparable else ""))
 
 
