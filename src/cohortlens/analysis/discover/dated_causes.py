@@ -74,20 +74,21 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
         0.00-0.02 at p 0.01-0.06: significant by chance or not, too little to be a finding of its own."""
         return res is not None and res["p"] <= reg.alpha and res["stat"] >= reg.cfg["min_r2"]
 
-    def jointly(s1, v1, s2, v2, date_attr, proxies) -> tuple[str | None, float | None]:
-        """The other attribute C (and its p) that explains what is left of the effect without B = b's images,
-        if one does: C has an effect of its own and conditioning on C lifts the null of what is left."""
+    def jointly(s1, v1, s2, v2, date_attr, proxies) -> tuple[str | None, dict | None]:
+        """The other attribute C (and its test) that explains what is left of the effect without B = b's images,
+        if one does: C has an effect of its own and conditioning on C lifts the null of what is left; of several,
+        the one with the largest p."""
         rest = images_of(s1, v1, s2, v2)
-        best, best_p = None, None
+        best, best_res = None, None
         for c in stratum_attributes(rd):
             if c == s1 or c in proxies or not reg.has_effect(c):
                 continue
             res = leak(date_attr, rest, c)
             if res is None or explained_share(leak(date_attr, rest), res) < MIN_EXPLAINED_SHARE:
                 continue
-            if best_p is None or res["p"] > best_p:
-                best, best_p = c, float(res["p"])
-        return best, best_p
+            if best_res is None or res["p"] > best_res["p"]:
+                best, best_res = c, res
+        return best, best_res
 
     def given(s1, v1, b, date_attr) -> float | None:
         return p_of(leak(date_attr, images_of(s1, v1), b))
@@ -110,14 +111,14 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
             tested[f"{s2}={v2}"] = p1
             test = "within-stratum date leak without the rival stratum"
             if stands(left):
-                c, p_joint = jointly(s1, v1, s2, v2, date_attr, proxies)
+                c, left = jointly(s1, v1, s2, v2, date_attr, proxies)
                 if c is None:
                     continue  # survives without the rival's images
-                left = leak(date_attr, images_of(s1, v1, s2, v2), c)
-                tested[f"{s2}={v2}, dates within {c}"] = p_joint
+                p1 = p_of(left)
+                tested[f"{s2}={v2}, dates within {c}"] = p1
                 if stands(left):
                     continue
-                p1, test = p_joint, f"{test}, dates permuted within {c}"
+                test = f"{test}, dates permuted within {c}"
                 f.details["jointly_with"] = c
             if p1 is None:
                 continue
