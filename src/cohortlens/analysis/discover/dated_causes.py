@@ -16,7 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from cohortlens.analysis.discover.conditional import RegionTests, stratum_labels
-from cohortlens.analysis.discover.core import INTERACTION_SEP, Finding, date_proxies, stratum_attributes
+from cohortlens.analysis.discover.core import (
+    INTERACTION_SEP,
+    MOSTLY_INSIDE,
+    Finding,
+    date_proxies,
+    stratum_attributes,
+)
 from cohortlens.analysis.discover.echoes import mark
 from cohortlens.analysis.discover.leaks import _run
 
@@ -104,7 +110,7 @@ def explain_interactions(reg: RegionTests, interactions: list[Finding]) -> None:
             if s2 == s1 or d2 != date_attr or s2 in proxies and s1 not in proxies:
                 continue
             inside = (stratum_labels(rd, s1) == v1) & (stratum_labels(rd, s2) == v2)
-            if inside.sum() >= 0.8 * n1:
+            if inside.sum() >= MOSTLY_INSIDE * n1:
                 continue  # mostly inside the rival: the more specific one, and too little left to test without it
             left = leak(date_attr, images_of(s1, v1, s2, v2))
             p1 = p_of(left)
