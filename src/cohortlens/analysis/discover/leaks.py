@@ -27,6 +27,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
 
 from cohortlens.analysis.discover.core import (
+    WITHIN_FAMILY,
     Finding,
     RegionData,
     confine_to_any_stratum,
@@ -53,10 +54,6 @@ class LeakSettings:
     onset_bootstraps: int = 200  # subject bootstrap resamples for the 95 % interval of a date effect's onset
 
 
-# The BH family of the within-stratum date leaks. Pooled with the region-level leaks (sex, age: p at the
-# permutation floor in every region), BH's threshold rose until two null-world date leaks at p = 0.015 were
-# findings (the null scenario's dae neck, docs/findings.md).
-WITHIN_FAMILY = "date_within_stratum"
 
 # Ridge penalties tried per target by leave-one-out; the PCA scores' variances span about 1e-1 .. 1e2.
 ALPHAS = np.logspace(-1, 4, 8)
