@@ -54,7 +54,6 @@ class LeakSettings:
     onset_bootstraps: int = 200  # subject bootstrap resamples for the 95 % interval of a date effect's onset
 
 
-
 # Ridge penalties tried per target by leave-one-out; the PCA scores' variances span about 1e-1 .. 1e2.
 ALPHAS = np.logspace(-1, 4, 8)
 

@@ -24,17 +24,15 @@ import statistics
 import numpy as np
 import polars as pl
 
-from cohortlens.analysis.discover.core import INTERACTION_SEP, Finding, RegionData
+from cohortlens.analysis.discover.core import INTERACTION_SEP, WITHIN_FAMILY, Finding, RegionData
 from cohortlens.analysis.table import AttributeSpec
-
-DATE_WITHIN_STRATUM = "date_within_stratum"
 
 
 def acquisition_epochs(tests: list[Finding], alpha: float) -> list[dict]:
     """One {attribute, value, date_attribute, onset} per stratum with a root date effect that has an onset."""
     onsets: dict[tuple[str, str, str], list[str]] = {}
     for f in tests:
-        if f.family != DATE_WITHIN_STRATUM or not f.is_finding(alpha) or f.explained_by is not None:
+        if f.family != WITHIN_FAMILY or not f.is_finding(alpha) or f.explained_by is not None:
             continue
         onset, stratum = f.details.get("onset"), f.details.get("stratum")
         if onset is None or stratum is None or INTERACTION_SEP not in f.attribute:
