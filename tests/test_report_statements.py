@@ -321,6 +321,12 @@ def test_findings_section_states_each_finding_and_folds_its_echoes(tmp_path):
     assert "Survives conditioning on age" in card and "explains 1 echo" in card
     assert "Weight is recognisable in the neck images" in card and "Explained by site Essen: given site, p = 0.43" in card
     assert "Images: S00001/neck" in page and "class='findings'" in page  # the tables follow, folded
+    # how many may be chance: α × the tested findings (the echo included), the cleanlab flag is not a test
+    assert "up to about 0.2 of the 3 tested findings may be chance; the data-quality flag is not a test" in page
+    from cohortlens.io.tables import write_parquet
+    write_parquet(pl.read_parquet(tmp_path / "pca.parquet"), tmp_path / "lax/vae.parquet", metadata={"alpha": 0.2})
+    lax = findings_section([tmp_path / "lax/vae.parquet"], [], [], cfg)  # α is the one discover used
+    assert "At α = 0.2, up to about 0.6 of the 3 tested findings" in lax
     summary = summary_section([tmp_path / "pca.parquet"], cfg)
     assert "href='#f-pca-attribute_leak-neck-site'" in summary and "id='f-pca-attribute_leak-neck-site'" in page
     assert "Weight is recognisable" not in summary  # echoes are folded under their cause, not listed

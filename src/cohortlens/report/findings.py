@@ -67,6 +67,23 @@ def label_issue_note(frame: pl.DataFrame) -> str:
             f"are reported as discordant subgroups instead ({pointer}).</p>")
 
 
+def chance_note(frame: pl.DataFrame, alpha: float) -> str:
+    """How many of a model's findings may be chance, from the corrections themselves: per family,
+    Benjamini–Hochberg keeps the expected share of false findings at or below α and Holm the chance of any, so
+    about α × the tested findings (echoes included) or fewer. Flags without a test (cleanlab) are not counted."""
+    tested = [r for r in frame.iter_rows(named=True) if r.get("p_adjusted") is not None]
+    if not tested:
+        return ""
+    holm = sum(str(details_of(r).get("correction", "")).startswith("Holm") for r in tested)
+    flags = frame.height - len(tested)
+    rest = ("" if not flags else "; the data-quality flag is not a test" if flags == 1 else
+            f"; the {flags} data-quality flags are not tests")
+    return (f"<p class='muted'>How many may be chance: each family of tests is corrected on its own (docs/findings.md"
+            f", the tests), Benjamini–Hochberg keeping the expected share of false findings at or below α, Holm "
+            f"({holm} of these) the chance of any. At α = {alpha}, up to about {alpha * len(tested):.1f} of the "
+            f"{len(tested)} tested findings may be chance{rest}.</p>")
+
+
 def split_echoes(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(root findings, echoes): an echo has `explained_by` set (discover_causes); files written before the
     column existed have no echoes."""
@@ -348,6 +365,7 @@ def findings_section(findings: Sequence[PathLike], tests: Sequence[PathLike], fi
                      else "no echoes")
         parts.append(f"<p>{roots.height} findings; {echo_note} (every finding was re-tested given every other "
                      "attribute).</p>")
+        parts.append(chance_note(frame, alpha))
         for key, title in GROUPS:
             if cards[key]:
                 ordered = sorted(cards[key], key=lambda c: -c[0])
