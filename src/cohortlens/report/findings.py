@@ -79,8 +79,8 @@ def chance_note(frame: pl.DataFrame, alpha: float) -> str:
     rest = ("" if not flags else "; the data-quality flag is not a test" if flags == 1 else
             f"; the {flags} data-quality flags are not tests")
     return (f"<p class='muted'>How many may be chance: each family of tests is corrected on its own (docs/findings.md"
-            f", the tests), Benjamini–Hochberg keeping the expected share of false findings at or below α, Holm "
-            f"({holm} of these) the chance of any. At α = {alpha}, up to about {alpha * len(tested):.1f} of the "
+            f", the tests); Benjamini–Hochberg keeps the expected share of false findings in a family at or below α, "
+            f"Holm ({holm} of these findings) the chance of any. At α = {alpha}, up to about {alpha * len(tested):.1f} of the "
             f"{len(tested)} tested findings may be chance{rest}.</p>")
 
 
