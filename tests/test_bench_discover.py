@@ -1,6 +1,6 @@
 """bench/discover.py (the discover stage's cost as a region grows) at a size that takes seconds, so it cannot rot:
-its cohort must give the stage real work (the planted effects found, an echo to explain), and every step the
-stage logs must reach the timing table."""
+its cohort must give the stage real work (the planted sex, age and site effects found), and every step the stage
+logs must reach the timing table."""
 
 from __future__ import annotations
 
