@@ -32,25 +32,26 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from cohortlens.analysis.discover.settings import settings
 from cohortlens.analysis.discover.stage import load_regions, run_tests
+from cohortlens.demo.population import SITES
+from cohortlens.demo.scenarios import BATCHES, CONFOUNDED_DESIGN, confounded_effects
 from cohortlens.embed.parquet import VOLUME_KEYS, EmbeddingWriter
 from cohortlens.io.tables import write_parquet
 
-SITES = ["Berlin", "Essen", "Hamburg", "Mannheim", "Neubrandenburg"]
-VENDOR_X_SHARE = {"Berlin": 0.8, "Essen": 0.9, "Hamburg": 0.15, "Mannheim": 0.2, "Neubrandenburg": 0.5}
-BATCHES = ["B1", "B2", "B3", "B4", "B5", "B6"]
 START, DAYS = dt.date(2014, 1, 1), 4 * 365
-CHANGE = dt.date(2015, 10, 1)  # Hamburg's protocol change, as in the confounded scenario
+CHANGE = dt.date.fromisoformat(confounded_effects()["site_protocol_change"]["from_date"])  # Hamburg's protocol
 
 
 def write_cohort(root: Path, n: int, dim: int, seed: int) -> tuple[Path, Path, Path, dict]:
     """One region ("lumbar") of n subjects; returns (volumes, subjects, splits, attribute specs)."""
     rng = np.random.default_rng(seed)
     site = rng.choice(SITES, n)
-    vendor = np.where(rng.random(n) < np.vectorize(VENDOR_X_SHARE.get)(site), "X", "Y")
+    vendor = np.where(rng.random(n) < np.vectorize(CONFOUNDED_DESIGN["vendor_x_share"].get)(site), "X", "Y")
     days = rng.integers(0, DAYS, n)
     date = [START + dt.timedelta(days=int(d)) for d in days]
-    batch = np.where(rng.random(n) < 0.7, np.array(BATCHES)[np.minimum(days * 6 // DAYS, 5)],
+    batch = np.where(rng.random(n) < CONFOUNDED_DESIGN["batch_follows_date"],
+                     np.array(BATCHES)[np.minimum(days * len(BATCHES) // DAYS, len(BATCHES) - 1)],
                      rng.choice(BATCHES, n))
     sex = rng.choice(["F", "M"], n)
     age = rng.uniform(20, 80, n) + 5 * (site == "Neubrandenburg")
@@ -98,7 +99,7 @@ class StageTimes(logging.Handler):
 
 
 def run(n: int, dim: int, threads: int, seed: int) -> tuple[dict, list[str]]:
-    """(seconds per step of the stage, the ids of the significant tests) of one cohort of n images."""
+    """(seconds per step of the stage, the ids of its findings) of one cohort of n images."""
     with tempfile.TemporaryDirectory() as tmp:
         volumes, subjects, splits, attributes = write_cohort(Path(tmp), n, dim, seed)
         cfg = {"seed": 0, "blas_threads": threads}
@@ -113,8 +114,8 @@ def run(n: int, dim: int, threads: int, seed: int) -> tuple[dict, list[str]]:
             handler.times["total"] = time.perf_counter() - t0
         finally:
             log.removeHandler(handler)
-        significant = [f.finding_id for f in findings if f.p_adjusted is not None and f.p_adjusted <= 0.05]
-        return dict(handler.times), significant
+        alpha = settings(cfg)["alpha"]
+        return dict(handler.times), [f.finding_id for f in findings if f.is_finding(alpha)]
 
 
 def main() -> None:
@@ -127,9 +128,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {}
     for n in sizes:
-        times, significant = run(n, args.dim, args.threads, args.seed)
+        times, found = run(n, args.dim, args.threads, args.seed)
         results[n] = times
-        print(f"n={n}: {times['total']:.1f} s, {len(significant)} tests significant", flush=True)
+        print(f"n={n}: {times['total']:.1f} s, {len(found)} findings", flush=True)
     base = sizes[0]
     steps = sorted({k for t in results.values() for k in t}, key=lambda k: -results[sizes[-1]].get(k, 0.0))
     print("\nstep | " + " | ".join(f"{n} (s)" for n in sizes) + " | " +

@@ -13,6 +13,7 @@ from typing import Collection, Mapping, Sequence
 
 import polars as pl
 
+from cohortlens.analysis.discover.core import HOLM_FAMILIES
 from cohortlens.demo.truth import ground_truth_recall, ground_truth_summary
 from cohortlens.io.tables import read_parquet_metadata
 from cohortlens.report import finding_networks
@@ -74,7 +75,7 @@ def chance_note(frame: pl.DataFrame, alpha: float) -> str:
     tested = [r for r in frame.iter_rows(named=True) if r.get("p_adjusted") is not None]
     if not tested:
         return ""
-    holm = sum(str(details_of(r).get("correction", "")).startswith("Holm") for r in tested)
+    holm = sum(details_of(r).get("family") in HOLM_FAMILIES for r in tested)
     flags = frame.height - len(tested)
     rest = ("" if not flags else "; the data-quality flag is not a test" if flags == 1 else
             f"; the {flags} data-quality flags are not tests")
